@@ -1,0 +1,135 @@
+"""Typed schema of every setting (Hydra structured configs): a misspelt key fails at compose time.
+
+YAML files under `configs/` fill these in; `configs/train.yaml` puts `koala_train` first in its defaults list so
+every group is merged onto its dataclass. Objects are built from these in one place (the entry points), never
+inside constructors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
+
+    name: str = "tiny"
+    kind: str = "base"  # base | lightning | turbo: scheduler spacing, inference preset, timestep sampling
+    arch: str = "sdxl"  # built-in U-Net config (koala.unets.ARCHS) for meta-device inspection and single files
+    pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
+    unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
+    vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
+    create_tiny: bool = False  # write the tiny random SDXL pipeline to `pipeline` when it is missing
+    steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step, 1 for Turbo)
+    guidance_scale: float = 7.5
+    inference_steps: int = 25  # what exported students sample with
+
+
+@dataclass
+class UNetConfig:
+    """A student spec: a registered name, optionally with fields overridden (see koala.unets.StudentSpec)."""
+
+    name: str = "tiny-700m"
+    encoder_keep: Optional[Any] = None
+    decoder_keep: Optional[Any] = None
+    encoder_depth: Optional[Any] = None
+    decoder_depth: Optional[Any] = None
+    mid: Optional[str] = None
+    mid_depth: Optional[int] = None
+    layer_select: Optional[str] = None
+    random_init: Optional[Any] = None
+
+
+@dataclass
+class DistillConfig:
+    """What is distilled and how it is weighted (KOALA.md section 3)."""
+
+    name: str = "koala"
+    task_weight: float = 1.0  # MSE(eps_S, eps)
+    out_weight: float = 1.0  # MSE(eps_S, eps_T)
+    feat_weight: float = 1.0  # sum over paired taps of MSE(F_S, F_T)
+    kinds: dict[str, float] = field(default_factory=lambda: {"sa": 1.0})  # sa | ca | ffn | lf | rb -> weight
+    stages: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "mid": 1.0, "decoder": 1.0})
+    blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
+    sa_point: str = "attn1"  # attn1 (module output) | residual (stream after attn1 is added)
+    pairing: str = "first"  # first | uniform | last: which teacher layer a student layer is compared with
+    loss: str = "mse"  # mse | normalized (divided by the teacher feature's mean square)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are shaped (koala/data)."""
+
+    name: str = "demo"
+    kind: str = "webdataset"  # webdataset | hf | folder | cached
+    path: Optional[str] = None  # shards (brace-expanded, local or URL), a dataset folder, or an image folder
+    caption_key: str = "txt"  # webdataset: txt, or json.<field> (e.g. json.llava_caption); hf: column name
+    image_key: str = "image"  # hf column with the image
+    resolution: int = 1024
+    center_crop: bool = True  # else random crop
+    random_flip: bool = False
+    buckets: bool = False  # SDXL aspect-ratio buckets
+    min_size: int = 0  # skip images whose shorter side is smaller
+    caption_dropout: float = 0.0  # probability of an empty prompt (classifier-free guidance)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = True  # webdataset: sample shards with replacement (multi-epoch)
+    create_demo: bool = False  # write the generated demo shards to `path` when missing
+    demo_samples: int = 64
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    use_8bit: bool = False  # bitsandbytes AdamW8bit when installed
+    scheduler: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    name: str = "demo"
+    output_dir: str = "outputs/${name}"  # deterministic, so every rank (and a resume) agrees on it
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema: bool = True
+    ema_decay: float = 0.9999
+    timesteps: str = "uniform"  # uniform | teacher_schedule
+    timestep_jitter: int = 0  # teacher_schedule: +- this many training timesteps around each teacher step
+    noise_offset: float = 0.0
+    snr_gamma: Optional[float] = None  # min-SNR weighting of the task loss
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 500
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["a koala bear eating leaves", "a red sports car on a mountain road"]
+    )
+    sample_seed: int = 0
+    resume: Optional[str] = None  # latest | a checkpoint folder
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
+    compile: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="koala_train", node=TrainConfig)

@@ -1,0 +1,46 @@
+"""Resolve the `teacher` and `unet` config sections into U-Net configs and a student spec (no weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from koala.unets import ARCHS, StudentSpec, spec_from_fields
+
+SPEC_FIELDS = (
+    "encoder_keep",
+    "decoder_keep",
+    "encoder_depth",
+    "decoder_depth",
+    "mid",
+    "mid_depth",
+    "layer_select",
+    "random_init",
+)
+
+
+def student_spec(unet_cfg: Any) -> StudentSpec:
+    """The StudentSpec a `unet` config section describes (a registered name plus overridden fields)."""
+    return spec_from_fields(unet_cfg.name, **{k: _plain(getattr(unet_cfg, k, None)) for k in SPEC_FIELDS})
+
+
+def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
+    """The teacher's U-Net config: from its folder when one is on disk, else the built-in `arch` config."""
+    for folder in (teacher_cfg.unet, teacher_cfg.pipeline and str(Path(teacher_cfg.pipeline) / "unet")):
+        if folder and (Path(folder) / "config.json").is_file():
+            return json.loads((Path(folder) / "config.json").read_text())
+    if teacher_cfg.arch not in ARCHS:
+        raise KeyError(f"unknown teacher arch {teacher_cfg.arch!r}; valid choices: {', '.join(ARCHS)}")
+    return dict(ARCHS[teacher_cfg.arch])
+
+
+def _plain(v: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(v):
+            return OmegaConf.to_container(v, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return v

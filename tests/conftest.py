@@ -1,0 +1,40 @@
+"""Shared fixtures: everything offline, on CPU, with tiny SDXL-shaped models built in code."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random SDXL pipeline saved as a diffusers folder (shared by the whole session: read-only)."""
+    from koala.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").eval()
+
+
+def unet_inputs(batch: int = 2, size: int = 16, cross_dim: int = 64, pooled: int = 32, seed: int = 0) -> dict:
+    """Random inputs for a tiny SDXL-shaped U-Net forward."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, size, size, generator=g),
+        "timestep": torch.tensor([10, 700][:batch] + [500] * max(0, batch - 2)),
+        "encoder_hidden_states": torch.randn(batch, 77, cross_dim, generator=g),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[size * 2, size * 2, 0, 0, size * 2, size * 2]] * batch, dtype=torch.float32),
+        },
+    }
