@@ -1,0 +1,26 @@
+"""`python -m koala.bench {unet,data,train} [hydra overrides...]`: benchmarks that print numbers.
+
+Each subcommand lives in its own module with `main(overrides: list[str]) -> None`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "unet": "koala.bench.unet",  # parameters, checkpoint size, FLOPs, latency and memory per spec
+    "data": "koala.bench.data",  # samples/s reading + decoding + transforming, vs reading the cache
+    "train": "koala.bench.train",  # step time: teacher fwd, student fwd+bwd, full step; overhead ratio
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        sys.exit(f"usage: python -m koala.bench {{{','.join(COMMANDS)}}} [key=value ...]")
+    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()
