@@ -1,0 +1,30 @@
+"""The KOALA objective's terms: task, output KD and feature KD (KOALA.md section 3), all computed in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+FEATURE_LOSSES = ("mse", "normalized")
+
+
+def mse(student: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in fp32; `weights` (B,) weight each sample (e.g. Min-SNR).
+
+    Written as a difference first so `target` may be an inference-mode tensor from the teacher: subtraction keeps
+    nothing of it for backward.
+    """
+    diff = student.float() - target.float()
+    if weights is None:
+        return diff.pow(2).mean()
+    per_sample = diff.pow(2).flatten(1).mean(1)  # (B,)
+    return (per_sample * weights.float()).mean()
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """MSE between paired features; `normalized` divides by the teacher feature's mean square (LAPTOP-Diff)."""
+    if kind == "mse":
+        return mse(student, teacher)
+    if kind == "normalized":
+        t = teacher.float()
+        return mse(student, t) / t.pow(2).mean().clamp_min(1e-8)
+    raise ValueError(f"unknown feature loss {kind!r}; valid choices: {', '.join(FEATURE_LOSSES)}")
