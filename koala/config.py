@@ -128,6 +128,7 @@ class TrainConfig:
     resume: Optional[str] = None  # latest | a checkpoint folder
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
     compile: bool = False
+    record_ranks: bool = False  # each rank writes ranks/rank<N>.json: sample keys seen + a digest of its weights
 
 
 def register_configs() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -65,7 +65,19 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "transformer_layers_per_block": [1, 2, 4],
 }
 
-ARCHS: dict[str, dict[str, Any]] = {"sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG}
+# A medium SDXL-shaped U-Net for CPU step-time benchmarks: big enough that convolutions and attention, not Python
+# overhead, dominate a step (head dim 64 as in SDXL), small enough for two CPU cores.
+MEDIUM_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "addition_time_embed_dim": 32,
+    "attention_head_dim": [1, 2, 4],
+    "block_out_channels": [64, 128, 256],
+    "cross_attention_dim": 128,
+    "norm_num_groups": 32,
+    "projection_class_embeddings_input_dim": 6 * 32 + 64,
+}
+
+ARCHS: dict[str, dict[str, Any]] = {"sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG, "medium": MEDIUM_UNET_CONFIG}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""DistillationTask: a trainable student, a frozen teacher, their feature taps, and the named KOALA losses."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from koala.distill.losses import feature_loss, mse
+from koala.distill.pairing import TapPair
+from koala.distill.taps import FeatureTaps
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    task: float = 1.0
+    out: float = 1.0
+    feat: float = 1.0
+
+
+class DistillationTask(nn.Module):
+    """Runs teacher and student on the same inputs and returns `{name: loss}`; `loss` is the objective.
+
+    The student may be wrapped (DDP, accelerate); the teacher is kept out of this module's parameters and
+    submodules, so nothing prepares, trains or checkpoints it, and it stays in eval mode.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        pairs: list[TapPair],
+        weights: LossWeights,
+        feature_kind: str = "mse",
+        sa_point: str = "attn1",
+    ):
+        super().__init__()
+        self.student = student
+        self._teacher = [teacher]  # a list hides it from nn.Module registration
+        self.pairs = pairs
+        self.weights = weights
+        self.feature_kind = feature_kind
+        need_feats = weights.feat > 0 and bool(pairs)
+        self.student_taps = FeatureTaps(student, [p.student for p in pairs] if need_feats else [], sa_point=sa_point)
+        self.teacher_taps = FeatureTaps(
+            teacher, [p.teacher for p in pairs] if need_feats else [], detach=True, sa_point=sa_point
+        )
+        self.need_teacher = weights.out > 0 or need_feats
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def __enter__(self) -> DistillationTask:
+        self.student_taps.__enter__()
+        self.teacher_taps.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.teacher_taps.__exit__(*exc)
+        self.student_taps.__exit__(*exc)
+
+    def train(self, mode: bool = True) -> DistillationTask:
+        super().train(mode)
+        self.teacher.eval()  # frozen whatever the caller asks
+        return self
+
+    @torch.inference_mode()
+    def teacher_forward(self, noisy, t, cond: dict) -> torch.Tensor:
+        """The teacher's prediction (features land in `teacher_taps`); no graph, teacher's own dtype."""
+        dtype = next(self.teacher.parameters()).dtype
+        out = self.teacher(
+            noisy.to(dtype),
+            t,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
+        ).sample
+        return out
+
+    def forward(self, noisy, t, cond: dict, target: torch.Tensor, sample_weights=None) -> dict[str, torch.Tensor]:
+        """All loss terms for one batch. `cond`: prompt_embeds, pooled_prompt_embeds, time_ids."""
+        self.student_taps.reset()
+        self.teacher_taps.reset()
+        eps_t = self.teacher_forward(noisy, t, cond) if self.need_teacher else None
+        eps_s = self.student(
+            noisy,
+            t,
+            encoder_hidden_states=cond["prompt_embeds"],
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]},
+        ).sample
+        losses: dict[str, torch.Tensor] = {"task": mse(eps_s, target, sample_weights)}
+        if eps_t is not None:
+            losses["out"] = mse(eps_s, eps_t)
+        if self.student_taps.points:
+            losses.update(self.feature_losses())
+        total = self.weights.task * losses["task"]
+        if "out" in losses:
+            total = total + self.weights.out * losses["out"]
+        if "feat" in losses:
+            total = total + self.weights.feat * losses["feat"]
+        losses["loss"] = total
+        return losses
+
+    def feature_losses(self) -> dict[str, torch.Tensor]:
+        """Weighted sum over paired taps, plus one logged term per kind and per stage."""
+        s_feats, t_feats = self.student_taps.features, self.teacher_taps.features
+        by_kind: dict[str, torch.Tensor] = defaultdict(float)
+        by_stage: dict[str, torch.Tensor] = defaultdict(float)
+        total = 0.0
+        for p in self.pairs:
+            term = feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_kind)
+            total = total + p.weight * term
+            by_kind[p.student.kind] = by_kind[p.student.kind] + term.detach()
+            by_stage[p.student.stage] = by_stage[p.student.stage] + term.detach()
+        out = {"feat": total}
+        out.update({f"feat/{k}": v for k, v in by_kind.items()})
+        out.update({f"feat/{s}": v for s, v in by_stage.items()})
+        return out

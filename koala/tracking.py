@@ -1,0 +1,73 @@
+"""Run logs: a JSONL file of every loss term (rank 0), plus accelerate trackers (tensorboard, wandb offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def resolve_trackers(report_to: list[str]) -> list[str]:
+    """Check tracker names; wandb runs offline unless an API key is configured (never blocks on the network)."""
+    for name in report_to:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r} in report_to; valid choices: {', '.join(TRACKERS)}")
+    if "wandb" in report_to and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return list(report_to)
+
+
+class MetricsLog:
+    """Averages loss terms between log points and writes them to `metrics.jsonl` and the trackers."""
+
+    def __init__(self, accelerator, path: Path):
+        self.accelerator = accelerator
+        self.path = path
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.count += 1
+        self.images += images
+
+    def flush(self, step: int, extra: dict | None = None) -> dict[str, float]:
+        """Average over ranks and steps since the last flush; write; return what was written."""
+        if not self.count:
+            return {}
+        keys = sorted(self.sums)
+        local = torch.tensor([self.sums[k] / self.count for k in keys], device=self.accelerator.device)
+        mean = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
+        elapsed = time.perf_counter() - self.t0
+        row = {"step": step, **{f"loss/{k}" if k != "loss" else "loss/total": float(v) for k, v in zip(keys, mean)}}
+        row["images_per_s"] = self.images * self.accelerator.num_processes / max(elapsed, 1e-9)
+        row.update(extra or {})
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log(row, step=step)
+        self.sums, self.count, self.images, self.t0 = {}, 0, 0, time.perf_counter()
+        return row
+
+
+def write_rank_record(accelerator, run_dir: Path, keys: list[str], model: torch.nn.Module) -> None:
+    """Per-rank evidence for multi-process checks: which samples this rank saw and a digest of its weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    out = run_dir / "ranks"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "keys": keys,
+              "weights_sha256": digest.hexdigest()}
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))

@@ -1,0 +1,203 @@
+"""`python -m koala.train [experiment=...] [overrides]` / `accelerate launch -m koala.train ...`: KOALA distillation.
+
+`train(cfg)` reads top to bottom: check the config, build the parts, resume, then loop: encode, noise, teacher and
+student forward, losses, backward, step, EMA, log, sample, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from koala.build import check_config, make_optimizer, make_student
+from koala.checkpoint import StopSignal, find_checkpoint, read_state, save_checkpoint
+from koala.conditioning import SDXLConditioner
+from koala.config import register_configs
+from koala.data import SkipTally, build_dataloader, prepare_data
+from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
+from koala.distill.pairing import check_pair_shapes, pair_taps
+from koala.distill.task import DistillationTask, LossWeights
+from koala.sampling import SampleRenderer
+from koala.teacher import load_teacher
+from koala.tiny import write_tiny_pipeline
+from koala.tracking import MetricsLog, resolve_trackers, write_rank_record
+
+log = logging.getLogger("koala.train")
+
+
+def prepare_assets(cfg, accelerator: Accelerator) -> None:
+    """Write the tiny teacher and the demo shards when the config asks for them (rank 0; the others wait)."""
+    if accelerator.is_main_process:
+        if cfg.teacher.create_tiny:
+            write_tiny_pipeline(cfg.teacher.pipeline)
+        prepare_data(cfg.data)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) one distillation; returns the run directory."""
+    check_config(cfg)
+    run_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=resolve_trackers(cfg.report_to),
+        project_dir=str(run_dir),
+    )
+    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    prepare_assets(cfg, accelerator)
+    device = accelerator.device
+
+    # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
+    conditioner = SDXLConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
+    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
+    teacher = load_teacher(cfg.teacher).to(device)
+    sampler = TimestepSampler(
+        cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps, cfg.timestep_jitter
+    )
+
+    # The student: built from the teacher's config, initialised from its weights, paired tap by tap.
+    student, plan, report = make_student(cfg, teacher)
+    log.info("student %s: %s", cfg.unet.name, report.summary())
+    pairs = pair_taps(plan, cfg.distill, student, teacher)
+    check_pair_shapes(pairs, student, teacher, sample_size=cfg.data.resolution // conditioner.vae_scale_factor)
+    log.info("distilling %d feature pairs (%s)", len(pairs), cfg.distill.name)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    ema = None
+    if cfg.ema:
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=student.config)
+    optimizer = make_optimizer(cfg.optim, student.parameters())
+    lr_scheduler = get_scheduler(
+        cfg.optim.scheduler,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_steps * accelerator.num_processes,
+    )
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if cfg.compile:
+        student = torch.compile(student)
+
+    # Resume: optimizer, LR schedule, RNG (accelerate), EMA, step, and the data position.
+    step = 0
+    if cfg.resume:
+        ckpt = find_checkpoint(run_dir, cfg.resume)
+        accelerator.load_state(str(ckpt / "accelerate"))
+        step = read_state(ckpt)["step"]
+        if ema is not None:
+            ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+        log.info("resumed from %s at step %d", ckpt, step)
+    if ema is not None:
+        ema.to(device)  # EMAModel keeps its shadow copy where it was built (CPU) until moved
+    loader = build_dataloader(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        resume_batches=step * cfg.grad_accum,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers("koala", config=OmegaConf.to_container(cfg, resolve=True))
+    metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
+    renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
+    task = DistillationTask(
+        student, teacher, pairs,
+        LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
+        feature_kind=cfg.distill.loss, sa_point=cfg.distill.sa_point,
+    )
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
+
+    def checkpoint() -> None:
+        save_checkpoint(accelerator, run_dir, step, student, ema, {"last": last}, keep=cfg.keep_checkpoints)
+
+    last: dict[str, float] = {}
+    saved, seen_keys = step, []
+    if renderer is not None and step == 0 and cfg.sample_every > 0:
+        renderer.render_teacher(teacher)
+    with task, StopSignal() as stop:
+        task.train()
+        for batch in loader:
+            if step >= cfg.max_steps:
+                break
+            skipped.update(batch)
+            if cfg.record_ranks:
+                seen_keys += list(batch["keys"])
+            with accelerator.accumulate(student):
+                cond = conditioner(batch)  # VAE latents + text embeddings (or the cached ones), no grad
+                latents = cond["latents"].to(device)
+                noise = sample_noise(latents, cfg.noise_offset)
+                t = sampler(latents.shape[0], device)
+                noisy = noise_scheduler.add_noise(latents, noise, t)
+                target = task_target(noise_scheduler, latents, noise, t)
+                snr_w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
+                with accelerator.autocast():
+                    losses = task(noisy, t, cond, target, sample_weights=snr_w)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            metrics.add(losses, latents.shape[0])
+            if not accelerator.sync_gradients:
+                continue  # a micro-step of gradient accumulation
+            step += 1
+            bar.update(1)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(student).parameters())
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skipped.totals()})
+                bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
+            if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                renderer.render_student(accelerator.unwrap_model(student), step)
+            if stop.agreed(accelerator):
+                log.warning("stop requested: writing a checkpoint at step %d before exiting", step)
+                checkpoint()
+                saved = step
+                break
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                checkpoint()
+                saved = step
+    if saved != step:  # a finite dataset ran out before max_steps
+        checkpoint()
+    bar.close()
+    if cfg.record_ranks:
+        write_rank_record(accelerator, run_dir, seen_keys, accelerator.unwrap_model(student))
+    accelerator.end_training()
+    finish(accelerator)
+    return run_dir
+
+
+def finish(accelerator: Accelerator) -> None:
+    """Leave the process group cleanly: gloo aborted at exit in ~1 of 6 runs without a final barrier."""
+    accelerator.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

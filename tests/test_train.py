@@ -1,0 +1,151 @@
+"""The distillation trainer end to end on the tiny teacher and generated shards (CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from koala.hydra_utils import CONFIG_DIR, compose_config
+from koala.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(tmp: Path, shared: Path, **extra) -> list[str]:
+    """A tiny, fast run: shared tiny teacher and demo shards, its own output folder."""
+    base = {
+        "teacher": "tiny",
+        "unet": "tiny-700m",
+        "data": "demo",
+        "teacher.pipeline": str(shared / "tiny-sdxl"),
+        "data.path": str(shared / "demo-shards" / "demo-{00000..00003}.tar"),
+        "data.demo_samples": 64,
+        "data.resolution": 32,
+        "output_dir": str(tmp / "run"),
+        "batch_size": 2,
+        "max_steps": 4,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "sample_every": 0,
+        "report_to": "[]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def unet_state(ckpt: Path, sub: str = "unet") -> dict:
+    return load_file(str(ckpt / sub / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_short_run_lowers_kd_losses_and_exports(tmp_path, shared):
+    cfg = compose_config(
+        "train",
+        tiny_overrides(tmp_path, shared, max_steps=40, log_every=5, checkpoint_every=40, **{"optim.lr": "1e-3"}),
+    )
+    run = train(cfg)
+    rows = read_metrics(run)
+    for key in ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/feat/sa", "loss/feat/encoder",
+                "loss/feat/decoder"):
+        assert key in rows[0], key
+    first, last = rows[0], rows[-1]
+    assert last["loss/out"] < 0.7 * first["loss/out"]
+    assert last["loss/feat"] < 0.7 * first["loss/feat"]
+    ckpt = run / "checkpoints" / "step-00000040"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "unet_ema").is_dir()
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(shared / "tiny-sdxl"), unet=UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    )
+    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+
+
+def test_every_experiment_composes_and_trains_one_step(tmp_path, shared):
+    names = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    assert {"koala-1b", "koala-700m", "koala-lightning-1b", "koala-lightning-700m", "koala-turbo-700m",
+            "smoke"} <= set(names)
+    for name in names:
+        cfg = compose_config("train", [f"experiment={name}"])
+        assert cfg.name == name
+        tiny = tiny_overrides(tmp_path / name, shared, max_steps=1, mixed_precision="no", **{"teacher.dtype": "fp32"})
+        cfg = compose_config("train", [f"experiment={name}", *tiny, "gradient_checkpointing=false", "grad_accum=1"])
+        run = train(cfg)
+        assert (run / "checkpoints" / "step-00000001" / "COMPLETE").exists(), name
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tmp_path, shared):
+    straight = train(compose_config("train", tiny_overrides(tmp_path / "a", shared, max_steps=4)))
+    # The interrupted run stops after its step-2 checkpoint, then resumes to step 4.
+    part = tiny_overrides(tmp_path / "b", shared, max_steps=2)
+    train(compose_config("train", part))
+    resumed = train(compose_config("train", tiny_overrides(tmp_path / "b", shared, max_steps=4, resume="latest")))
+    for sub in ("unet", "unet_ema"):
+        a = unet_state(straight / "checkpoints" / "step-00000004", sub)
+        b = unet_state(resumed / "checkpoints" / "step-00000004", sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("max_stepz=3", "max_stepz"),
+        ("distill=nope", "distill/nope"),
+        ("teacher.pipeline=/no/such/sdxl", "/no/such/sdxl"),
+        ("teacher=sdxl-base", "teacher.pipeline is required"),
+        ("unet=koala-700m", "has only 4"),
+    ],
+)
+def test_bad_config_fails_before_loading_models(override, message, tmp_path):
+    extra = [] if override.startswith("teacher") else ["teacher.create_tiny=false",
+                                                       f"teacher.pipeline={tmp_path}"]
+    res = subprocess.run(
+        [sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}", *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing ran
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_launch_agrees_on_weights_and_splits_data(tmp_path, shared):
+    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "koala.train",
+        *tiny_overrides(tmp_path, shared, max_steps=3, record_ranks="true"),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[1]["rank"] == 1
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # different samples on each rank
+    assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 3 * 2
