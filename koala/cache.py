@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from koala.config import TrainConfig, register_configs
 from koala.conditioning import SDXLConditioner
+from koala.config import TrainConfig, register_configs
 from koala.data import build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
 
@@ -52,6 +52,7 @@ class CacheWriter:
     def __init__(self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype) -> None:
         self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
         self.shard, self.count, self.sink, self.total = 0, 0, None, 0
+        out.mkdir(parents=True, exist_ok=True)
 
     def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Append one sample; starts a new shard every `samples_per_shard` samples."""

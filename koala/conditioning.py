@@ -48,13 +48,18 @@ class SDXLConditioner(nn.Module):
     ) -> SDXLConditioner:
         """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE)."""
         root = Path(pipeline_dir)
-        tokenizers = [CLIPTokenizer.from_pretrained(root / "tokenizer"), CLIPTokenizer.from_pretrained(root / "tokenizer_2")]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(root / "tokenizer"),
+            CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        ]
         text_encoders = [
             CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype),
             CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype),
         ]
-        vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype) if vae else AutoencoderKL.from_pretrained(
-            root / "vae", torch_dtype=torch.float32
+        vae_model = (
+            AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+            if vae
+            else AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
         )
         return cls(tokenizers, text_encoders, vae_model, sample_latents=sample_latents).to(device)
 
@@ -87,7 +92,9 @@ class SDXLConditioner(nn.Module):
     @staticmethod
     def time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: Tensor) -> Tensor:
         """SDXL micro-conditioning (B, 6): original (h, w), crop (top, left), target (h, w)."""
-        return torch.cat([torch.as_tensor(t).reshape(-1, 2) for t in (original_size, crop_top_left, target_size)], 1).float()
+        return torch.cat(
+            [torch.as_tensor(t).reshape(-1, 2) for t in (original_size, crop_top_left, target_size)], 1
+        ).float()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """Conditioning of an online batch; a cached batch (which already has latents) passes through."""

@@ -159,3 +159,11 @@ def test_presets_compose():
         cfg = compose_config("train", [f"data={preset}"])
         assert cfg.data.kind in KINDS
     assert compose_config("train", ["data=laion-pop"]).data.caption_key == "json.llava_caption"
+
+
+def test_data_bench_prints_side_by_side_rates(capsys):
+    from koala.bench.data import main
+
+    main(["n=4", "resolution=32", "batch_size=2"])
+    out = capsys.readouterr().out
+    assert "read + decode + SDXL transform" in out and "read cached latents" in out

@@ -89,8 +89,9 @@ def test_sdxl_buckets_scale_with_resolution():
 def test_bucketed_batches_hold_one_shape(tmp_path):
     write_demo_shards(tmp_path, n=40, resolution=64, samples_per_shard=20)
     cfg = OmegaConf.structured(
-        DataConfig(path=f"{tmp_path}/demo-{{00000..00001}}.tar", resolution=64, buckets=True, num_workers=0,
-                   resampled=False)  # fmt: skip
+        DataConfig(
+            path=f"{tmp_path}/demo-{{00000..00001}}.tar", resolution=64, buckets=True, num_workers=0, resampled=False
+        )  # fmt: skip
     )
     shapes = set()
     for batch in build_dataloader(cfg, batch_size=4, seed=0):

@@ -37,7 +37,9 @@ class ShardReader:
 
     def __init__(self, shards: list[str], to_raw: Callable[[dict], Raw], cfg: Any, seed: int) -> None:
         self.shards, self.to_raw, self.seed = shards, to_raw, seed
-        self.resampled, self.epochs, self.shuffle, self.buffer = cfg.resampled, cfg.epochs, cfg.shuffle, cfg.shuffle_buffer
+        self.resampled, self.epochs = cfg.resampled, cfg.epochs
+        self.buffer = cfg.shuffle_buffer if cfg.shuffle else 0
+        self.shuffle = cfg.shuffle
 
     def __call__(self, g: int, workers: int, on_bad: Callable[[str, Exception], None]) -> Iterator[Raw]:
         urls = shard_order(
@@ -47,7 +49,7 @@ class ShardReader:
         mine = len(self.shards[g::workers]) or 1
         give_up = 3 * len(self.shards) if self.resampled else (2 * mine if self.epochs is None else 10**9)
         records = shard_records(urls, self.to_raw, on_bad, give_up)
-        return buffer_shuffle(records, self.buffer if self.shuffle else 0, random.Random(f"buffer:{self.seed}:{g}"))
+        return buffer_shuffle(records, self.buffer, random.Random(f"buffer:{self.seed}:{g}"))
 
 
 class IndexReader:

@@ -1,6 +1,6 @@
 """The generated demo set: coloured shapes on coloured backgrounds with matching captions, as webdataset shards.
 
-    python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0]
+python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0]
 """
 
 from __future__ import annotations
