@@ -67,18 +67,23 @@ class DataConfig:
 
     name: str = "demo"
     kind: str = "webdataset"  # webdataset | hf | folder | cached
-    path: Optional[str] = None  # shards (brace-expanded, local or URL), a dataset folder, or an image folder
+    path: Optional[str] = None  # shards (brace-expanded, glob, folder; local or any URL webdataset opens), an HF
+    # dataset (save_to_disk folder, parquet file(s), imagefolder), an image folder, or a cache folder
     caption_key: str = "txt"  # webdataset: txt, or json.<field> (e.g. json.llava_caption); hf: column name
-    image_key: str = "image"  # hf column with the image
+    image_key: str = "image"  # hf column with the image; webdataset: extension tried before jpg/jpeg/png/webp
+    hf_format: str = "auto"  # hf: auto | disk | parquet | imagefolder
+    split: str = "train"  # hf: split of a DatasetDict
     resolution: int = 1024
     center_crop: bool = True  # else random crop
     random_flip: bool = False
-    buckets: bool = False  # SDXL aspect-ratio buckets
+    buckets: bool = False  # SDXL aspect-ratio buckets (scaled to `resolution`); a batch holds one bucket
     min_size: int = 0  # skip images whose shorter side is smaller
     caption_dropout: float = 0.0  # probability of an empty prompt (classifier-free guidance)
     num_workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = True  # webdataset: sample shards with replacement (multi-epoch)
+    shuffle: bool = True  # shard order + shuffle buffer (shards), permutation per epoch (hf, folder)
+    shuffle_buffer: int = 1000  # shards: samples held (undecoded) for shuffling, per worker
+    resampled: bool = True  # infinite stream: shards drawn with replacement; hf/folder: epochs forever
+    epochs: Optional[int] = 1  # passes over the data when not resampled; null = forever
     create_demo: bool = False  # write the generated demo shards to `path` when missing
     demo_samples: int = 64
 

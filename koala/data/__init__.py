@@ -1,0 +1,143 @@
+"""Data: webdataset shards, HF datasets, image folders and latent caches as deterministic, resumable batch streams.
+
+`build_dataloader(cfg.data, batch_size=..., seed=..., rank=..., world_size=..., resume_batches=...)` is the one
+entry point. Online batches carry `pixel_values` (B, 3, H, W) in [-1, 1], `captions`, `original_size`,
+`crop_top_left`, `target_size` (B, 2) long, `flipped`; cached batches carry `latents`, `prompt_embeds`,
+`pooled_prompt_embeds`, `time_ids`. Both carry `keys`, `skipped` (cumulative skip counts of the producing worker)
+and `worker_id`; feed them to `SkipTally` to log totals. The loader is already split by rank: do not pass it to
+`accelerator.prepare` (that would re-split or dispatch it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from koala.data.buckets import sdxl_buckets
+from koala.data.cached import CachedCodec, cached_raw
+from koala.data.demo import ensure_demo_shards
+from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset
+from koala.data.records import Raw, caption_from_sample, image_from_sample
+from koala.data.samples import ImageCodec
+from koala.data.shards import expand_shards, shard_order, shard_records
+from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
+
+__all__ = ["KINDS", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
+
+KINDS = ("webdataset", "hf", "folder", "cached")
+
+
+class ShardReader:
+    """Records of tar shards for one global worker: its shards in order, shuffled through a buffer."""
+
+    def __init__(self, shards: list[str], to_raw: Callable[[dict], Raw], cfg: Any, seed: int) -> None:
+        self.shards, self.to_raw, self.seed = shards, to_raw, seed
+        self.resampled, self.epochs = cfg.resampled, cfg.epochs
+        self.buffer = cfg.shuffle_buffer if cfg.shuffle else 0
+        self.shuffle = cfg.shuffle
+
+    def __call__(self, g: int, workers: int, on_bad: Callable[[str, Exception], None]) -> Iterator[Raw]:
+        urls = shard_order(
+            self.shards, seed=self.seed, worker=g, workers=workers, resampled=self.resampled,
+            epochs=self.epochs, shuffle=self.shuffle,
+        )  # fmt: skip
+        mine = len(self.shards[g::workers]) or 1
+        give_up = 3 * len(self.shards) if self.resampled else (2 * mine if self.epochs is None else 10**9)
+        records = shard_records(urls, self.to_raw, on_bad, give_up)
+        return buffer_shuffle(records, self.buffer, random.Random(f"buffer:{self.seed}:{g}"))
+
+
+class IndexReader:
+    """Records of a random-access source for one global worker: its share of each epoch's permutation."""
+
+    def __init__(self, source: Any, cfg: Any, seed: int) -> None:
+        self.source, self.seed, self.shuffle = source, seed, cfg.shuffle
+        self.epochs = None if cfg.resampled else cfg.epochs
+
+    def __call__(self, g: int, workers: int, on_bad: Callable[[str, Exception], None]) -> Iterator[Raw]:
+        for index in index_order(
+            len(self.source), seed=self.seed, worker=g, workers=workers, epochs=self.epochs, shuffle=self.shuffle
+        ):
+            try:
+                yield self.source[index]
+            except Exception:  # an unreadable file or row: counted as a corrupt image by the codec
+                yield Raw(key=str(index))
+
+
+def _webdataset_raw(cfg: Any) -> Callable[[dict], Raw]:
+    """Converter from a webdataset sample to a raw image record, honouring `image_key` and `caption_key`."""
+
+    def to_raw(sample: dict) -> Raw:
+        return Raw(
+            key=sample["__key__"],
+            image=image_from_sample(sample, cfg.image_key),
+            caption=caption_from_sample(sample, cfg.caption_key),
+        )
+
+    return to_raw
+
+
+def _image_codec(cfg: Any) -> ImageCodec:
+    """The online codec from the data config."""
+    return ImageCodec(
+        cfg.resolution,
+        buckets=sdxl_buckets(cfg.resolution) if cfg.buckets else None,
+        min_size=cfg.min_size,
+        center_crop=cfg.center_crop,
+        random_flip=cfg.random_flip,
+        caption_dropout=cfg.caption_dropout,
+    )
+
+
+def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
+    """(reader, codec) for `cfg.kind`."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown data.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    if not cfg.path:
+        raise ValueError(f"data.path is required for data.kind={cfg.kind}")
+    if cfg.kind == "webdataset":
+        if cfg.create_demo:
+            ensure_demo_shards(cfg.path, cfg.demo_samples, cfg.resolution)
+        return ShardReader(expand_shards(cfg.path), _webdataset_raw(cfg), cfg, seed), _image_codec(cfg)
+    if cfg.kind == "cached":
+        cache_dir = cfg.path if os.path.isdir(cfg.path) else None
+        codec = CachedCodec.for_cache(cache_dir, cfg.caption_dropout)
+        return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), codec
+    if cfg.kind == "hf":
+        dataset = load_hf_dataset(cfg.path, cfg.hf_format, cfg.split)
+        return IndexReader(HFSource(dataset, cfg.image_key, cfg.caption_key), cfg, seed), _image_codec(cfg)
+    return IndexReader(FolderSource(cfg.path), cfg, seed), _image_codec(cfg)
+
+
+def build_stream(
+    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0
+) -> BatchStream:
+    """The batch stream (an IterableDataset of whole batches) described by `data_cfg`."""
+    reader, codec = build_reader(data_cfg, seed)
+    return BatchStream(
+        reader, codec, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+        resume_batches=resume_batches,
+    )  # fmt: skip
+
+
+def build_dataloader(
+    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0
+) -> DataLoader:
+    """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches."""
+    stream = build_stream(
+        data_cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, resume_batches=resume_batches
+    )
+    workers = data_cfg.num_workers
+    return DataLoader(
+        stream,
+        batch_size=None,  # the stream yields whole batches (same-bucket samples together)
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,74 @@
+"""`python -m koala.bench data [n=64] [resolution=1024] [batch_size=8] [workers=0] [data.<key>=...]`.
+
+Samples/s of one dataloader worker (workers=0: the main process) for: reading shards only, reading + decoding +
+SDXL transform of `resolution` px images (online), and reading cached samples (SDXL-sized latents and text
+embeddings), on temporary data generated here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from koala.cache import CacheWriter
+from koala.config import DataConfig
+from koala.data import build_dataloader
+from koala.data.demo import write_demo_shards
+from koala.data.shards import read_tar
+
+BENCH_KEYS = {"n": 64, "resolution": 1024, "batch_size": 8, "workers": 0, "cache_dtype": "fp16"}
+SDXL_SHAPES = {"prompt_embeds": (77, 2048), "pooled_prompt_embeds": (1280,), "time_ids": (6,)}
+
+
+def write_fake_cache(out: Path, n: int, resolution: int, dtype: torch.dtype) -> None:
+    """A cache of `n` random samples with SDXL's tensor shapes (latents at 1/8 resolution)."""
+    writer = CacheWriter(out, rank=0, samples_per_shard=max(1, n // 4), dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        tensors = {"latents": torch.randn(4, resolution // 8, resolution // 8, generator=g)}
+        tensors.update({k: torch.randn(*s, generator=g) for k, s in SDXL_SHAPES.items()})
+        writer.add(f"{i:08d}", tensors, {"caption": "bench"})
+    writer.close()
+
+
+def rate(loader, count_key: str = "keys") -> float:
+    """Samples per second of one full pass over `loader`."""
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(batch[count_key])
+    return n / (time.perf_counter() - start)
+
+
+def main(overrides: list[str]) -> None:
+    args = dict(o.split("=", 1) for o in overrides)
+    bench = {k: type(v)(args.pop(k, v)) for k, v in BENCH_KEYS.items()}
+    data_overrides = {k.removeprefix("data."): v for k, v in args.items()}
+    unknown = [k for k in data_overrides if k not in DataConfig.__dataclass_fields__]
+    if unknown:
+        raise SystemExit(f"unknown keys {unknown}; bench keys: {', '.join(BENCH_KEYS)}, or data.<DataConfig field>")
+    n, res, bs = bench["n"], bench["resolution"], bench["batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_demo_shards(Path(tmp) / "shards", n, res, samples_per_shard=max(1, n // 4))
+        write_fake_cache(
+            Path(tmp) / "cache", n, res, {"fp16": torch.float16, "fp32": torch.float32}[bench["cache_dtype"]]
+        )
+        base = {"resolution": res, "num_workers": bench["workers"], "resampled": False, "shuffle": False}
+        online = OmegaConf.merge(OmegaConf.structured(DataConfig(path=f"{tmp}/shards")), base, data_overrides)
+        cached = OmegaConf.merge(online, {"kind": "cached", "path": f"{tmp}/cache", "caption_dropout": 0.0})
+        start = time.perf_counter()
+        read = sum(1 for s in shards for _ in read_tar(str(s))) / (time.perf_counter() - start)
+        mb = sum(s.stat().st_size for s in shards) / n / 2**20
+        decoded = rate(build_dataloader(online, batch_size=bs, seed=0))
+        from_cache = rate(build_dataloader(cached, batch_size=bs, seed=0))
+        cache_mb = sum(p.stat().st_size for p in Path(tmp, "cache").glob("*.tar")) / n / 2**20
+    print(f"data bench: {n} generated images, shorter side {int(0.75 * res)}-{int(1.5 * res)} px, "
+          f"target {res} px, batch {bs}, workers {bench['workers']} (0 = main process), {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'stage':<40}{'samples/s':>12}{'MiB/sample':>12}")
+    print(f"{'read shards (tar, no decode)':<40}{read:>12.1f}{mb:>12.2f}")
+    print(f"{'read + decode + SDXL transform':<40}{decoded:>12.1f}{mb:>12.2f}")
+    print(f"{'read cached latents + embeddings':<40}{from_cache:>12.1f}{cache_mb:>12.2f}")
+    print(f"cache speed-up over decoding: {from_cache / decoded:.1f}x (and no VAE / text encoder in the step)")

@@ -1,0 +1,153 @@
+"""Precompute the SDXL conditioning of a dataset once: `python -m koala.cache data=... teacher=... [cache.out=...]`.
+
+Every rank (accelerate / torch.distributed) encodes its share of the data with the frozen VAE and text encoders and
+writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached); rank 0 adds the
+empty-prompt embeddings (for caption dropout at training time) and `info.json`. Crops and flips are drawn once,
+here, and recorded; caption dropout is left to training. Train from the result with `data=cached data.path=<out>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import webdataset as wds
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from koala.conditioning import SDXLConditioner
+from koala.config import TrainConfig, register_configs
+from koala.data import build_dataloader
+from koala.data.cached import EMPTY_PROMPT, encode_sample
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class CacheConfig:
+    """Where and how the cache is written."""
+
+    out: str = ".cache/koala/latents/${data.name}-${teacher.name}"
+    batch_size: int = 8  # samples encoded together
+    samples_per_shard: int = 1000
+    dtype: str = "fp16"  # storage precision of the cached tensors: fp32 | fp16 | bf16
+    device: str = "auto"  # auto (this rank's accelerator, else cpu) | cpu | cuda:N
+
+
+@dataclass
+class CacheJobConfig(TrainConfig):
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+class CacheWriter:
+    """Writes cached samples into `<out>/<rank>-<n>.tar` shards, each renamed into place once complete."""
+
+    def __init__(self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype) -> None:
+        self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
+        self.shard, self.count, self.sink, self.total = 0, 0, None, 0
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Append one sample; starts a new shard every `samples_per_shard` samples."""
+        if self.sink is None:
+            self.path = self.out / f"{self.rank:03d}-{self.shard:05d}.tar"
+            self.sink = wds.TarWriter(str(self.path) + ".tmp")
+        stored = {k: v.detach().to("cpu", self.dtype) for k, v in tensors.items()}
+        self.sink.write({"__key__": key.replace(".", "_"), "safetensors": encode_sample(stored, meta)})
+        self.count, self.total = self.count + 1, self.total + 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the current shard (rename `.tmp` into place)."""
+        if self.sink is not None:
+            self.sink.close()
+            os.replace(str(self.path) + ".tmp", self.path)
+            self.sink, self.count, self.shard = None, 0, self.shard + 1
+
+
+def cache_data_config(data: DictConfig) -> DictConfig:
+    """The data config to cache from: one pass over everything, unshuffled, captions kept."""
+    data = OmegaConf.merge(data, {"resampled": False, "epochs": 1, "shuffle": False, "caption_dropout": 0.0})
+    if data.kind == "cached":
+        raise ValueError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
+    return data
+
+
+def write_batch(writer: CacheWriter, batch: dict, cond: dict[str, torch.Tensor]) -> None:
+    """Split one encoded batch into per-sample cache entries with their crop, flip and caption."""
+    for i, key in enumerate(batch["keys"]):
+        meta = {
+            "caption": batch["captions"][i],
+            "original_size": batch["original_size"][i].tolist(),
+            "crop_top_left": batch["crop_top_left"][i].tolist(),
+            "target_size": batch["target_size"][i].tolist(),
+            "flipped": bool(batch["flipped"][i]),
+        }
+        writer.add(key, {k: v[i] for k, v in cond.items()}, meta)
+
+
+def build_cache(cfg: DictConfig) -> Path:
+    """Encode this rank's share of `cfg.data` with `cfg.teacher`'s VAE and text encoders into `cfg.cache.out`."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
+    pipeline = resolve_pipeline(cfg.teacher, rank)
+    state.wait_for_everyone()
+    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
+    conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
+    out = Path(cfg.cache.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        empty, pooled = conditioner.encode_prompts([""])
+        save_file({"prompt_embeds": empty[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()},
+                  str(out / EMPTY_PROMPT))  # fmt: skip
+    loader = build_dataloader(
+        cache_data_config(cfg.data), batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world
+    )
+    writer = CacheWriter(out, rank, cfg.cache.samples_per_shard, DTYPES[cfg.cache.dtype])
+    skipped: dict[str, int] = {}
+    with tqdm(desc=f"caching to {out}", unit="img", disable=rank != 0) as bar:
+        for batch in loader:
+            write_batch(writer, batch, conditioner(batch))
+            skipped = batch["skipped"]  # one pass with the loader's workers: sum the last counts per worker
+            bar.update(len(batch["keys"]))
+    writer.close()
+    info = {"samples": writer.total, "skipped": skipped, "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
+    (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
+    state.wait_for_everyone()
+    return out
+
+
+def resolve_pipeline(teacher: DictConfig, rank: int) -> str:
+    """The teacher's diffusers folder; rank 0 writes the tiny random pipeline first when the config asks for it."""
+    if not teacher.pipeline:
+        raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
+    if teacher.create_tiny and rank == 0 and not (Path(teacher.pipeline) / "model_index.json").exists():
+        from koala.tiny import write_tiny_pipeline
+
+        write_tiny_pipeline(teacher.pipeline)
+    return str(teacher.pipeline)
+
+
+ConfigStore.instance().store(name="koala_cache", node=CacheJobConfig)
+
+
+@hydra.main(config_path="../configs", config_name="cache", version_base=None)
+def main(cfg: DictConfig) -> None:
+    print(f"cache written to {build_cache(cfg)}")
+
+
+if __name__ == "__main__":
+    register_configs()
+    main()

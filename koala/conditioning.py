@@ -1,0 +1,111 @@
+"""SDXL conditioning: frozen text encoders and VAE turn an online batch into latents, text embeddings and time ids.
+
+`prompt_embeds` is the concatenation of the penultimate hidden states of both CLIP encoders (B, 77, 768 + 1280 in
+SDXL), `pooled_prompt_embeds` the projected pooled output of the second (B, 1280): exactly what
+`StableDiffusionXLPipeline.encode_prompt` computes. The VAE runs in fp32 (SDXL's overflows in fp16) unless an
+fp16-fixed VAE is given. Latents are the posterior mean (deterministic, so a cache and an online run agree) times
+the VAE scaling factor, unless `sample_latents` draws from the posterior.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor, nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+CONDITION_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+
+
+class SDXLConditioner(nn.Module):
+    """Frozen SDXL text encoders + VAE (no grad): batch -> {latents, prompt_embeds, pooled_prompt_embeds, time_ids}."""
+
+    def __init__(
+        self,
+        tokenizers: list[CLIPTokenizer],
+        text_encoders: list[nn.Module],
+        vae: AutoencoderKL,
+        *,
+        sample_latents: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizers = tokenizers
+        self.text_encoders = nn.ModuleList(text_encoders)
+        self.vae = vae
+        self.sample_latents = sample_latents
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pipeline_dir: str | Path,
+        vae: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sample_latents: bool = False,
+    ) -> SDXLConditioner:
+        """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE)."""
+        root = Path(pipeline_dir)
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(root / "tokenizer"),
+            CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        ]
+        text_encoders = [
+            CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype),
+            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype),
+        ]
+        vae_model = (
+            AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+            if vae
+            else AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+        )
+        return cls(tokenizers, text_encoders, vae_model, sample_latents=sample_latents).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @torch.no_grad()
+    def encode_prompts(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(prompt_embeds (B, 77, D1 + D2), pooled_prompt_embeds (B, P)) as SDXL's `encode_prompt` computes them."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(
+                list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids  # fmt: skip
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled output comes first
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """VAE latents of images in [-1, 1], times the scaling factor: (B, 3, H, W) -> (B, 4, H/f, W/f)."""
+        posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if self.sample_latents else posterior.mean
+        return latents.float() * self.vae.config.scaling_factor
+
+    @staticmethod
+    def time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: Tensor) -> Tensor:
+        """SDXL micro-conditioning (B, 6): original (h, w), crop (top, left), target (h, w)."""
+        return torch.cat(
+            [torch.as_tensor(t).reshape(-1, 2) for t in (original_size, crop_top_left, target_size)], 1
+        ).float()
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """Conditioning of an online batch; a cached batch (which already has latents) passes through."""
+        if "latents" in batch:
+            return {k: batch[k].to(self.device) for k in CONDITION_KEYS}
+        prompt_embeds, pooled = self.encode_prompts(batch["captions"])
+        return {
+            "latents": self.encode_images(batch["pixel_values"]),
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "time_ids": self.time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(
+                self.device
+            ),
+        }

@@ -1,0 +1,83 @@
+"""Cached samples: VAE latents, text embeddings and time ids as safetensors (never pickle), one blob per sample.
+
+A cache is a folder of tar shards whose members are `<key>.safetensors`, plus `empty_prompt.safetensors` (the
+embeddings of "" for caption dropout) and `info.json`. Each blob holds the tensors `latents` (4, h, w) (already times
+the VAE scaling factor), `prompt_embeds` (77, D), `pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata
+the caption, original size, crop and flip used.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, load_file, save
+
+from koala.data.records import Raw
+
+TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+def encode_sample(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """One cached sample as safetensors bytes (tensors made contiguous; meta as JSON in the header)."""
+    return save({k: tensors[k].contiguous() for k in TENSORS}, metadata={"koala": json.dumps(meta)})
+
+
+def decode_meta(payload: bytes) -> dict[str, Any]:
+    """The metadata of a cached sample, read from the safetensors header only."""
+    return json.loads(_header(payload).get("__metadata__", {}).get("koala", "{}"))
+
+
+def _header(payload: bytes) -> dict:
+    """The JSON header of a safetensors blob (8-byte little-endian length, then JSON)."""
+    (n,) = struct.unpack("<Q", payload[:8])
+    return json.loads(payload[8 : 8 + n])
+
+
+class CachedCodec:
+    """Reads cached blobs into the cached batch format; caption dropout swaps in the cached empty-prompt embeddings."""
+
+    def __init__(self, empty_prompt: dict[str, torch.Tensor] | None = None, caption_dropout: float = 0.0) -> None:
+        if caption_dropout > 0 and empty_prompt is None:
+            raise ValueError(f"caption_dropout on a cache needs its {EMPTY_PROMPT}")
+        self.empty_prompt, self.caption_dropout = empty_prompt, caption_dropout
+
+    @classmethod
+    def for_cache(cls, cache_dir: str | Path | None, caption_dropout: float) -> CachedCodec:
+        """A codec using the empty-prompt embeddings stored in `cache_dir` (needed only with caption dropout)."""
+        path = Path(cache_dir) / EMPTY_PROMPT if cache_dir else None
+        if caption_dropout > 0 and (path is None or not path.exists()):
+            raise FileNotFoundError(f"caption_dropout={caption_dropout} needs {path}, written by python -m koala.cache")
+        return cls(load_file(path) if caption_dropout > 0 else None, caption_dropout)
+
+    def probe(self, raw: Raw) -> tuple[str | None, Any]:
+        """Group by latent shape (read from the header): mixed bucket sizes never share a batch."""
+        try:
+            return None, tuple(_header(raw.payload)["latents"]["shape"])
+        except Exception:
+            return "corrupt_image", None
+
+    def decode(self, raw: Raw, shape: Any, rng: random.Random) -> dict:
+        """Load one cached sample's tensors (as float32)."""
+        tensors = {k: v.float() for k, v in load(raw.payload).items()}
+        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+            tensors["prompt_embeds"] = self.empty_prompt["prompt_embeds"].float()
+            tensors["pooled_prompt_embeds"] = self.empty_prompt["pooled_prompt_embeds"].float()
+        return {"key": raw.key, **tensors}
+
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Stack cached samples into a cached batch."""
+        batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in TENSORS}
+        batch["keys"] = [s["key"] for s in samples]
+        return batch
+
+
+def cached_raw(sample: dict) -> Raw:
+    """A webdataset sample of a cache shard -> raw record."""
+    return Raw(key=sample["__key__"], payload=sample.get("safetensors"))

@@ -1,0 +1,145 @@
+"""The batch stream: deterministic per (seed, rank, worker), resumable without decoding, robust to bad samples.
+
+Each dataloader worker on each rank is one *global worker* g = rank * num_workers + role of W = world_size *
+num_workers. It reads its own shards (or indices), shuffles them with its own seeded RNG, checks every record
+cheaply (caption present, image header readable, size, bucket: no decoding), groups records into batches of one
+target size, and only then decodes the batches it yields. Skipping the first batches of a resumed run therefore runs
+the cheap checks only. Per-sample randomness (crop, flip, caption dropout) is seeded by (seed, g, position), so it
+does not depend on what was skipped.
+
+A torch DataLoader takes batches from its workers round-robin; a resumed run that consumed `n` batches rotates
+the roles so that its worker 0 plays the role that would have produced batch n.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from koala.data.records import SKIP_REASONS, Raw
+
+log = logging.getLogger("koala.data")
+
+Reader = Callable[[int, int, Callable[[str, Exception], None]], Iterator[Raw]]  # (g, W, on_bad) -> records
+
+
+class Codec(Protocol):
+    def probe(self, raw: Raw) -> tuple[str | None, Any]: ...
+    def decode(self, raw: Raw, group: Any, rng: random.Random) -> dict: ...
+    def collate(self, samples: list[dict]) -> dict: ...
+
+
+def buffer_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of `size` items (as webdataset's `shuffle`), deterministically in `rng`."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def group_batches(items: Iterator[tuple[int, Raw, Any]], batch_size: int) -> Iterator[list[tuple[int, Raw, Any]]]:
+    """Batches of `batch_size` items sharing a group (target size); partial groups are flushed at the end."""
+    pending: dict[Any, list] = {}
+    for item in items:
+        group = pending.setdefault(item[2], [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield pending.pop(item[2])
+    yield from pending.values()
+
+
+def worker_role(resume_batches: int) -> tuple[int, int, int]:
+    """(role, workers per rank, batches this role skips) of the calling dataloader worker."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    role = (worker + resume_batches) % workers  # DataLoader takes worker i's batches at positions i, i+K, ...
+    skip = resume_batches // workers + (1 if role < resume_batches % workers else 0)
+    return role, workers, skip
+
+
+class BatchStream(IterableDataset):
+    """Yields whole batches (use `DataLoader(batch_size=None)`), each with `keys`, `skipped` and `worker_id`."""
+
+    def __init__(
+        self, reader: Reader, codec: Codec, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+        resume_batches: int = 0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.reader, self.codec, self.batch_size, self.seed = reader, codec, batch_size, seed
+        self.rank, self.world_size, self.resume_batches = rank, world_size, resume_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        role, workers, skip = worker_role(self.resume_batches)
+        g, total = self.rank * workers + role, self.world_size * workers
+        counts = dict.fromkeys(SKIP_REASONS, 0)
+        warned: set[str] = set()
+
+        def on_bad(url: str, exc: Exception) -> None:
+            counts["bad_shard"] += 1
+            if url not in warned:
+                warned.add(url)
+                log.warning("skipping unreadable shard %s (%s)", url, exc)
+
+        def checked() -> Iterator[tuple[int, Raw, Any]]:
+            for position, raw in enumerate(self.reader(g, total, on_bad)):
+                reason, group = self.codec.probe(raw)
+                if reason:
+                    counts[reason] += 1
+                else:
+                    yield position, raw, group
+
+        for index, items in enumerate(group_batches(checked(), self.batch_size)):
+            if index < skip:
+                continue  # consumed before the resume: never decoded
+            batch = self._decode(items, counts, g)
+            if batch is not None:
+                yield batch
+
+    def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int) -> dict | None:
+        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted."""
+        samples = []
+        for position, raw, group in items:
+            try:
+                samples.append(self.codec.decode(raw, group, random.Random(f"sample:{self.seed}:{g}:{position}")))
+            except Exception as exc:
+                counts["corrupt_image"] += 1
+                log.debug("skipping %s: %s", raw.key, exc)
+        if not samples:
+            return None
+        batch = self.codec.collate(samples)
+        batch["skipped"] = dict(counts)
+        batch["worker_id"] = g
+        return batch
+
+
+class SkipTally:
+    """Totals of skipped samples across a rank's workers: each batch carries its worker's cumulative counts."""
+
+    def __init__(self) -> None:
+        self.latest: dict[Any, dict[str, int]] = {}
+
+    def update(self, batch: dict) -> None:
+        """Remember the counts of the worker that produced `batch`."""
+        if "skipped" in batch:
+            self.latest[batch.get("worker_id", 0)] = dict(batch["skipped"])
+
+    def totals(self) -> dict[str, int]:
+        """Skips by reason, summed over the latest counts of every worker seen."""
+        totals = dict.fromkeys(SKIP_REASONS, 0)
+        for counts in self.latest.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return totals

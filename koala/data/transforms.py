@@ -1,0 +1,78 @@
+"""SDXL image transforms: resize the shorter side, crop (center or random), flip; the micro-conditioning they imply.
+
+`original_size` is the decoded image's (h, w); `crop_top_left` is the (top, left) of the crop inside the resized
+and (when flipped) mirrored image, so `time_ids` describe exactly the pixels the model sees. A flip mirrors the crop
+coordinate as diffusers' SDXL training script does: left = resized_width - left - target_width.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+Size = tuple[int, int]  # (h, w)
+
+
+@dataclass(frozen=True)
+class Cropped:
+    """A transformed image and the SDXL micro-conditioning that describes it."""
+
+    pixels: torch.Tensor  # (3, H, W) float32 in [-1, 1]
+    original_size: Size
+    crop_top_left: Size
+    target_size: Size
+    flipped: bool
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open an encoded image lazily: reads the header only (size, mode), decodes nothing."""
+    return Image.open(io.BytesIO(data))
+
+
+def resized_size(size: Size, target: Size) -> Size:
+    """The smallest size with the image's aspect ratio that covers `target` (shorter side fitted)."""
+    h, w = size
+    th, tw = target
+    scale = max(th / h, tw / w)
+    return max(th, round(h * scale)), max(tw, round(w * scale))
+
+
+def crop_origin(resized: Size, target: Size, center: bool, rng: random.Random) -> Size:
+    """(top, left) of the crop in the resized image: centred (as diffusers rounds it) or uniformly random."""
+    (rh, rw), (th, tw) = resized, target
+    if center:
+        return max(0, int(round((rh - th) / 2.0))), max(0, int(round((rw - tw) / 2.0)))
+    return rng.randint(0, rh - th), rng.randint(0, rw - tw)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB image -> float32 (3, H, W) in [-1, 1]."""
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def sdxl_transform(data: bytes, target: Size, *, center_crop: bool, random_flip: bool, rng: random.Random) -> Cropped:
+    """Decode `data`, resize its shorter side to fit `target`, crop to `target`, maybe flip; record what was done."""
+    image = open_image(data)
+    original = (image.height, image.width)
+    resized = resized_size(original, target)
+    if image.format == "JPEG":
+        image.draft("RGB", (resized[1], resized[0]))  # decode at a reduced DCT scale when the image is much larger
+    image = image.convert("RGB")
+    top, left = crop_origin(resized, target, center_crop, rng)
+    sy, sx = image.height / resized[0], image.width / resized[1]  # resized -> (drafted) decoded coordinates
+    box = (left * sx, top * sy, (left + target[1]) * sx, (top + target[0]) * sy)
+    if (image.height, image.width) == resized:
+        image = image.crop(tuple(map(round, box)))
+    else:  # resize only the cropped region: same pixels as resize-then-crop, a fraction of the work
+        image = image.resize((target[1], target[0]), Image.Resampling.BICUBIC, box=box)
+    flipped = random_flip and rng.random() < 0.5
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = resized[1] - left - target[1]
+    return Cropped(to_tensor(image), original, (top, left), target, flipped)

@@ -1,0 +1,101 @@
+"""SDXL transforms: original size, crop and target recorded exactly as applied (marker pixels), buckets."""
+
+import io
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from koala.config import DataConfig
+from koala.data import build_dataloader
+from koala.data.buckets import SDXL_BUCKETS_1024, nearest_bucket, sdxl_buckets
+from koala.data.demo import write_demo_shards
+from koala.data.transforms import sdxl_transform
+
+RED = (255, 0, 0)
+
+
+def marked(h: int, w: int, y: int, x: int) -> bytes:
+    """A black PNG of (h, w) with one red pixel at (y, x)."""
+    image = Image.new("RGB", (w, h))
+    image.putpixel((x, y), RED)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def red_at(pixels: torch.Tensor) -> tuple[int, int]:
+    """(y, x) of the single red pixel in a (3, H, W) tensor in [-1, 1]."""
+    mask = (pixels[0] > 0.9) & (pixels[1] < -0.9)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    assert len(ys) == 1
+    return int(ys[0]), int(xs[0])
+
+
+def test_center_crop_records_original_size_and_crop():
+    out = sdxl_transform(marked(32, 48, 5, 30), (32, 32), center_crop=True, random_flip=False, rng=random.Random(0))
+    assert out.original_size == (32, 48) and out.target_size == (32, 32) and out.crop_top_left == (0, 8)
+    assert red_at(out.pixels) == (5, 30 - 8) and not out.flipped
+
+
+def test_center_crop_after_resizing_the_shorter_side():
+    image = Image.new("RGB", (64, 128))  # (h, w) = (128, 64): resized to (64, 32) for a 32 px target
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    out = sdxl_transform(buf.getvalue(), (32, 32), center_crop=True, random_flip=False, rng=random.Random(0))
+    assert out.original_size == (128, 64) and out.crop_top_left == (16, 0) and out.pixels.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_random_crop_and_flip_coordinates_locate_the_marker(flip):
+    y, x, h, w = 20, 50, 40, 72  # no resize for a 40 px target: crops move the marker by whole pixels
+    seen = set()
+    for seed in range(40):
+        out = sdxl_transform(marked(h, w, y, x), (40, 40), center_crop=False, random_flip=flip, rng=random.Random(seed))
+        top, left = out.crop_top_left
+        assert 0 <= left <= w - 40 and top == 0 and out.original_size == (h, w)
+        marker_x = (w - 1 - x) if out.flipped else x  # the marker's column in the (mirrored) resized image
+        if left <= marker_x < left + 40:
+            assert red_at(out.pixels) == (y - top, marker_x - left)
+        seen.add(out.flipped)
+    assert seen == ({False, True} if flip else {False})
+
+
+def test_flip_mirrors_the_crop_coordinate_like_diffusers():
+    rng = next(random.Random(s) for s in range(100) if _flips(s))
+    out = sdxl_transform(marked(32, 48, 3, 40), (32, 32), center_crop=False, random_flip=True, rng=rng)
+    unflipped_left = 48 - 32 - out.crop_top_left[1]  # left = resized_width - left - target_width
+    assert out.flipped and red_at(out.pixels) == (3, 32 - 1 - (40 - unflipped_left))
+
+
+def _flips(seed: int) -> bool:
+    """Whether this seed flips, with the same draws sdxl_transform makes (crop first, then the flip)."""
+    rng = random.Random(seed)
+    rng.randint(0, 0), rng.randint(0, 16)
+    return rng.random() < 0.5
+
+
+def test_sdxl_buckets_scale_with_resolution():
+    assert (1024, 1024) in SDXL_BUCKETS_1024 and (768, 1344) in SDXL_BUCKETS_1024
+    assert sdxl_buckets(1024) == list(SDXL_BUCKETS_1024)
+    half = sdxl_buckets(512)
+    assert (512, 512) in half and (384, 672) in half and all(h % 32 == 0 and w % 32 == 0 for h, w in half)
+    assert nearest_bucket((1080, 1920), sdxl_buckets(1024)) == (768, 1344)
+    assert nearest_bucket((500, 500), sdxl_buckets(64)) == (64, 64)
+
+
+def test_bucketed_batches_hold_one_shape(tmp_path):
+    write_demo_shards(tmp_path, n=40, resolution=64, samples_per_shard=20)
+    cfg = OmegaConf.structured(
+        DataConfig(
+            path=f"{tmp_path}/demo-{{00000..00001}}.tar", resolution=64, buckets=True, num_workers=0, resampled=False
+        )  # fmt: skip
+    )
+    shapes = set()
+    for batch in build_dataloader(cfg, batch_size=4, seed=0):
+        assert (batch["target_size"] == batch["target_size"][0]).all()
+        assert tuple(batch["pixel_values"].shape[2:]) == tuple(batch["target_size"][0].tolist())
+        shapes.add(tuple(batch["target_size"][0].tolist()))
+    assert len(shapes) > 2  # the demo's aspects land in several buckets
