@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m koala.inspect unet=koala-700m
+	$(PY) -m koala.demo
 
 test: setup
 	$(PY) -m pytest -q

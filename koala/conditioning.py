@@ -67,6 +67,11 @@ class SDXLConditioner(nn.Module):
     def device(self) -> torch.device:
         return self.vae.device
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SDXL's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @torch.no_grad()
     def encode_prompts(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(prompt_embeds (B, 77, D1 + D2), pooled_prompt_embeds (B, P)) as SDXL's `encode_prompt` computes them."""

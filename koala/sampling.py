@@ -40,8 +40,8 @@ class SampleRenderer:
         """One image per prompt, seed = sample_seed + index; saved as a grid PNG and sent to the trackers."""
         c = self.conditioner
         pipe = StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
-            tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet, scheduler=self.scheduler,
+            vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+            tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=unet, scheduler=self.scheduler,
         )
         pipe.set_progress_bar_config(disable=True)
         was_training = unet.training

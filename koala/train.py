@@ -20,11 +20,12 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from koala.build import check_config, make_optimizer, make_student
+from koala.build import DTYPES, check_config, make_optimizer, make_student
 from koala.checkpoint import StopSignal, find_checkpoint, read_state, save_checkpoint
 from koala.conditioning import SDXLConditioner
 from koala.config import register_configs
-from koala.data import SkipTally, build_dataloader, prepare_data
+from koala.data import SkipTally, build_dataloader
+from koala.data.demo import ensure_demo_shards
 from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
@@ -41,7 +42,8 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         if cfg.teacher.create_tiny:
             write_tiny_pipeline(cfg.teacher.pipeline)
-        prepare_data(cfg.data)
+        if cfg.data.create_demo:
+            ensure_demo_shards(cfg.data.path, cfg.data.demo_samples, cfg.data.resolution)
     accelerator.wait_for_everyone()
 
 
@@ -63,7 +65,9 @@ def train(cfg: DictConfig) -> Path:
     device = accelerator.device
 
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
-    conditioner = SDXLConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
+    conditioner = SDXLConditioner.from_pretrained(
+        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype]
+    )
     noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
     teacher = load_teacher(cfg.teacher).to(device)
     sampler = TimestepSampler(

@@ -140,4 +140,6 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: drawing worker seeds from the global RNG would shift the trainer's noise on resume.
+        generator=torch.Generator().manual_seed(seed),
     )
