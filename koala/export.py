@@ -89,6 +89,8 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest") -> Pa
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The resolved training config a run saved as config.yaml."""
     path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
     if not path.is_file():
         have = sorted(p.name for p in Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []
         raise FileNotFoundError(f"{run_dir} is not a run dir: no config.yaml (it holds: {', '.join(have) or 'nothing'})")
