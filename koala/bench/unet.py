@@ -127,7 +127,7 @@ def format_markdown(rows: list[dict[str, Any]], cfg: BenchUNetConfig) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["unet"] if r["unet"] == "teacher" else f"`{r['unet']}`", f"{r['params']:,}", _fmt(r["bytes"] / 1e9, 2),
-                 _fmt(r["flops"] / 1e12, 2), _fmt(r["params_ratio"]), _fmt(r["flops_ratio"])]
+                 _fmt(r["flops"] / 1e12, 2 if r["flops"] >= 1e11 else 5), _fmt(r["params_ratio"]), _fmt(r["flops_ratio"])]
         if lat:
             cells += [_fmt(r["latency_s"]), _fmt(r["latency_s_ratio"]), _fmt(r["peak_gb"], 2)]
         for published in PAPER.values():
