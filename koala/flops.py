@@ -1,0 +1,58 @@
+"""FLOPs of one U-Net forward, counted on the meta device: no weights, no memory, any size.
+
+`torch.utils.flop_counter.FlopCounterMode` counts matmuls, linears and convolutions (2 FLOPs per multiply-add).
+On the meta device `scaled_dot_product_attention` runs its math decomposition, so attention's two batched matmuls
+(QK^T and AV) are counted as `aten.bmm`; fused SDPA kernels have their own counting rules in the same mode.
+Norms, activations and softmax are not counted (they are a small share and memory-bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from koala.unets import build_unet
+
+TIME_IDS = 6  # SDXL micro-conditioning: original h, w, crop top, left, target h, w
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Total FLOPs of one forward and their split by aten op."""
+
+    total: int
+    by_op: dict[str, int]
+
+
+def unet_inputs(
+    config: dict[str, Any], resolution: int, batch: int = 1, vae_scale: int = 8, text_len: int = 77, device="meta",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Random SDXL U-Net inputs for images of `resolution` px (latents `resolution / vae_scale`)."""
+    latent = resolution // vae_scale
+    pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
+    with torch.device(device):
+        return {
+            "sample": torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype),
+            "timestep": torch.full((batch,), 500),
+            "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype),
+            },
+        }
+
+
+def forward_flops(
+    config: dict[str, Any], resolution: int, batch: int = 1, vae_scale: int = 8, unet: torch.nn.Module | None = None
+) -> FlopCount:
+    """FLOPs of one forward of the U-Net `config` describes (or of `unet`, built from it on meta) on meta inputs."""
+    unet = (unet if unet is not None else build_unet(config, device="meta")).eval()
+    inputs = unet_inputs(config, resolution, batch, vae_scale)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(**inputs)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+    return FlopCount(int(counter.get_total_flops()), by_op)

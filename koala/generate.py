@@ -1,0 +1,165 @@
+"""`python -m koala.generate model=<pipeline folder> prompt="..." | prompts=<file> [preset=v1|lightning|turbo]`.
+
+Images are seeded one by one (image i of the prompt list gets `seed + i`), so a teacher and a student sampled with
+the same prompts and seed start from the same noise and can be compared image for image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from hydra.core.config_store import ConfigStore
+from PIL import Image
+
+from koala.inference import Preset, euler_scheduler, get_preset
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of `python -m koala.generate`; null sampling fields take the preset's value."""
+
+    model: Optional[str] = None  # a diffusers SDXL pipeline folder (e.g. <run>/export)
+    prompt: Optional[str] = None
+    prompts: Optional[str] = None  # a text file: one prompt per line (blank lines and # comments skipped)
+    preset: str = "v1"  # v1 | lightning | turbo
+    seed: int = 0  # image i gets seed + i
+    negative_prompt: Optional[str] = None
+    batch_size: int = 1
+    dtype: str = "auto"  # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
+    device: Optional[str] = None  # default: cuda when available
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    cols: Optional[int] = None  # grid columns (default: about square)
+    out: Optional[str] = None  # default samples/<model folder name>-<preset>
+
+
+def pick_device(device: str | None) -> str:
+    """The requested device, else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """A torch dtype by name; `auto` is fp16 on cuda and fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise KeyError(f"unknown dtype {dtype!r}; valid choices: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(model: str | Path, device: str | None = None, dtype: str = "auto") -> StableDiffusionXLPipeline:
+    """Load a local SDXL pipeline folder (safetensors only) onto a device."""
+    if not (Path(model) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    device = pick_device(device)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=pick_dtype(dtype, device), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file, one per line; blank lines and lines starting with # are skipped."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def generate(
+    pipeline: StableDiffusionXLPipeline,
+    prompts: Sequence[str],
+    preset: str | Preset = "v1",
+    seeds: int | Sequence[int] = 0,
+    negative_prompt: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+) -> list[Image.Image]:
+    """One image per prompt; image i is drawn from its own generator seeded `seeds[i]` (or `seeds + i`)."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    pipeline.scheduler = euler_scheduler(pipeline.scheduler.config, preset)
+    device = pipeline._execution_device
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds[start : start + batch_size]]
+        images += pipeline(
+            prompt=batch,
+            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+            num_inference_steps=steps or preset.steps,
+            guidance_scale=preset.guidance if guidance is None else guidance,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        ).images
+    return images
+
+
+def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (of the first image's size) into rows of `cols`, about square by default."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_images(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], out: Path, cols=None) -> Path:
+    """Write numbered PNGs, grid.png and index.json (prompt and seed of each file) to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
+        name = f"{i:04d}-seed{seed}.png"
+        img.save(out / name)
+        index.append({"file": name, "prompt": prompt, "seed": seed})
+    make_grid(images, cols).save(out / "grid.png")
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    return out
+
+
+ConfigStore.instance().store(name="koala_generate", node=GenerateConfig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
+    from koala.hydra_utils import compose_config
+
+    cfg = compose_config("generate", sys.argv[1:] if argv is None else argv)
+    if not cfg.model or bool(cfg.prompt) == bool(cfg.prompts):
+        raise SystemExit('usage: python -m koala.generate model=<pipeline folder> (prompt="..." | prompts=<file>) [...]')
+    prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
+    seeds = [cfg.seed + i for i in range(len(prompts))]
+    pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
+    images = generate(pipe, prompts, cfg.preset, seeds, cfg.negative_prompt, cfg.steps, cfg.guidance,
+                      cfg.height, cfg.width, cfg.batch_size)
+    out = Path(cfg.out or f"samples/{Path(cfg.model).resolve().name}-{cfg.preset}")
+    save_images(images, prompts, seeds, out, cfg.cols)
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

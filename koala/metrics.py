@@ -1,0 +1,138 @@
+"""Quality metrics from locally stored weights: CLIP score and Fréchet distance of image features.
+
+CLIP score (as torchmetrics defines it): 100 * max(cos(image embedding, text embedding), 0), averaged over images,
+from a transformers `CLIPModel` folder (safetensors), e.g. openai/clip-vit-large-patch14 saved locally.
+
+Fréchet distance: the FID formula |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed on CLIP image
+embeddings ("FD-CLIP", as advocated by Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in Fréchet Inception
+Distance"), not on Inception-v3 pool features: torchvision is unavailable beside this torch and the standard
+Inception weights are a pickle, which this project never loads. FD-CLIP values are therefore not comparable with
+published FID numbers; they compare models evaluated the same way here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPModel, CLIPTokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP preprocessing, used when no preprocessor_config.json
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class MissingMetricWeights(FileNotFoundError):
+    """Metric weights are not where the config says; the message lists the files needed."""
+
+
+def check_clip_folder(path: str | Path | None) -> Path:
+    """A local CLIPModel folder with config, safetensors weights and tokenizer, or an error naming what is missing."""
+    need = ("config.json", "model.safetensors (or model.safetensors.index.json and its shards)",
+            "tokenizer.json, or vocab.json + merges.txt", "optionally preprocessor_config.json (image mean/std)")
+    how = ("Put a transformers CLIPModel there, e.g. on a machine with the hub: CLIPModel.from_pretrained("
+           "'openai/clip-vit-large-patch14').save_pretrained(DIR, safe_serialization=True) and the same with "
+           "CLIPTokenizer and CLIPImageProcessor; then copy DIR here.")
+    if not path:
+        raise MissingMetricWeights(f"metrics.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
+    path = Path(path)
+    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    if not ((path / "config.json").is_file() and has_weights and has_tok):
+        have = sorted(p.name for p in path.iterdir()) if path.is_dir() else "the folder does not exist"
+        raise MissingMetricWeights(f"CLIP metric weights missing in {path} (found: {have}); needed: {'; '.join(need)}. {how}")
+    return path
+
+
+class ClipScorer:
+    """A local CLIP model: image and text embeddings, CLIP score, image features for Fréchet distance."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        path = check_clip_folder(path)
+        self.device = device
+        self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
+        self.tokenizer = CLIPTokenizer.from_pretrained(path)
+        pre = json.loads((path / "preprocessor_config.json").read_text()) if (path / "preprocessor_config.json").is_file() else {}
+        self.mean = torch.tensor(pre.get("image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.get("image_std", CLIP_STD)).view(1, 3, 1, 1)
+        self.size = self.model.config.vision_config.image_size
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Resize the shorter side to the model's size (bicubic), centre-crop, normalise: (B, 3, S, S)."""
+        out = []
+        for img in images:
+            img = img.convert("RGB")
+            scale = self.size / min(img.size)
+            w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
+            img = img.resize((w, h), Image.BICUBIC)
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+            out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        return (torch.stack(out) - self.mean) / self.std
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+        """CLIP image embeddings (projected, not normalised): (N, D)."""
+        feats = [
+            _embedding(self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch_size]).to(self.device)))
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(feats).float().cpu()
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings (projected, not normalised): (N, D)."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
+        feats = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
+                                             attention_mask=tokens.attention_mask.to(self.device))
+        return _embedding(feats).float().cpu()
+
+    def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
+        """Mean of 100 * max(cos(image, its prompt), 0)."""
+        img, txt = self.image_features(images), self.text_features(prompts)
+        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+        return float((100 * cos.clamp(min=0)).mean())
+
+
+def _embedding(output) -> torch.Tensor:
+    """The embedding tensor of a `get_*_features` result (a tensor, or a model output in newer transformers)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of (N, D) features; needs N >= 2."""
+    x = features.double().numpy()
+    if len(x) < 2:
+        raise ValueError("a Fréchet distance needs at least 2 images per set")
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a positive semi-definite matrix (negative round-off eigenvalues clipped)."""
+    vals, vecs = np.linalg.eigh((m + m.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance of two Gaussians in float64.
+
+    Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the right side is a symmetric PSD matrix, so eigh is exact
+    and stable where a general sqrtm of S1 S2 can turn complex from round-off.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    r1 = _sqrt_psd(s1)
+    covmean_trace = np.trace(_sqrt_psd(r1 @ s2 @ r1))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * covmean_trace)
+
+
+def load_images(folder: str | Path) -> list[Image.Image]:
+    """Every PNG/JPEG/WebP image in a folder (sorted by name)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
+    if not files:
+        raise FileNotFoundError(f"no .png/.jpg/.jpeg/.webp images in reference folder {folder}")
+    return [Image.open(p).convert("RGB") for p in files]

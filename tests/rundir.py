@@ -1,0 +1,42 @@
+"""Build a run directory in the trainer's layout (config.yaml, metrics.jsonl, checkpoints/) from tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from koala.hydra_utils import compose_config
+from koala.specs import student_spec, teacher_unet_config
+from koala.unets import build_student, inherit_weights, resolve
+
+
+def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10) -> Path:
+    """A finished tiny run: one complete checkpoint (unet + perturbed unet_ema), one incomplete newer one."""
+    from diffusers import UNet2DConditionModel
+
+    run = root / "run"
+    cfg = compose_config("train", [f"teacher.pipeline={pipeline_dir}", f"teacher.kind={kind}", "unet=tiny-700m",
+                                   f"output_dir={run}", f"max_steps={step}"])
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+    teacher = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
+    t_config = teacher_unet_config(cfg.teacher)
+    spec = student_spec(cfg.unet)
+    student = build_student(t_config, spec)
+    inherit_weights(student, teacher, resolve(t_config, spec))
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    student.save_pretrained(ckpt / "unet")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)
+    student.save_pretrained(ckpt / "unet_ema")
+    (ckpt / "state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "COMPLETE").write_text("")
+    (run / "checkpoints" / f"step-{2 * step:08d}" / "unet").mkdir(parents=True)  # a save cut short
+    records = [{"step": s, "loss/total": 1.0 / s, "loss/task": 0.5 / s, "loss/out": 0.3 / s, "loss/feat": 0.2 / s}
+               for s in range(1, step + 1)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return run

@@ -1,0 +1,97 @@
+"""Export: a run's checkpoint becomes a stock diffusers SDXL pipeline folder (KOALA.md section 5)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from rundir import write_run_dir
+from safetensors.torch import load_file
+
+from koala.export import export_run, find_checkpoint, main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_pipeline_dir, tmp_path_factory):
+    return write_run_dir(tmp_path_factory.mktemp("base"), tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    return export_run(run_dir, fp16=True)
+
+
+def _same_weights(a: UNet2DConditionModel, b: UNet2DConditionModel) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_latest_skips_incomplete_checkpoints(run_dir):
+    assert find_checkpoint(run_dir).name == "step-00000010"
+    assert find_checkpoint(run_dir, 10).name == "step-00000010"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        find_checkpoint(run_dir, "step-00000020")
+
+
+def test_missing_things_fail_with_what_exists(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"checkpoints present: step-00000010, step-00000020 \(incomplete"):
+        find_checkpoint(run_dir, 30)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        export_run(tmp_path / "empty")
+
+
+def test_export_layout_and_weights(run_dir, exported):
+    files = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert any(f.startswith(f"{sub}/") and f.endswith(".fp16.safetensors") for f in files), sub
+    assert {"model_index.json", "README.md", "unet/config.json", "tokenizer/tokenizer_config.json"} <= files
+    ema = UNet2DConditionModel.from_pretrained(run_dir / "checkpoints/step-00000010/unet_ema")
+    assert _same_weights(UNet2DConditionModel.from_pretrained(exported / "unet"), ema)
+    fp16 = load_file(exported / "unet/diffusion_pytorch_model.fp16.safetensors")
+    assert {t.dtype for t in fp16.values()} == {torch.float16}
+    card = (exported / "README.md").read_text()
+    for text in ("tiny-700m", "teacher | tiny", "kinds {'sa': 1.0}", "loss/total | 0.1", "step 10"):
+        assert text in card, text
+    sched = json.loads((exported / "scheduler/scheduler_config.json").read_text())
+    assert sched["_class_name"] == "EulerDiscreteScheduler" and sched["timestep_spacing"] == "leading"
+
+
+def test_raw_weights_and_cli(run_dir, tmp_path):
+    out = main([f"run_dir={run_dir}", "ema=false", f"out={tmp_path / 'raw'}"])
+    raw = UNet2DConditionModel.from_pretrained(run_dir / "checkpoints/step-00000010/unet")
+    assert _same_weights(UNet2DConditionModel.from_pretrained(out / "unet"), raw)
+
+
+def test_lightning_export_uses_trailing_spacing(tiny_pipeline_dir, tmp_path):
+    run = write_run_dir(tmp_path, tiny_pipeline_dir, kind="lightning")
+    out = export_run(run)
+    sched = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert sched["_class_name"] == "EulerDiscreteScheduler" and sched["timestep_spacing"] == "trailing"
+    assert "Euler, timestep spacing trailing, 10 steps, guidance 3.5" in (out / "README.md").read_text()
+
+
+def test_export_loads_without_project_code(exported):
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import StableDiffusionXLPipeline
+        pipe = StableDiffusionXLPipeline.from_pretrained({str(exported)!r})
+        image = pipe("a koala", num_inference_steps=2, height=32, width=32, output_type="pil",
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        assert image.size == (32, 32), image.size
+        assert not any(m == "koala" or m.startswith("koala.") for m in sys.modules)
+        half = StableDiffusionXLPipeline.from_pretrained({str(exported)!r}, variant="fp16", torch_dtype=torch.float16)
+        assert half.unet.dtype == torch.float16 and half.text_encoder.dtype == torch.float16
+        print("LOADED", type(pipe.scheduler).__name__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=exported)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "LOADED EulerDiscreteScheduler" in res.stdout
