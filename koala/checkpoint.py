@@ -13,13 +13,11 @@ Layout of one checkpoint (complete iff `COMPLETE` exists; the folder is renamed 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
 
 
@@ -27,27 +25,51 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first; partial folders are ignored."""
+def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Path]:
+    """Checkpoint folders of a run, oldest first; only those with a COMPLETE marker unless asked otherwise."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
+    if complete_only:
+        found = [p for p in found if (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: step_of(p.name))
 
 
-def find_checkpoint(run_dir: str | Path, which: str) -> Path:
-    """`latest` or a path (absolute, or relative to the run's checkpoints) -> a complete checkpoint folder."""
-    if which == "latest":
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise FileNotFoundError(f"resume=latest but {Path(run_dir) / 'checkpoints'} holds no complete checkpoint")
-        return found[-1]
-    for cand in (Path(which), Path(run_dir) / "checkpoints" / which):
-        if (cand / COMPLETE).is_file():
-            return cand
-    have = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-    raise FileNotFoundError(f"no complete checkpoint at {which!r}; complete checkpoints in this run: {have}")
+def step_of(name: str) -> int:
+    """The step number in a `step-00000100` folder name (-1 when it has none)."""
+    try:
+        return int(name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _describe_checkpoints(run_dir: Path) -> str:
+    """What checkpoint folders exist, marking the incomplete ones."""
+    every = list_checkpoints(run_dir, complete_only=False)
+    if not every:
+        return f"no checkpoint folders under {Path(run_dir) / 'checkpoints'}"
+    names = [p.name + ("" if (p / COMPLETE).is_file() else " (incomplete: no COMPLETE file)") for p in every]
+    return "checkpoints present: " + ", ".join(names)
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest") -> Path:
+    """Resolve `latest`, a step number, a folder name or a path to a COMPLETE checkpoint folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir {run_dir} does not exist")
+    if str(checkpoint) == "latest":
+        complete = list_checkpoints(run_dir)
+        if not complete:
+            raise FileNotFoundError(f"run dir {run_dir} has no complete checkpoint; {_describe_checkpoints(run_dir)}")
+        return complete[-1]
+    name = f"step-{int(checkpoint):08d}" if str(checkpoint).isdigit() else str(checkpoint)
+    path = Path(name) if Path(name).is_dir() else run_dir / "checkpoints" / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found in {run_dir}; {_describe_checkpoints(run_dir)}")
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} file); {_describe_checkpoints(run_dir)}")
+    return path
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

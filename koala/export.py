@@ -20,12 +20,10 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from koala.checkpoint import find_checkpoint, step_of
 from koala.inference import euler_scheduler, preset_for_kind
 from koala.model_card import write_model_card
 from koala.unets import count_parameters
-
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
 
 
 @dataclass
@@ -37,53 +35,6 @@ class ExportConfig:
     ema: bool = True  # export unet_ema/ (else unet/)
     fp16: bool = False  # also write an fp16 variant (variant="fp16")
     out: Optional[str] = None  # default <run_dir>/export
-
-
-def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Path]:
-    """Checkpoint folders of a run, oldest first; only those with a COMPLETE marker unless asked otherwise."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
-    if complete_only:
-        found = [p for p in found if (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: _step_of(p.name))
-
-
-def _step_of(name: str) -> int:
-    """The step number in a `step-00000100` folder name (-1 when it has none)."""
-    try:
-        return int(name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def _describe_checkpoints(run_dir: Path) -> str:
-    """What checkpoint folders exist, marking the incomplete ones."""
-    every = list_checkpoints(run_dir, complete_only=False)
-    if not every:
-        return f"no checkpoint folders under {run_dir / CHECKPOINTS}"
-    names = [p.name + ("" if (p / COMPLETE).is_file() else " (incomplete: no COMPLETE file)") for p in every]
-    return "checkpoints present: " + ", ".join(names)
-
-
-def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest") -> Path:
-    """Resolve `latest`, a step number, a folder name or a path to a COMPLETE checkpoint folder."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run dir {run_dir} does not exist")
-    if str(checkpoint) == "latest":
-        complete = list_checkpoints(run_dir)
-        if not complete:
-            raise FileNotFoundError(f"run dir {run_dir} has no complete checkpoint; {_describe_checkpoints(run_dir)}")
-        return complete[-1]
-    name = f"step-{int(checkpoint):08d}" if str(checkpoint).isdigit() else str(checkpoint)
-    path = Path(name) if Path(name).is_dir() else run_dir / CHECKPOINTS / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found in {run_dir}; {_describe_checkpoints(run_dir)}")
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} file); {_describe_checkpoints(run_dir)}")
-    return path
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
@@ -182,7 +133,7 @@ def export_run(
         tmp / "README.md",
         cfg=cfg,
         checkpoint=ckpt.name,
-        step=state.get("step", _step_of(ckpt.name)),
+        step=state.get("step", step_of(ckpt.name)),
         ema=ema,
         parameters=count_parameters(student),
         metrics=read_metrics(run_dir),

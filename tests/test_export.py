@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
 from safetensors.torch import load_file
 
-from koala.export import export_run, find_checkpoint, main
+from koala.checkpoint import find_checkpoint
+from koala.export import export_run, main
 
 
 @pytest.fixture(scope="module")
