@@ -118,7 +118,7 @@ def load_unet(
 
     `base_config` is the diffusers config a single file is placed onto (default: SDXL-Base's U-Net config).
     """
-    path = Path(path)
+    path, torch_dtype = Path(path), parse_dtype(dtype)  # a bad dtype fails before any weights are read
     _refuse_pickle(path)
     if not path.exists():
         raise FileNotFoundError(f"teacher U-Net path {str(path)!r} does not exist")
@@ -133,7 +133,7 @@ def load_unet(
         unet = _build_loaded(config, _single_file_weights(path, config), str(path))
     else:
         raise ValueError(f"{path}: expected a diffusers folder or a .safetensors file")
-    return unet.to(parse_dtype(dtype))
+    return unet.to(torch_dtype)
 
 
 def _stay_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:

@@ -84,7 +84,7 @@ def list_tap_points(
     blocks: Iterable[str] | None = None,
     sa_point: str = "attn1",
 ) -> list[TapPoint]:
-    """Every tap point of the given kinds, stages and blocks, in module order."""
+    """Every tap point of the given kinds, stages and blocks, in forward order of the blocks."""
     kinds = _check_choices(kinds, KINDS, "tap kinds")
     stages = _check_choices(stages, STAGES, "stages")
     _check_choices([sa_point], SA_POINTS, "sa_point")
@@ -102,7 +102,8 @@ def list_tap_points(
         stage = _STAGE_OF[block.split(".")[0]]
         if kind in kinds and stage in stages and (blocks is None or block in blocks):
             points.append(TapPoint(name, kind, stage, block))
-    return points
+    order = {b: i for i, b in enumerate(block_names(model))}
+    return sorted(points, key=lambda p: order[p.block])  # forward order: encoder, mid, decoder (stable within)
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
