@@ -107,7 +107,7 @@ def test_first_capture_kept_until_reset_and_detach():
         assert not torch.equal(taps.features[points[0].name], first[points[0].name])
 
 
-def _distill_step(checkpointing: bool):
+def _distill_step(checkpointing: bool, sa_point: str):
     """One feature + output KD step of a tiny student against a tiny teacher; returns features, loss, grads."""
     teacher = tiny(seed=0)
     torch.manual_seed(1)
@@ -118,7 +118,8 @@ def _distill_step(checkpointing: bool):
     t_points = [p for p in list_tap_points(teacher, ["sa", "ffn", "lf", "rb"]) if p.name in {s.name for s in s_points}]
     x = unet_inputs(size=8)
     calls, handle = record_calls(student.get_submodule(SA))
-    with FeatureTaps(teacher, t_points, detach=True) as t_taps, FeatureTaps(student, s_points) as s_taps:
+    t_taps, s_taps = FeatureTaps(teacher, t_points, True, sa_point), FeatureTaps(student, s_points, sa_point=sa_point)
+    with t_taps, s_taps:
         with torch.no_grad():
             t_out = teacher(**x).sample
         s_out = student(**x).sample
@@ -129,9 +130,10 @@ def _distill_step(checkpointing: bool):
     return {k: v.detach() for k, v in s_taps.features.items()}, loss.detach(), grads, len(calls), student
 
 
-def test_gradient_checkpointing_gives_identical_features_loss_and_grads():
-    f0, l0, g0, calls0, _ = _distill_step(False)
-    f1, l1, g1, calls1, student = _distill_step(True)
+@pytest.mark.parametrize("sa_point", ["attn1", "residual"])
+def test_gradient_checkpointing_gives_identical_features_loss_and_grads(sa_point):
+    f0, l0, g0, calls0, _ = _distill_step(False, sa_point)
+    f1, l1, g1, calls1, student = _distill_step(True, sa_point)
     assert calls0 == 1 and calls1 == 2  # the checkpointed block really ran again in backward
     assert torch.equal(l0, l1)
     assert f0.keys() == f1.keys() and all(torch.equal(f0[k], f1[k]) for k in f0)

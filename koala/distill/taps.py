@@ -155,7 +155,7 @@ class FeatureTaps:
         """Forward hook on attn1 storing the residual stream `attn1(norm1(h)) + h`."""
 
         def hook(module, args, output):
-            if name not in self.features:
+            if name not in self.features and name in self._block_inputs:  # attn1 called outside its block: skip
                 residual = output + self._block_inputs.pop(name)
                 self._store(name, residual.squeeze(1) if residual.ndim == 4 else residual)  # as the block does
 
