@@ -53,7 +53,9 @@ class DistillConfig:
     task_weight: float = 1.0  # MSE(eps_S, eps)
     out_weight: float = 1.0  # MSE(eps_S, eps_T)
     feat_weight: float = 1.0  # sum over paired taps of MSE(F_S, F_T)
-    kinds: dict[str, float] = field(default_factory=lambda: {"sa": 1.0})  # sa | ca | ffn | lf | rb -> weight
+    # sa | ca | ffn | lf | rb -> weight. Empty by default because Hydra merges dicts: a preset's `kinds` would
+    # otherwise be added to the default's instead of replacing it. configs/distill/koala.yaml sets {sa: 1.0}.
+    kinds: dict[str, float] = field(default_factory=dict)
     stages: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "mid": 1.0, "decoder": 1.0})
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
     sa_point: str = "attn1"  # attn1 (module output) | residual (stream after attn1 is added)

@@ -1,6 +1,9 @@
-"""`python -m koala.inspect unet=<spec> [teacher=<teacher>]`: per-stage structure and exact parameter counts.
+"""`python -m koala.inspect unet=<spec> [teacher=<teacher>] [distill=<preset>] [+list_taps=true]`.
 
-Teacher and student are built on the meta device, so full-size SDXL needs no weights and almost no memory.
+Prints the per-stage structure and exact parameter counts of teacher and student, the feature pairs the `distill`
+preset will distil (counts per stage and kind, shapes at `data.resolution`), and with `+list_taps=true` every tap
+point of both models. Teacher and student are built on the meta device, so full-size SDXL needs no weights and
+almost no memory.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from koala.config import register_configs
+from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
+from koala.distill.taps import KINDS, STAGES, list_tap_points
 from koala.specs import student_spec, teacher_unet_config
 from koala.unets import (
     build_student,
@@ -35,13 +40,18 @@ def format_stage_table(teacher, student) -> str:
     return "\n".join(lines)
 
 
-def inspect_unets(teacher_cfg, unet_cfg) -> str:
-    """Build teacher and student on the meta device and describe both."""
+def build_meta_pair(teacher_cfg, unet_cfg):
+    """Teacher and student on the meta device, with the resolved plan."""
     t_config = teacher_unet_config(teacher_cfg)
     spec = student_spec(unet_cfg)
-    resolve(t_config, spec)  # fail early with the reason
-    teacher = build_unet(t_config, device="meta")
-    student = build_student(t_config, spec, device="meta")
+    plan = resolve(t_config, spec)  # fail early with the reason
+    return plan, build_unet(t_config, device="meta"), build_student(t_config, spec, device="meta")
+
+
+def inspect_unets(teacher_cfg, unet_cfg, models=None) -> str:
+    """Build teacher and student on the meta device and describe both."""
+    plan, teacher, student = models or build_meta_pair(teacher_cfg, unet_cfg)
+    spec = plan.spec
     tp, sp = count_parameters(teacher), count_parameters(student)
     out = [
         f"teacher: {teacher_cfg.name} ({teacher_cfg.arch})   student: {spec.name}  {spec.description}",
@@ -54,12 +64,54 @@ def inspect_unets(teacher_cfg, unet_cfg) -> str:
     return "\n".join(out)
 
 
+def format_tap_points(unet, title: str) -> str:
+    """Every tap point of a model, one per line, with its kind and stage."""
+    points = list_tap_points(unet)
+    lines = [f"{title}: {len(points)} tap points"]
+    lines += [f"  {p.kind:<4} {p.stage:<8} {p.name}" for p in points]
+    return "\n".join(lines)
+
+
+def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg, resolution: int) -> str:
+    """The distilled pairs: a count table per stage and kind, then one line per pair with its shape."""
+    counts = pair_counts(pairs)
+    kinds = [k for k in KINDS if any(kk == k for _, kk in counts)]
+    lines = [
+        f"distill: {distill_cfg.name}   kinds {dict(distill_cfg.kinds)}   pairing {distill_cfg.pairing}   "
+        f"sa_point {distill_cfg.sa_point}   {len(pairs)} pairs at {resolution} px (latent {resolution // 8})",
+    ]
+    if not pairs:
+        return "\n".join(lines + ["  no feature pairs (output / task loss only)"])
+    lines.append(f"  {'stage':<8} " + " ".join(f"{k:>5}" for k in kinds) + f" {'total':>6}")
+    for stage in STAGES:
+        row = [counts.get((stage, k), 0) for k in kinds]
+        lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
+    lines.append("")
+    for p in pairs:
+        shape = "x".join(str(d) for d in shapes[p.student.name])
+        lines.append(f"  {p.student.kind:<4} {p.student.name:<52} <- {p.teacher.name:<52} w={p.weight:g}  {shape}")
+    return "\n".join(lines)
+
+
+def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_taps: bool = False) -> str:
+    """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives."""
+    models = build_meta_pair(teacher_cfg, unet_cfg)
+    plan, teacher, student = models
+    out = [inspect_unets(teacher_cfg, unet_cfg, models)]
+    if list_taps:
+        out += ["", format_tap_points(teacher, "teacher"), "", format_tap_points(student, "student")]
+    pairs = pair_taps(plan, distill_cfg, student, teacher)
+    shapes = check_pair_shapes(pairs, student, teacher, resolution // 8, sa_point=distill_cfg.sa_point)
+    out += ["", format_pairs(pairs, shapes, distill_cfg, resolution)]
+    return "\n".join(out)
+
+
 register_configs()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="inspect")
 def main(cfg: DictConfig) -> None:
-    print(inspect_unets(cfg.teacher, cfg.unet))
+    print(inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, bool(cfg.get("list_taps", False))))
 
 
 if __name__ == "__main__":

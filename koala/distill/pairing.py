@@ -1,0 +1,106 @@
+"""Which student tap is compared with which teacher tap, and a shape check before training.
+
+A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.unets.module_map`),
+with the transformer-layer rule chosen by `distill.pairing` (first / uniform / last) rather than the init rule:
+student `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs with teacher
+`up_blocks.0.attentions.2.transformer_blocks.4.attn1` under "first". Shapes are checked by a forward pass on the
+meta device, which costs no memory even for SDXL at 1024 px.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
+from koala.unets import LAYER_SELECTS, Plan, build_unet, map_name, module_map
+
+
+@dataclass(frozen=True)
+class TapPair:
+    """A student tap, its teacher partner and the weight of their feature loss."""
+
+    student: TapPoint
+    teacher: TapPoint
+    weight: float  # distill.kinds[kind] * distill.stages[stage]
+
+
+def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module) -> list[TapPair]:
+    """Pair every student tap selected by the `distill` section with its teacher tap; zero-weight taps are dropped.
+
+    Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
+    """
+    if distill_cfg.pairing not in LAYER_SELECTS:
+        raise ValueError(f"unknown distill.pairing {distill_cfg.pairing!r}; valid choices: {', '.join(LAYER_SELECTS)}")
+    kinds, stages = dict(distill_cfg.kinds), dict(distill_cfg.stages)
+    blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
+    students = list_tap_points(student_unet, kinds, stages, blocks, distill_cfg.sa_point)
+    teachers = {p.name: p for p in list_tap_points(teacher_unet, kinds, stages, None, distill_cfg.sa_point)}
+    mapping = module_map(plan, layer_select=distill_cfg.pairing)
+    pairs, unmatched = [], []
+    for s in students:
+        t = teachers.get(map_name(s.name, mapping))
+        if t is None or t.kind != s.kind:
+            unmatched.append(f"{s.name} -> {map_name(s.name, mapping)}")
+            continue
+        weight = float(kinds[s.kind]) * float(stages[s.stage])
+        if weight != 0.0:
+            pairs.append(TapPair(s, t, weight))
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} student taps have no teacher partner:\n  " + "\n  ".join(unmatched))
+    return pairs
+
+
+def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:
+    """Number of pairs per (stage, kind)."""
+    return dict(Counter((p.student.stage, p.student.kind) for p in pairs))
+
+
+def meta_inputs(config: dict[str, Any], sample_size: int, batch_size: int = 1, device: str = "meta") -> dict[str, Any]:
+    """SDXL-conditioned U-Net inputs of the right shapes (no data) for a latent of `sample_size`."""
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    b = batch_size
+    with torch.device(device):
+        return {
+            "sample": torch.zeros(b, config["in_channels"], sample_size, sample_size),  # (B, 4, h, w)
+            "timestep": torch.full((b,), 500),
+            "encoder_hidden_states": torch.zeros(b, 77, config["cross_attention_dim"]),  # (B, 77, D)
+            "added_cond_kwargs": {"text_embeds": torch.zeros(b, pooled), "time_ids": torch.zeros(b, 6)},
+        }
+
+
+def record_shapes(unet: torch.nn.Module, points: list[TapPoint], sample_size: int, batch_size: int = 1,
+                  sa_point: str = "attn1") -> dict[str, tuple[int, ...]]:
+    """Shapes of the given taps from one forward pass of a meta-device copy of `unet` (no memory, no weights)."""
+    model = unwrap(unet)
+    config = dict(model.config)
+    if next(model.parameters()).device.type != "meta":
+        model = build_unet(config, device="meta")
+    with torch.no_grad(), FeatureTaps(model, points, detach=True, sa_point=sa_point) as taps:
+        model(**meta_inputs(config, sample_size, batch_size))
+    return {name: tuple(f.shape) for name, f in taps.features.items()}
+
+
+def check_pair_shapes(
+    pairs: list[TapPair],
+    student_unet: UNet2DConditionModel,
+    teacher_unet: UNet2DConditionModel,
+    sample_size: int,
+    batch_size: int = 1,
+    sa_point: str = "attn1",
+) -> dict[str, tuple[int, ...]]:
+    """Student tap name -> feature shape at latent size `sample_size`; raises listing every mismatched pair."""
+    s_shapes = record_shapes(student_unet, [p.student for p in pairs], sample_size, batch_size, sa_point)
+    t_shapes = record_shapes(teacher_unet, [p.teacher for p in pairs], sample_size, batch_size, sa_point)
+    bad = [
+        f"{p.student.name} {s_shapes.get(p.student.name)} vs teacher {p.teacher.name} {t_shapes.get(p.teacher.name)}"
+        for p in pairs
+        if p.student.name not in s_shapes or s_shapes[p.student.name] != t_shapes.get(p.teacher.name)
+    ]
+    if bad:
+        raise ValueError(f"{len(bad)} tap pairs differ in shape:\n  " + "\n  ".join(bad))
+    return {p.student.name: s_shapes[p.student.name] for p in pairs}

@@ -1,0 +1,159 @@
+"""Load the frozen teacher U-Net from local files only: never a model hub.
+
+Accepted sources (`load_unet`):
+  (a) a diffusers SDXL pipeline folder (its `unet/` is used);
+  (b) a diffusers U-Net folder (`config.json` + safetensors weights, single file, fp16 variant or shards);
+  (c) one `.safetensors` file of U-Net weights in diffusers key layout, placed onto a base config
+      (SDXL-Lightning / Turbo U-Net files);
+  (d) one `.safetensors` single-file checkpoint in the original SGM / ComfyUI layout
+      (`model.diffusion_model.input_blocks...`), converted with diffusers' own single-file conversion.
+The layout of a single file is detected from its keys. Pickle formats are refused: they can run code on load.
+
+Freezing (`freeze`): no parameter requires grad, and the instance's `train` method is replaced by one that
+always switches to eval, so `task.train()` on a parent module cannot enable dropout in the teacher. The object
+stays a plain `UNet2DConditionModel` (pipelines, taps, `save_pretrained` work as usual).
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors.torch import load_file
+
+from koala.convert import ORIGINAL_PREFIX, is_original_layout
+from koala.specs import teacher_unet_config
+from koala.unets import SDXL_UNET_CONFIG
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+WEIGHT_NAME = "diffusion_pytorch_model"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`bf16` / `fp16` / `fp32` (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Refuse pickle checkpoints, pointing to safetensors."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because loading them can run "
+            "arbitrary code; convert the weights to .safetensors (safetensors.torch.save_file) and pass that file"
+        )
+
+
+def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Read a diffusers U-Net folder's safetensors weights: one file, an fp16 variant, or an index of shards."""
+    for name in (f"{WEIGHT_NAME}.safetensors.index.json", f"{WEIGHT_NAME}.fp16.safetensors.index.json"):
+        if (folder / name).is_file():
+            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_file(folder / shard))
+            return state
+    for name in (f"{WEIGHT_NAME}.safetensors", f"{WEIGHT_NAME}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return load_file(folder / name)
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    hint = f" (found pickle weights {pickles}: convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"{folder}: no {WEIGHT_NAME}.safetensors (or .fp16 / sharded) weights{hint}")
+
+
+def _single_file_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Read one safetensors file; convert the original SGM / ComfyUI layout to diffusers keys."""
+    state = load_file(path)
+    if not is_original_layout(state):
+        return state
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    if not any(k.startswith(ORIGINAL_PREFIX) for k in state):  # a bare U-Net file without the model prefix
+        state = {ORIGINAL_PREFIX + k: v for k, v in state.items()}
+    if isinstance(config.get("layers_per_block"), (list, tuple)):
+        raise ValueError(f"{path}: original-layout files need a config with one int layers_per_block")
+    return convert_ldm_unet_checkpoint(state, config)
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the first missing, unexpected or mis-shaped tensors when `state` does not fit `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    problems = [(missing, "missing"), (unexpected, "unexpected"), (shapes, "shape mismatch")]
+    if any(p for p, _ in problems):
+        lines = [f"{what} ({len(p)}): " + ", ".join(p[:5]) + (" ..." if len(p) > 5 else "") for p, what in problems if p]
+        raise ValueError(f"weights from {source} do not fit the U-Net config:\n  " + "\n  ".join(lines))
+
+
+def _build_loaded(config: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> UNet2DConditionModel:
+    """Instantiate the config without allocating parameters, then take the checkpoint tensors as parameters."""
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**cfg)
+    check_state_dict(unet, state, source)
+    unet.load_state_dict(state, assign=True)
+    return unet
+
+
+def load_unet(
+    path: str | Path, base_config: dict[str, Any] | None = None, dtype: str | torch.dtype = "fp32"
+) -> UNet2DConditionModel:
+    """Load U-Net weights from a local pipeline folder, U-Net folder or single safetensors file (not frozen).
+
+    `base_config` is the diffusers config a single file is placed onto (default: SDXL-Base's U-Net config).
+    """
+    path, torch_dtype = Path(path), parse_dtype(dtype)  # a bad dtype fails before any weights are read
+    _refuse_pickle(path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher U-Net path {str(path)!r} does not exist")
+    if path.is_dir():
+        folder = path / "unet" if (path / "model_index.json").is_file() or (path / "unet").is_dir() else path
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: neither a diffusers pipeline folder (unet/) nor a U-Net folder (config.json)")
+        config = json.loads((folder / "config.json").read_text())
+        unet = _build_loaded(config, _folder_weights(folder), str(folder))
+    elif path.suffix.lower() == ".safetensors":
+        config = dict(base_config or SDXL_UNET_CONFIG)
+        unet = _build_loaded(config, _single_file_weights(path, config), str(path))
+    else:
+        raise ValueError(f"{path}: expected a diffusers folder or a .safetensors file")
+    return unet.to(torch_dtype)
+
+
+def _stay_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    """Replacement `train` for a frozen module: always eval, whatever mode is asked for."""
+    return torch.nn.Module.train(self, False)
+
+
+def freeze(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """Freeze in place: no grads, eval mode now and after any later `train()` call, SDPA attention."""
+    unet.requires_grad_(False)
+    unet.train = types.MethodType(_stay_eval, unet)  # instance attribute shadows nn.Module.train
+    unet.eval()
+    unet.set_attn_processor(AttnProcessor2_0())
+    return unet
+
+
+def load_teacher(teacher_cfg: Any) -> UNet2DConditionModel:
+    """The frozen teacher a `teacher` config section names (`pipeline`, `unet`, `arch`, `dtype`)."""
+    source = teacher_cfg.unet or teacher_cfg.pipeline
+    if not source:
+        raise ValueError("no teacher weights: set teacher.pipeline (a diffusers SDXL folder) and/or teacher.unet")
+    base = teacher_unet_config(teacher_cfg) if Path(source).suffix.lower() == ".safetensors" else None
+    return freeze(load_unet(source, base_config=base, dtype=teacher_cfg.dtype))

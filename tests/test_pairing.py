@@ -1,0 +1,126 @@
+"""Tap pairing: counts and shapes for full-size SDXL students (meta device), presets, rules and errors."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+
+from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
+from koala.distill.taps import list_tap_points
+from koala.hydra_utils import compose_config
+from koala.unets import (
+    SDXL_UNET_CONFIG,
+    TINY_UNET_CONFIG,
+    build_student,
+    build_unet,
+    get_spec,
+    resolve,
+    spec_from_fields,
+)
+
+ALL_STAGES = {"encoder": 1.0, "mid": 1.0, "decoder": 1.0}
+
+
+def distill(**kw):
+    base = {"kinds": {"sa": 1.0}, "stages": ALL_STAGES, "blocks": None, "sa_point": "attn1", "pairing": "first"}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def models(spec, config=TINY_UNET_CONFIG, device=None):
+    """(plan, student, teacher) for a registered or custom spec."""
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    return resolve(config, spec), build_student(config, spec, device=device), build_unet(config, device=device)
+
+
+@pytest.mark.parametrize(
+    "name,total,counts",
+    [
+        ("koala-700m", 21, {("encoder", "sa"): 7, ("decoder", "sa"): 14}),
+        ("koala-1b", 30, {("encoder", "sa"): 8, ("mid", "sa"): 6, ("decoder", "sa"): 16}),
+    ],
+)
+def test_full_size_sdxl_pairs_and_shapes_on_meta(name, total, counts):
+    plan, student, teacher = models(name, SDXL_UNET_CONFIG, device="meta")
+    pairs = pair_taps(plan, distill(), student, teacher)
+    assert len(pairs) == total and pair_counts(pairs) == counts
+    shapes = check_pair_shapes(pairs, student, teacher, sample_size=1024 // 8, batch_size=2)
+    for p in pairs:
+        stage_640 = p.student.block in ("down_blocks.1", "up_blocks.1")
+        assert shapes[p.student.name] == ((2, 4096, 640) if stage_640 else (2, 1024, 1280)), p.student.name
+    # the documented decoder mapping: student layer 1 pairs with teacher layer 2
+    by_name = {p.student.name: p.teacher.name for p in pairs}
+    key = "up_blocks.0.attentions.1.transformer_blocks.4.attn1"
+    assert by_name[key] == "up_blocks.0.attentions.2.transformer_blocks.4.attn1"
+
+
+@pytest.mark.parametrize("preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")])
+def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
+    cfg = compose_config("train", [f"distill={preset}"])
+    assert OmegaConf.to_container(cfg.distill.kinds) == {k: 1.0 for k in kinds}
+    plan, student, teacher = models("tiny-700m")
+    points = list_tap_points(student, cfg.distill.kinds, cfg.distill.stages)
+    assert points and all(p.name.endswith(f".{suffix}") and p.kind in kinds for p in points)
+    pairs = pair_taps(plan, cfg.distill, student, teacher)
+    assert len(pairs) == len(points) and all(p.teacher.name.endswith(f".{suffix}") for p in pairs)
+    check_pair_shapes(pairs, student, teacher, sample_size=8)
+
+
+def test_lf_and_combined_presets():
+    plan, student, teacher = models("tiny-1b")
+    lf = pair_taps(plan, compose_config("train", ["distill=lf"]).distill, student, teacher)
+    assert [p.student.name for p in lf] == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
+                                            "up_blocks.0", "up_blocks.1", "up_blocks.2"]
+    assert all(p.student.name == p.teacher.name for p in lf)
+    check_pair_shapes(lf, student, teacher, sample_size=8)
+    both = pair_taps(plan, compose_config("train", ["distill=sa+lf"]).distill, student, teacher)
+    assert {p.student.kind for p in both} == {"sa", "lf"}
+    for preset in ("out", "task"):
+        cfg = compose_config("train", [f"distill={preset}"]).distill
+        assert pair_taps(plan, cfg, student, teacher) == [] and cfg.feat_weight == 0.0
+    default = compose_config("train").distill
+    assert OmegaConf.to_container(default.kinds) == {"sa": 1.0}
+
+
+@pytest.mark.parametrize("rule,teacher_layers", [("first", (0, 1)), ("uniform", (0, 3)), ("last", (2, 3))])
+def test_pairing_rule_is_independent_of_init(rule, teacher_layers):
+    plan, student, teacher = models("tiny-700m")  # init rule: first
+    pairs = pair_taps(plan, distill(pairing=rule, blocks=["up_blocks.0"]), student, teacher)
+    got = {p.student.name: p.teacher.name for p in pairs}
+    for a, b in enumerate(teacher_layers):
+        s = f"up_blocks.0.attentions.1.transformer_blocks.{a}.attn1"
+        assert got[s] == f"up_blocks.0.attentions.2.transformer_blocks.{b}.attn1"
+    with pytest.raises(ValueError, match="first, uniform, last"):
+        pair_taps(plan, distill(pairing="middle"), student, teacher)
+
+
+def test_weights_are_kind_times_stage_and_zero_drops():
+    plan, student, teacher = models("tiny-1b")
+    cfg = distill(kinds={"sa": 2.0, "rb": 0.5}, stages={"encoder": 0.5, "mid": 0.0, "decoder": 1.0})
+    pairs = pair_taps(plan, cfg, student, teacher)
+    assert {(p.student.kind, p.student.stage, p.weight) for p in pairs} == {
+        ("sa", "encoder", 1.0), ("sa", "decoder", 2.0), ("rb", "encoder", 0.25), ("rb", "decoder", 0.5)
+    }
+
+
+def test_unmatched_taps_and_shape_mismatch_are_errors():
+    plan, student, _ = models("tiny-1b")
+    no_mid_teacher = build_student(TINY_UNET_CONFIG, spec_from_fields("sdxl", mid="none"))
+    with pytest.raises(ValueError, match=r"no teacher partner:\n  mid_block.attentions.0.transformer_blocks.0.attn1"):
+        pair_taps(plan, distill(stages={"mid": 1.0}), student, no_mid_teacher)
+    teacher = build_unet(TINY_UNET_CONFIG)
+    s = list_tap_points(student, ["sa"], blocks=["down_blocks.1"])[0]
+    t = list_tap_points(teacher, ["sa"], blocks=["down_blocks.2"])[0]
+    with pytest.raises(ValueError, match=r"1 tap pairs differ in shape:\n  down_blocks.1.*\(1, 16, 64\) vs teacher"):
+        check_pair_shapes([TapPair(s, t, 1.0)], student, teacher, sample_size=8)
+
+
+def test_inspect_lists_pairs_and_taps():
+    out = subprocess.run(
+        [sys.executable, "-m", "koala.inspect", "teacher=tiny", "unet=tiny-1b", "distill=ca", "+list_taps=true",
+         "data.resolution=64"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "teacher: 126 tap points" in out and "rb   decoder  up_blocks.2.resnets.2" in out
+    assert "distill: ca" in out and "18 pairs at 64 px (latent 8)" in out and ".attn2" in out and ".attn1 " not in out
