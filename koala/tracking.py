@@ -22,6 +22,18 @@ def resolve_trackers(report_to: list[str]) -> list[str]:
     return list(report_to)
 
 
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """Nested config -> flat scalars (tensorboard's hparams accept nothing else)."""
+    out: dict[str, int | float | str | bool] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 class MetricsLog:
     """Averages loss terms between log points and writes them to `metrics.jsonl` and the trackers."""
 

@@ -32,7 +32,7 @@ from koala.distill.task import DistillationTask, LossWeights
 from koala.sampling import SampleRenderer
 from koala.teacher import load_teacher
 from koala.tiny import write_tiny_pipeline
-from koala.tracking import MetricsLog, resolve_trackers, write_rank_record
+from koala.tracking import MetricsLog, flat_hparams, resolve_trackers, write_rank_record
 
 log = logging.getLogger("koala.train")
 
@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> Path:
         resume_batches=step * cfg.grad_accum,
     )
     if accelerator.is_main_process:
-        accelerator.init_trackers("koala", config=OmegaConf.to_container(cfg, resolve=True))
+        accelerator.init_trackers("koala", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
     metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
     task = DistillationTask(
@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> Path:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(student).parameters())
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skipped.totals()})
+                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **{f"skipped/{k}": v for k, v in skipped.totals().items()}})
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
                 renderer.render_student(accelerator.unwrap_model(student), step)

@@ -22,7 +22,7 @@ def tiny_overrides(tmp: Path, shared: Path, **extra) -> list[str]:
         "unet": "tiny-700m",
         "data": "demo",
         "teacher.pipeline": str(shared / "tiny-sdxl"),
-        "data.path": str(shared / "demo-shards" / "demo-{00000..00003}.tar"),
+        "data.path": f"'{shared / 'demo-shards' / 'demo-{00000..00003}.tar'}'",  # quoted: braces are grammar
         "data.demo_samples": 64,
         "data.resolution": 32,
         "output_dir": str(tmp / "run"),
@@ -114,8 +114,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, shared):
     ],
 )
 def test_bad_config_fails_before_loading_models(override, message, tmp_path):
-    extra = [] if override.startswith("teacher") else ["teacher.create_tiny=false",
-                                                       f"teacher.pipeline={tmp_path}"]
+    extra = ["teacher.create_tiny=false"] + ([] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"])
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}", *extra],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
