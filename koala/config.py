@@ -18,16 +18,14 @@ class TeacherConfig:
     """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
 
     name: str = "tiny"
-    kind: str = "base"  # base | lightning | turbo: scheduler spacing, inference preset, timestep sampling
+    kind: str = "base"  # base | lightning | turbo: sampling preset (koala.inference), scheduler spacing
     arch: str = "sdxl"  # built-in U-Net config (koala.unets.ARCHS) for meta-device inspection and single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
     create_tiny: bool = False  # write the tiny random SDXL pipeline to `pipeline` when it is missing
-    steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step, 1 for Turbo)
-    guidance_scale: float = 7.5
-    inference_steps: int = 25  # what exported students sample with
+    steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step): timesteps=teacher_schedule
 
 
 @dataclass

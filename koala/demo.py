@@ -74,8 +74,20 @@ def side_by_side(teacher_dir: Path, student_dir: Path, kind: str, size: int, out
     return out
 
 
+def quiet() -> None:
+    """Keep the demo's output to what it reports: no per-component loading bars or notices."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
+    quiet()
     cfg = compose_config("train", ["experiment=demo", *(sys.argv[1:] if argv is None else argv)])
     run_dir = Path(cfg.output_dir)
     write_tiny_pipeline(cfg.teacher.pipeline)

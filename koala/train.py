@@ -47,9 +47,8 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def train(cfg: DictConfig) -> Path:
-    """Run (or resume) one distillation; returns the run directory."""
-    check_config(cfg)
+def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path]:
+    """Accelerator, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -62,32 +61,24 @@ def train(cfg: DictConfig) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     prepare_assets(cfg, accelerator)
-    device = accelerator.device
+    return accelerator, run_dir
 
-    # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
-    conditioner = SDXLConditioner.from_pretrained(
-        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype]
-    )
-    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
-    teacher = load_teacher(cfg.teacher).to(device)
-    sampler = TimestepSampler(
-        cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps, cfg.timestep_jitter
-    )
 
-    # The student: built from the teacher's config, initialised from its weights, paired tap by tap.
+def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, latent_size: int):
+    """Student (inherited from the teacher), its tap pairs, EMA, optimizer and LR schedule, prepared."""
     student, plan, report = make_student(cfg, teacher)
-    log.info("student %s: %s", cfg.unet.name, report.summary())
+    log.info("student %s: %s", cfg.unet.name, report.summary().splitlines()[0])
     pairs = pair_taps(plan, cfg.distill, student, teacher)
-    check_pair_shapes(pairs, student, teacher, sample_size=cfg.data.resolution // conditioner.vae_scale_factor)
-    log.info("distilling %d feature pairs (%s)", len(pairs), cfg.distill.name)
+    check_pair_shapes(pairs, student, teacher, sample_size=latent_size, sa_point=cfg.distill.sa_point)
+    log.info("distilling %d feature pairs (distill=%s)", len(pairs), cfg.distill.name)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     ema = None
-    if cfg.ema:
+    if cfg.ema:  # initialised from the inherited weights
         ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
                        model_config=student.config)
     optimizer = make_optimizer(cfg.optim, student.parameters())
-    lr_scheduler = get_scheduler(
+    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         cfg.optim.scheduler,
         optimizer,
         num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
@@ -96,44 +87,62 @@ def train(cfg: DictConfig) -> Path:
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     if cfg.compile:
         student = torch.compile(student)
+    return student, pairs, ema, optimizer, lr_scheduler
 
-    # Resume: optimizer, LR schedule, RNG (accelerate), EMA, step, and the data position.
-    step = 0
-    if cfg.resume:
-        ckpt = find_checkpoint(run_dir, cfg.resume)
-        accelerator.load_state(str(ckpt / "accelerate"))
-        step = read_state(ckpt)["step"]
-        if ema is not None:
-            ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
-        log.info("resumed from %s at step %d", ckpt, step)
+
+def resume(cfg: DictConfig, accelerator: Accelerator, run_dir: Path, ema) -> int:
+    """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
+    if not cfg.resume:
+        return 0
+    ckpt = find_checkpoint(run_dir, cfg.resume)
+    accelerator.load_state(str(ckpt / "accelerate"))
     if ema is not None:
-        ema.to(device)  # EMAModel keeps its shadow copy where it was built (CPU) until moved
-    loader = build_dataloader(
-        cfg.data,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        resume_batches=step * cfg.grad_accum,
+        ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+    step = read_state(ckpt)["step"]
+    log.info("resumed from %s at step %d", ckpt, step)
+    return step
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or resume) one distillation; returns the run directory."""
+    check_config(cfg)  # before any model is loaded
+    accelerator, run_dir = setup_run(cfg)
+    device = accelerator.device
+
+    # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
+    conditioner = SDXLConditioner.from_pretrained(
+        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype]
+    )
+    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
+    sample_t = TimestepSampler(cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps,
+                               cfg.timestep_jitter)
+    teacher = load_teacher(cfg.teacher).to(device)
+    student, pairs, ema, optimizer, lr_scheduler = build_student_side(
+        cfg, accelerator, teacher, latent_size=cfg.data.resolution // conditioner.vae_scale_factor
+    )
+    step = resume(cfg, accelerator, run_dir, ema)
+    if ema is not None:
+        ema.to(device)
+    # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
+    # passed to accelerator.prepare, which would re-split or dispatch it.
+    loader = build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum)
+    task = DistillationTask(
+        student, teacher, pairs, LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
+        feature_kind=cfg.distill.loss, sa_point=cfg.distill.sa_point,
     )
     if accelerator.is_main_process:
         accelerator.init_trackers("koala", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
     metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
-    task = DistillationTask(
-        student, teacher, pairs,
-        LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
-        feature_kind=cfg.distill.loss, sa_point=cfg.distill.sa_point,
-    )
+    if renderer is not None and step == 0 and cfg.sample_every > 0:
+        renderer.render_teacher(teacher)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
+    last, saved, seen_keys = {}, step, []
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir, step, student, ema, {"last": last}, keep=cfg.keep_checkpoints)
 
-    last: dict[str, float] = {}
-    saved, seen_keys = step, []
-    if renderer is not None and step == 0 and cfg.sample_every > 0:
-        renderer.render_teacher(teacher)
     with task, StopSignal() as stop:
         task.train()
         for batch in loader:
@@ -146,7 +155,7 @@ def train(cfg: DictConfig) -> Path:
                 cond = conditioner(batch)  # VAE latents + text embeddings (or the cached ones), no grad
                 latents = cond["latents"].to(device)
                 noise = sample_noise(latents, cfg.noise_offset)
-                t = sampler(latents.shape[0], device)
+                t = sample_t(latents.shape[0], device)
                 noisy = noise_scheduler.add_noise(latents, noise, t)
                 target = task_target(noise_scheduler, latents, noise, t)
                 snr_w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
@@ -166,7 +175,8 @@ def train(cfg: DictConfig) -> Path:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(student).parameters())
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **{f"skipped/{k}": v for k, v in skipped.totals().items()}})
+                skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
+                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skips})
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
                 renderer.render_student(accelerator.unwrap_model(student), step)

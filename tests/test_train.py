@@ -54,7 +54,8 @@ def unet_state(ckpt: Path, sub: str = "unet") -> dict:
 def test_short_run_lowers_kd_losses_and_exports(tmp_path, shared):
     cfg = compose_config(
         "train",
-        tiny_overrides(tmp_path, shared, max_steps=40, log_every=5, checkpoint_every=40, **{"optim.lr": "1e-3"}),
+        tiny_overrides(tmp_path, shared, max_steps=40, log_every=5, checkpoint_every=40, batch_size=4,
+                       **{"optim.lr": "3e-4", "distill.task_weight": 0.1}),
     )
     run = train(cfg)
     rows = read_metrics(run)
