@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from koala.hydra_utils import compose_config
+from koala.inherit import inherit_weights
 from koala.specs import student_spec, teacher_unet_config
-from koala.unets import build_student, inherit_weights, resolve
+from koala.unets import build_student, resolve
 
 
 def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10) -> Path:

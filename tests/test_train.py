@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from koala.hydra_utils import CONFIG_DIR, compose_config
@@ -149,3 +150,37 @@ def test_two_process_launch_agrees_on_weights_and_splits_data(tmp_path, shared):
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])  # different samples on each rank
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 3 * 2
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_each_job_its_run_dir(tmp_path, shared):
+    args = [a for a in tiny_overrides(tmp_path, shared, max_steps=1) if not a.startswith("output_dir")]
+    res = subprocess.run(
+        [sys.executable, "-m", "koala.train", "-m", "distill=sa,out", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/config.yaml"))
+    assert len(runs) == 2 and all((r / "checkpoints" / "step-00000001" / "COMPLETE").exists() for r in runs)
+    assert {OmegaConf.load(r / "config.yaml").distill.name for r in runs} == {"sa", "out"}
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
+    import signal
+    import time
+
+    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
+    args = tiny_overrides(tmp_path, shared, max_steps=100000, checkpoint_every=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "koala.train", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    ckpts = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(ckpts) == 1 and int(ckpts[0].name.split("-")[1]) >= 3
+    assert "stop requested" in err

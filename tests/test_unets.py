@@ -8,6 +8,7 @@ import torch
 from conftest import unet_inputs
 from diffusers import UNet2DConditionModel
 
+from koala.inherit import inherit_weights, map_name, module_map, select_layers
 from koala.unets import (
     SDXL_UNET_CONFIG,
     SPECS,
@@ -18,11 +19,7 @@ from koala.unets import (
     count_parameters,
     count_self_attention,
     get_spec,
-    inherit_weights,
-    map_name,
-    module_map,
     resolve,
-    select_layers,
     spec_from_fields,
     stage_rows,
 )

@@ -26,8 +26,9 @@ from koala.build import DTYPES
 from koala.distill.pairing import pair_taps
 from koala.distill.task import DistillationTask, LossWeights
 from koala.hydra_utils import compose_config
+from koala.inherit import inherit_weights
 from koala.specs import student_spec
-from koala.unets import ARCHS, build_student, build_unet, inherit_weights, resolve
+from koala.unets import ARCHS, build_student, build_unet, resolve
 
 
 @dataclass

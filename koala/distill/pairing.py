@@ -17,7 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
-from koala.unets import LAYER_SELECTS, Plan, build_unet, map_name, module_map
+from koala.inherit import map_name, module_map
+from koala.unets import LAYER_SELECTS, Plan, build_unet
 
 
 @dataclass(frozen=True)
