@@ -63,7 +63,7 @@ def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionMod
     plan = resolve(config, spec)
     student = build_student(config, spec).to(teacher.device)
     report = inherit_weights(student, teacher, plan)
-    student.to(torch.float32).train().requires_grad_(True)
+    student.train().requires_grad_(True)  # fp32 master weights: build_unet builds in fp32
     return student, plan, report
 
 

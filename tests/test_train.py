@@ -173,13 +173,13 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
     train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
     args = tiny_overrides(tmp_path, shared, max_steps=100000, checkpoint_every=100000)
     proc = subprocess.Popen([sys.executable, "-m", "koala.train", *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    err, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     ckpts = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
     assert len(ckpts) == 1 and int(ckpts[0].name.split("-")[1]) >= 3
