@@ -19,8 +19,10 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 from koala.checkpoint import find_checkpoint, step_of
+from koala.convert import diffusers_to_original
 from koala.inference import euler_scheduler, preset_for_kind
 from koala.model_card import write_model_card
 from koala.unets import count_parameters
@@ -34,6 +36,7 @@ class ExportConfig:
     checkpoint: str = "latest"  # latest | step-00000100 | 100 | a checkpoint folder
     ema: bool = True  # export unet_ema/ (else unet/)
     fp16: bool = False  # also write an fp16 variant (variant="fp16")
+    single_file: bool = False  # also write unet.safetensors in the original SDXL layout (ComfyUI-style loaders)
     out: Optional[str] = None  # default <run_dir>/export
 
 
@@ -110,8 +113,13 @@ def export_run(
     ema: bool = True,
     out: str | Path | None = None,
     fp16: bool = False,
+    single_file: bool = False,
 ) -> Path:
-    """Export a run's checkpoint as a complete SDXL pipeline folder; returns the folder."""
+    """Export a run's checkpoint as a complete SDXL pipeline folder; returns the folder.
+
+    `single_file` also writes `unet.safetensors`: the student U-Net alone in the original SDXL (SGM) key layout,
+    for ComfyUI-style loaders (koala.convert; the same conversion `koala.teacher` reads back).
+    """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
@@ -128,6 +136,8 @@ def export_run(
     pipe.save_pretrained(tmp, safe_serialization=True)
     if fp16:
         add_fp16_variant(pipe, tmp)
+    if single_file:
+        save_file(diffusers_to_original(student.state_dict()), str(tmp / "unet.safetensors"))
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     write_model_card(
         tmp / "README.md",
@@ -155,7 +165,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = compose_config("export", sys.argv[1:] if argv is None else argv)
     if not cfg.run_dir:
         raise SystemExit("usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]")
-    out = export_run(cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16)
+    out = export_run(cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16,
+                     single_file=cfg.single_file)
     print(f"exported {cfg.run_dir} -> {out}")
     return out
 

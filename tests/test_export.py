@@ -71,6 +71,17 @@ def test_raw_weights_and_cli(run_dir, tmp_path):
     assert _same_weights(UNet2DConditionModel.from_pretrained(out / "unet"), raw)
 
 
+def test_single_file_export_reads_back_through_the_original_layout_loader(run_dir, tmp_path):
+    from koala.teacher import load_unet
+
+    out = main([f"run_dir={run_dir}", "single_file=true", f"out={tmp_path / 'sf'}"])
+    keys = load_file(str(out / "unet.safetensors")).keys()
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    back = load_unet(out / "unet.safetensors", base_config=dict(unet.config))
+    assert _same_weights(back, unet)
+
+
 def test_lightning_export_uses_trailing_spacing(tiny_pipeline_dir, tmp_path):
     run = write_run_dir(tmp_path, tiny_pipeline_dir, kind="lightning")
     out = export_run(run)
