@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from koala.inherit import longest_prefix
+
 ORIGINAL_PREFIX = "model.diffusion_model."
 
 # Whole-tensor prefixes outside the blocks: diffusers -> original.
@@ -95,15 +97,13 @@ def module_prefix_map(keys) -> dict[str, str]:
 
 def _convert_key(key: str, prefixes: dict[str, str]) -> str:
     """Translate one diffusers key by its longest mapped prefix, renaming resnet internals."""
-    parts = key.split(".")
-    for cut in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in prefixes:
-            rest = parts[cut:]
-            if ".resnets." in f".{prefix}." and rest and rest[0] in RESNET:
-                rest = [RESNET[rest[0]], *rest[1:]]
-            return ".".join([prefixes[prefix], *rest])
-    raise KeyError(f"no original-layout name for U-Net tensor {key!r}")
+    hit = longest_prefix(key, prefixes)
+    if hit is None:
+        raise KeyError(f"no original-layout name for U-Net tensor {key!r}")
+    prefix, rest = hit
+    if ".resnets." in f".{prefix}." and rest and rest[0] in RESNET:
+        rest = [RESNET[rest[0]], *rest[1:]]
+    return ".".join([prefixes[prefix], *rest])
 
 
 def diffusers_to_original(state_dict: dict[str, torch.Tensor], prefix: str = ORIGINAL_PREFIX) -> dict[str, torch.Tensor]:

@@ -58,14 +58,20 @@ def module_map(plan: Plan, layer_select: LayerSelect | None = None) -> dict[str,
     return out
 
 
-def map_name(name: str, mapping: dict[str, str]) -> str:
-    """Translate a student parameter or module name to its teacher name by the longest matching prefix rule."""
+def longest_prefix(name: str, table: dict[str, str]) -> tuple[str, list[str]] | None:
+    """The longest dotted prefix of `name` that `table` maps, and the remaining name parts (None if none does)."""
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):
         prefix = ".".join(parts[:cut])
-        if prefix in mapping:
-            return ".".join([mapping[prefix], *parts[cut:]])
-    return name
+        if prefix in table:
+            return prefix, parts[cut:]
+    return None
+
+
+def map_name(name: str, mapping: dict[str, str]) -> str:
+    """Translate a student parameter or module name to its teacher name by the longest matching prefix rule."""
+    hit = longest_prefix(name, mapping)
+    return name if hit is None else ".".join([mapping[hit[0]], *hit[1]])
 
 
 @dataclass
