@@ -1,4 +1,4 @@
-"""`python -m koala.bench {unet,data,train} [hydra overrides...]`: benchmarks that print numbers.
+"""`python -m koala.bench {unet,data,train,memory} [hydra overrides...]`: benchmarks that print numbers.
 
 Each subcommand lives in its own module with `main(overrides: list[str]) -> None`.
 """
@@ -12,6 +12,7 @@ COMMANDS = {
     "unet": "koala.bench.unet",  # parameters, checkpoint size, FLOPs, latency and memory per spec
     "data": "koala.bench.data",  # samples/s reading + decoding + transforming, vs reading the cache
     "train": "koala.bench.train",  # step time: teacher fwd, student fwd+bwd, full step; overhead ratio
+    "memory": "koala.bench.memory",  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
 }
 
 
