@@ -76,4 +76,5 @@ def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
         except ImportError as e:
             raise ImportError("optim.use_8bit=true needs bitsandbytes: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # fused: one kernel for all tensors instead of a Python loop over them (measured: -0.07 of the CPU step ratio)
+    return torch.optim.AdamW(params, **kwargs, fused=True)

@@ -79,7 +79,7 @@ def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, laten
     ema = None
     if cfg.ema:  # initialised from the inherited weights
         ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config)
+                       model_config=student.config, foreach=True)
     optimizer = make_optimizer(cfg.optim, student.parameters())
     lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         cfg.optim.scheduler,

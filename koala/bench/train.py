@@ -52,7 +52,6 @@ class BenchTrain:
     compile: bool = False  # torch.compile student and teacher (as `compile=true` does in koala.train)
     threads: int = 0  # CPU threads (0: torch's default); 1 on a shared machine, where a preempted OpenMP thread
     # stalls every parallel op (measured 10-25x slower steps at 2 threads on 2 busy cores)
-    fused: bool = False  # AdamW(fused=True) and EMAModel(foreach=True) instead of what koala.train builds today
     out: str = "outputs/bench/train"
 
 
@@ -123,14 +122,11 @@ def step_functions(bench: BenchTrain, cfgs: dict, device: torch.device) -> tuple
     """Closures for every timed measurement (teacher, student, step/<preset>) and the pair count per preset."""
     cfg = next(iter(cfgs.values()))
     t_config, teacher, student, plan = build_models(bench, cfg, device)
-    opt = make_optimizer(cfg.optim, student.parameters())
-    if bench.fused and isinstance(opt, torch.optim.AdamW):  # same hyperparameters, one fused kernel per step
-        keep = ("lr", "betas", "eps", "weight_decay")
-        opt = torch.optim.AdamW(student.parameters(), **{k: opt.defaults[k] for k in keep}, fused=True)
+    opt = make_optimizer(cfg.optim, student.parameters())  # as koala.train builds it (fused AdamW)
     ema = None
     if cfg.ema:
         ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config, foreach=bench.fused)
+                       model_config=student.config, foreach=True)
         ema.to(device)
     x = random_batch(t_config, bench.batch, bench.resolution // 8, device)
     cond = {k: x[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}
@@ -210,7 +206,6 @@ def run(bench: BenchTrain, train_overrides: list[str]) -> dict:
         "teacher_dtype": cfg.teacher.dtype, "mixed_precision": cfg.mixed_precision, "steps": bench.steps,
         "warmup": bench.warmup, "compile": bench.compile, "gradient_checkpointing": cfg.gradient_checkpointing,
         "optimizer": "AdamW8bit" if cfg.optim.use_8bit else "AdamW", "ema": cfg.ema,
-        "fused": bench.fused,
         "median_s": med,
         "overhead": {n: med[f"step/{n}"] / base for n in pairs},
         "pairs": pairs,
@@ -227,7 +222,7 @@ def to_markdown(r: dict) -> str:
     lines = [
         f"Step time, {r['arch']} teacher -> {r['student']}, {r['resolution']} px, batch {r['batch']}, {r['device']} "
         f"({r['threads']} threads), teacher {r['teacher_dtype']}, mixed precision {r['mixed_precision']}, "
-        f"{r['optimizer']}{' fused' if r['fused'] else ''}, EMA {r['ema']}, compile {r['compile']}, medians of {r['steps']} interleaved after "
+        f"{r['optimizer']}, EMA {r['ema']}, compile {r['compile']}, medians of {r['steps']} interleaved after "
         f"{r['warmup']} warm-up",
         "",
         "| measurement | median s | overhead ratio | feature pairs |" + (" peak GiB |" if "teacher" in mem else ""),
