@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from koala.unets import ARCHS, StudentSpec, spec_from_fields
 
 SPEC_FIELDS = (
@@ -36,11 +38,5 @@ def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
 
 
 def _plain(v: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(v):
-            return OmegaConf.to_container(v, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return v
+    """OmegaConf containers -> plain lists and dicts (the spec dataclass takes tuples of plain values)."""
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v

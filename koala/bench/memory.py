@@ -111,7 +111,7 @@ class FlashSDPA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # never run: the meta step is only counted
-        raise NotImplementedError("FlashSDPA counts saved tensors on the meta device; it has no backward")
+        raise RuntimeError("FlashSDPA counts saved tensors on the meta device; it has no backward")
 
 
 class Bf16Autocast(TorchFunctionMode):
