@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from koala.dtypes import DTYPES
 from koala.inherit import InheritanceReport, inherit_weights
 from koala.specs import student_spec, teacher_unet_config
 from koala.unets import Plan, build_student, resolve
 
 TEACHER_KINDS = ("base", "lightning", "turbo")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 

@@ -26,8 +26,7 @@ from koala.conditioning import SDXLConditioner
 from koala.config import TrainConfig, register_configs
 from koala.data import build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from koala.dtypes import DTYPES
 
 
 @dataclass

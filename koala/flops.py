@@ -14,9 +14,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from koala.unets import build_unet
-
-TIME_IDS = 6  # SDXL micro-conditioning: original h, w, crop top, left, target h, w
+from koala.unets import build_unet, unet_inputs
 
 
 @dataclass(frozen=True)
@@ -25,25 +23,6 @@ class FlopCount:
 
     total: int
     by_op: dict[str, int]
-
-
-def unet_inputs(
-    config: dict[str, Any], resolution: int, batch: int = 1, vae_scale: int = 8, text_len: int = 77, device="meta",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Random SDXL U-Net inputs for images of `resolution` px (latents `resolution / vae_scale`)."""
-    latent = resolution // vae_scale
-    pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
-    with torch.device(device):
-        return {
-            "sample": torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype),
-            "timestep": torch.full((batch,), 500),
-            "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
-                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype),
-            },
-        }
 
 
 def forward_flops(

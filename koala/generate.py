@@ -19,9 +19,8 @@ from diffusers import StableDiffusionXLPipeline
 from hydra.core.config_store import ConfigStore
 from PIL import Image
 
+from koala.dtypes import DTYPES
 from koala.inference import Preset, euler_scheduler, get_preset
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass

@@ -28,21 +28,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
 from koala.convert import ORIGINAL_PREFIX, is_original_layout
+from koala.dtypes import parse_dtype
 from koala.specs import teacher_unet_config
 from koala.unets import SDXL_UNET_CONFIG
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_NAME = "diffusion_pytorch_model"
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """`bf16` / `fp16` / `fp32` (or a torch.dtype) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -40,14 +40,15 @@ class MetricsLog:
     def __init__(self, accelerator, path: Path):
         self.accelerator = accelerator
         self.path = path
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
         self.count = 0
         self.images = 0
         self.t0 = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
         for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
         self.images += images
 
@@ -56,7 +57,7 @@ class MetricsLog:
         if not self.count:
             return {}
         keys = sorted(self.sums)
-        local = torch.tensor([self.sums[k] / self.count for k in keys], device=self.accelerator.device)
+        local = torch.stack([self.sums[k].to(self.accelerator.device) for k in keys]) / self.count
         mean = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
         elapsed = time.perf_counter() - self.t0
         row = {"step": step, **{f"loss/{k}" if k != "loss" else "loss/total": float(v) for k, v in zip(keys, mean)}}

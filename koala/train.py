@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from koala.build import DTYPES, check_config, make_optimizer, make_student
+from koala.build import check_config, make_optimizer, make_student
 from koala.checkpoint import StopSignal, find_checkpoint, read_state, save_checkpoint
 from koala.conditioning import SDXLConditioner
 from koala.config import register_configs
@@ -29,6 +29,7 @@ from koala.data.demo import ensure_demo_shards
 from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
+from koala.dtypes import DTYPES
 from koala.sampling import SampleRenderer
 from koala.teacher import load_teacher
 from koala.tiny import write_tiny_pipeline

@@ -378,3 +378,24 @@ def stage_rows(unet: UNet2DConditionModel) -> list[dict[str, Any]]:
         )
     return rows
 
+
+TIME_IDS = 6  # SDXL micro-conditioning: original h, w, crop top, left, target h, w
+
+
+def unet_inputs(
+    config: dict[str, Any], resolution: int, batch: int = 1, vae_scale: int = 8, text_len: int = 77, device="meta",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Random SDXL U-Net inputs for images of `resolution` px (latents `resolution / vae_scale`)."""
+    latent = resolution // vae_scale
+    pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
+    with torch.device(device):
+        return {
+            "sample": torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype),
+            "timestep": torch.full((batch,), 500),
+            "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype),
+            },
+        }

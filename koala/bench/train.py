@@ -28,10 +28,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 
-from koala.build import DTYPES, make_optimizer
+from koala.build import make_optimizer
 from koala.data import build_dataloader
 from koala.distill.pairing import pair_taps
 from koala.distill.task import DistillationTask, LossWeights
+from koala.dtypes import DTYPES
 from koala.hydra_utils import compose_config
 from koala.inherit import inherit_weights
 from koala.specs import student_spec

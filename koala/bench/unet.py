@@ -18,11 +18,11 @@ from typing import Any, Optional
 import torch
 from hydra.core.config_store import ConfigStore
 
-from koala.flops import forward_flops, unet_inputs
-from koala.unets import ARCHS, build_unet, count_parameters, get_spec, student_config
+from koala.dtypes import parse_dtype
+from koala.flops import forward_flops
+from koala.unets import ARCHS, build_unet, count_parameters, get_spec, student_config, unet_inputs
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Published latency (s/image) and peak memory (GB), RTX 4090, 1024 px, fp16 (KOALA.md section 5).
 PAPER = {
     "v1 (25 steps)": {"sdxl": (3.30, 13.0), "koala-1b": (1.77, 10.2), "koala-700m": (1.42, 9.5)},
@@ -50,7 +50,7 @@ class BenchUNetConfig:
 
 def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: str) -> tuple[float, Optional[float]]:
     """Median seconds per image of `steps` U-Net forwards (random weights) and peak GPU memory in GB."""
-    dtype = TORCH_DTYPES[cfg.dtype]
+    dtype = parse_dtype(cfg.dtype)
     unet = build_unet(config, device=device).to(dtype).eval()
     batch = 2 if cfg.guidance > 1 else 1
     inputs = unet_inputs(config, cfg.resolution, batch, cfg.vae_scale, device=device, dtype=dtype)

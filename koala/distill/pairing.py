@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
 from koala.inherit import map_name, module_map
-from koala.unets import LAYER_SELECTS, Plan, build_unet
+from koala.unets import LAYER_SELECTS, Plan, build_unet, unet_inputs
 
 
 @dataclass(frozen=True)
@@ -61,19 +61,6 @@ def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:
     return dict(Counter((p.student.stage, p.student.kind) for p in pairs))
 
 
-def meta_inputs(config: dict[str, Any], sample_size: int, batch_size: int = 1, device: str = "meta") -> dict[str, Any]:
-    """SDXL-conditioned U-Net inputs of the right shapes (no data) for a latent of `sample_size`."""
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    b = batch_size
-    with torch.device(device):
-        return {
-            "sample": torch.zeros(b, config["in_channels"], sample_size, sample_size),  # (B, 4, h, w)
-            "timestep": torch.full((b,), 500),
-            "encoder_hidden_states": torch.zeros(b, 77, config["cross_attention_dim"]),  # (B, 77, D)
-            "added_cond_kwargs": {"text_embeds": torch.zeros(b, pooled), "time_ids": torch.zeros(b, 6)},
-        }
-
-
 def record_shapes(unet: torch.nn.Module, points: list[TapPoint], sample_size: int, batch_size: int = 1,
                   sa_point: str = "attn1") -> dict[str, tuple[int, ...]]:
     """Shapes of the given taps from one forward pass of a meta-device copy of `unet` (no memory, no weights)."""
@@ -82,7 +69,7 @@ def record_shapes(unet: torch.nn.Module, points: list[TapPoint], sample_size: in
     if next(model.parameters()).device.type != "meta":
         model = build_unet(config, device="meta")
     with torch.no_grad(), FeatureTaps(model, points, detach=True, sa_point=sa_point) as taps:
-        model(**meta_inputs(config, sample_size, batch_size))
+        model(**unet_inputs(config, sample_size, batch_size, vae_scale=1))  # latent = sample_size
     return {name: tuple(f.shape) for name, f in taps.features.items()}
 
 
