@@ -1,0 +1,20 @@
+"""koala: distil SDXL into compressed U-Nets with self-attention knowledge distillation (KOALA, arXiv 2312.04005)."""
+
+import logging
+
+
+class _DropNotices(logging.Filter):
+    """Drops library notices that say nothing to a koala user, on every run."""
+
+    NOTICES = (
+        "requires torchvision (not installed); falling back to",  # transformers: we never use its image processors
+        "that should be kept in float32: []",  # diffusers: casting a model with no fp32-only modules
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOTICES)
+
+
+for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils"):
+    logging.getLogger(_name).addFilter(_DropNotices())

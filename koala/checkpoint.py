@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,12 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: the user wants out now, checkpoint or not
+            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint\n")
+            raise SystemExit(128 + signum)
         self.requested = True
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                         "(send it again to exit at once)\n")
 
     def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 CONDITION_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+DROPOUT_MODES = ("zeros", "empty")  # what a dropped caption becomes (data.caption_dropout_mode)
 
 
 class SDXLConditioner(nn.Module):
@@ -29,12 +30,16 @@ class SDXLConditioner(nn.Module):
         vae: AutoencoderKL,
         *,
         sample_latents: bool = False,
+        caption_dropout_mode: str = "zeros",
     ) -> None:
         super().__init__()
+        if caption_dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"unknown caption_dropout_mode {caption_dropout_mode!r}; valid choices: {', '.join(DROPOUT_MODES)}")
         self.tokenizers = tokenizers
         self.text_encoders = nn.ModuleList(text_encoders)
         self.vae = vae
         self.sample_latents = sample_latents
+        self.caption_dropout_mode = caption_dropout_mode
         self.requires_grad_(False).eval()
 
     @classmethod
@@ -45,6 +50,7 @@ class SDXLConditioner(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         sample_latents: bool = False,
+        caption_dropout_mode: str = "zeros",
     ) -> SDXLConditioner:
         """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE)."""
         root = Path(pipeline_dir)
@@ -61,7 +67,9 @@ class SDXLConditioner(nn.Module):
             if vae
             else AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
         )
-        return cls(tokenizers, text_encoders, vae_model, sample_latents=sample_latents).to(device)
+        return cls(
+            tokenizers, text_encoders, vae_model, sample_latents=sample_latents, caption_dropout_mode=caption_dropout_mode
+        ).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -102,15 +110,35 @@ class SDXLConditioner(nn.Module):
         ).float()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
-        """Conditioning of an online batch; a cached batch (which already has latents) passes through."""
+        """Conditioning of an online batch, or a cached batch's tensors; dropped captions as `caption_dropout_mode`."""
         if "latents" in batch:
-            return {k: batch[k].to(self.device) for k in CONDITION_KEYS}
-        prompt_embeds, pooled = self.encode_prompts(batch["captions"])
-        return {
-            "latents": self.encode_images(batch["pixel_values"]),
-            "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled,
-            "time_ids": self.time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(
-                self.device
-            ),
-        }
+            cond = {k: batch[k].to(self.device) for k in CONDITION_KEYS}
+        else:
+            prompt_embeds, pooled = self.encode_prompts(batch["captions"])  # a dropped caption is "" here
+            cond = {
+                "latents": self.encode_images(batch["pixel_values"]),
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled,
+                "time_ids": self.time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(
+                    self.device
+                ),
+            }
+        if "dropped" in batch and bool(batch["dropped"].any()):
+            cond = self.drop_captions(cond, batch["dropped"].to(self.device), cached="latents" in batch)
+        return cond
+
+    def drop_captions(self, cond: dict[str, Tensor], dropped: Tensor, cached: bool) -> dict[str, Tensor]:
+        """The text conditioning of dropped samples: all zeros (SDXL's training, the stock pipeline's unconditional
+        input), or the embeddings of "" (already computed online; encoded here for a cached batch)."""
+        if self.caption_dropout_mode == "empty" and not cached:
+            return cond
+        cond = dict(cond)
+        if self.caption_dropout_mode == "zeros":
+            uncond = [torch.zeros_like(cond["prompt_embeds"][:1]), torch.zeros_like(cond["pooled_prompt_embeds"][:1])]
+        else:
+            uncond = list(self.encode_prompts([""]))
+        mask = dropped.view(-1, 1)
+        cond["prompt_embeds"] = torch.where(mask[:, :, None], uncond[0].to(cond["prompt_embeds"]), cond["prompt_embeds"])
+        cond["pooled_prompt_embeds"] = torch.where(mask, uncond[1].to(cond["pooled_prompt_embeds"]),
+                                                   cond["pooled_prompt_embeds"])
+        return cond

@@ -51,10 +51,14 @@ class DistillConfig:
     task_weight: float = 1.0  # MSE(eps_S, eps)
     out_weight: float = 1.0  # MSE(eps_S, eps_T)
     feat_weight: float = 1.0  # sum over paired taps of MSE(F_S, F_T)
-    # sa | ca | ffn | lf | rb -> weight. Empty by default because Hydra merges dicts: a preset's `kinds` would
-    # otherwise be added to the default's instead of replacing it. configs/distill/koala.yaml sets {sa: 1.0}.
-    kinds: dict[str, float] = field(default_factory=dict)
-    stages: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "mid": 1.0, "decoder": 1.0})
+    # What is distilled is chosen by lists, which a Hydra override replaces (`distill.stages=[decoder]`); a dict
+    # override is merged into the preset's dict, so a dict could never lose an entry. Weights are dicts that hold
+    # every key from the start, so merging an override (`distill.stage_weights={decoder: 2.0}`) changes exactly the
+    # weights it names, and a misspelt name fails at compose time.
+    kinds: list[str] = field(default_factory=list)  # sa | ca | ffn | lf | rb (configs/distill/koala.yaml: [sa])
+    stages: list[str] = field(default_factory=lambda: ["encoder", "mid", "decoder"])
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("sa", "ca", "ffn", "lf", "rb"), 1.0))
+    stage_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("encoder", "mid", "decoder"), 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
     sa_point: str = "attn1"  # attn1 (module output) | residual (stream after attn1 is added)
     pairing: str = "first"  # first | uniform | last: which teacher layer a student layer is compared with
@@ -78,7 +82,13 @@ class DataConfig:
     random_flip: bool = False
     buckets: bool = False  # SDXL aspect-ratio buckets (scaled to `resolution`); a batch holds one bucket
     min_size: int = 0  # skip images whose shorter side is smaller
-    caption_dropout: float = 0.0  # probability of an empty prompt (classifier-free guidance)
+    # A data worker that skips this many records in a row stops the run with the skip counts and the likely cause
+    # (a caption_key typo, a folder without captions) instead of searching forever.
+    max_consecutive_skips: int = 10000
+    caption_dropout: float = 0.0  # probability that a sample's caption is dropped (classifier-free guidance)
+    # zeros: a dropped sample's prompt_embeds and pooled_prompt_embeds are all zeros, as SDXL's own training did and
+    # as the stock pipeline's unconditional branch is (force_zeros_for_empty_prompt); empty: the embeddings of "".
+    caption_dropout_mode: str = "zeros"
     num_workers: int = 2
     shuffle: bool = True  # shard order + shuffle buffer (shards), permutation per epoch (hf, folder)
     shuffle_buffer: int = 1000  # shards: samples held (undecoded) for shuffling, per worker
@@ -130,6 +140,7 @@ class TrainConfig:
         default_factory=lambda: ["a koala bear eating leaves", "a red sports car on a mountain road"]
     )
     sample_seed: int = 0
+    sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (v1: 25)
     resume: Optional[str] = None  # latest | a checkpoint folder
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
     compile: bool = False

@@ -96,21 +96,68 @@ def generate(
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     pipeline.scheduler = euler_scheduler(pipeline.scheduler.config, preset)
     device = pipeline._execution_device
+    guidance = preset.guidance if guidance is None else guidance
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds[start : start + batch_size]]
-        images += pipeline(
-            prompt=batch,
-            negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+        latents = pipeline(
+            **prompt_embeddings(pipeline, batch, negative_prompt, guidance),
             num_inference_steps=steps or preset.steps,
-            guidance_scale=preset.guidance if guidance is None else guidance,
+            guidance_scale=guidance,
             height=height,
             width=width,
             generator=generators,
-            output_type="pil",
+            output_type="latent",
         ).images
+        images += decode_latents(pipeline, latents)
     return images
+
+
+@torch.no_grad()
+def prompt_embeddings(pipeline, prompts: list[str], negative_prompt: str | None, guidance: float) -> dict:
+    """The pipeline's own prompt encoding, cast to the U-Net's dtype.
+
+    The pipeline draws its latents in the embeddings' dtype, so this is what makes a U-Net whose dtype differs from
+    the text encoders' (an fp32 student beside bf16 text encoders, as in a mixed-precision run) sample at all.
+    """
+    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+        prompt=prompts,
+        device=pipeline._execution_device,
+        do_classifier_free_guidance=guidance > 1.0,
+        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+    )
+    dtype = pipeline.unet.dtype
+    out = {"prompt_embeds": embeds.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
+    if negative is not None:
+        out.update(negative_prompt_embeds=negative.to(dtype), negative_pooled_prompt_embeds=negative_pooled.to(dtype))
+    return out
+
+
+@torch.no_grad()
+def decode_latents(pipeline, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images through the pipeline's VAE in the VAE's own dtype (an fp16 VAE that must be upcast, as
+    SDXL's, decodes in fp32), whatever dtype the U-Net sampled in."""
+    vae = pipeline.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    dtype = torch.float32 if upcast else vae.dtype
+    if upcast:
+        vae.to(torch.float32)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    latents = latents.to(vae.device, dtype)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(
+            mean
+        ).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    if upcast:
+        vae.to(torch.float16)
+    if getattr(pipeline, "watermark", None) is not None:
+        image = pipeline.watermark.apply_watermark(image)
+    return pipeline.image_processor.postprocess(image, output_type="pil")
 
 
 def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:

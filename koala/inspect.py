@@ -77,13 +77,14 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     counts = pair_counts(pairs)
     kinds = [k for k in KINDS if any(kk == k for _, kk in counts)]
     lines = [
-        f"distill: {distill_cfg.name}   kinds {dict(distill_cfg.kinds)}   pairing {distill_cfg.pairing}   "
-        f"sa_point {distill_cfg.sa_point}   {len(pairs)} pairs at {resolution} px (latent {resolution // 8})",
+        f"distill: {distill_cfg.name}   kinds {list(distill_cfg.kinds)}   stages {list(distill_cfg.stages)}   "
+        f"pairing {distill_cfg.pairing}   sa_point {distill_cfg.sa_point}   {len(pairs)} pairs at {resolution} px "
+        f"(latent {resolution // 8})",
     ]
     if not pairs:
         return "\n".join(lines + ["  no feature pairs (output / task loss only)"])
     lines.append(f"  {'stage':<8} " + " ".join(f"{k:>5}" for k in kinds) + f" {'total':>6}")
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in distill_cfg.stages]:
         row = [counts.get((stage, k), 0) for k in kinds]
         lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
     lines.append("")

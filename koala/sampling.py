@@ -10,6 +10,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from koala.generate import generate, make_grid
 from koala.inference import preset_for_kind
+from koala.rng import rng_preserved
 
 
 class SampleRenderer:
@@ -24,6 +25,7 @@ class SampleRenderer:
         self.seed = cfg.sample_seed
         self.size = cfg.data.resolution
         self.preset = preset_for_kind(cfg.teacher.kind)
+        self.steps = cfg.sample_steps  # None: the preset's
         self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
         self.conditioner = conditioner
         self.accelerator = accelerator
@@ -40,7 +42,10 @@ class SampleRenderer:
         pipe.set_progress_bar_config(disable=True)
         was_training = unet.training
         unet.eval()
-        images = generate(pipe, self.prompts, self.preset, seeds=self.seed, height=self.size, width=self.size)
+        with rng_preserved():
+            # seeded generators draw the images; fork_rng keeps sampling from moving the training RNG regardless
+            images = generate(pipe, self.prompts, self.preset, seeds=self.seed, steps=self.steps, height=self.size,
+                              width=self.size)
         unet.train(was_training)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{name}.png"

@@ -103,13 +103,15 @@ def _build_loaded(config: dict[str, Any], state: dict[str, torch.Tensor], source
 
 
 def load_unet(
-    path: str | Path, base_config: dict[str, Any] | None = None, dtype: str | torch.dtype = "fp32"
+    path: str | Path, base_config: dict[str, Any] | None = None, dtype: str | torch.dtype | None = "fp32"
 ) -> UNet2DConditionModel:
     """Load U-Net weights from a local pipeline folder, U-Net folder or single safetensors file (not frozen).
 
-    `base_config` is the diffusers config a single file is placed onto (default: SDXL-Base's U-Net config).
+    `base_config` is the diffusers config a single file is placed onto (default: SDXL-Base's U-Net config);
+    `dtype=None` keeps the tensors in the precision they are stored in.
     """
-    path, torch_dtype = Path(path), parse_dtype(dtype)  # a bad dtype fails before any weights are read
+    path = Path(path)
+    torch_dtype = None if dtype is None else parse_dtype(dtype)  # a bad dtype fails before any weights are read
     _refuse_pickle(path)
     if not path.exists():
         raise FileNotFoundError(f"teacher U-Net path {str(path)!r} does not exist")
@@ -124,7 +126,7 @@ def load_unet(
         unet = _build_loaded(config, _single_file_weights(path, config), str(path))
     else:
         raise ValueError(f"{path}: expected a diffusers folder or a .safetensors file")
-    return unet.to(torch_dtype)
+    return unet if torch_dtype is None else unet.to(torch_dtype)
 
 
 def _stay_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
@@ -141,10 +143,15 @@ def freeze(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     return unet
 
 
-def load_teacher(teacher_cfg: Any) -> UNet2DConditionModel:
-    """The frozen teacher a `teacher` config section names (`pipeline`, `unet`, `arch`, `dtype`)."""
+def load_teacher(teacher_cfg: Any, dtype: str | torch.dtype | None = "config") -> UNet2DConditionModel:
+    """The frozen teacher a `teacher` config section names (`pipeline`, `unet`, `arch`, `dtype`).
+
+    `dtype`: "config" casts to `teacher.dtype`; None keeps the stored precision (the trainer inherits the student's
+    weights from that, then casts the teacher).
+    """
     source = teacher_cfg.unet or teacher_cfg.pipeline
     if not source:
         raise ValueError("no teacher weights: set teacher.pipeline (a diffusers SDXL folder) and/or teacher.unet")
     base = teacher_unet_config(teacher_cfg) if Path(source).suffix.lower() == ".safetensors" else None
-    return freeze(load_unet(source, base_config=base, dtype=teacher_cfg.dtype))
+    dtype = teacher_cfg.dtype if dtype == "config" else dtype
+    return freeze(load_unet(source, base_config=base, dtype=dtype))

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from koala.rng import rng_preserved
 from koala.unets import TINY_UNET_CONFIG, build_unet
 
 TEXT_HIDDEN = 32  # each tiny text encoder; the U-Net's cross-attention width is 2 x this
@@ -96,8 +97,14 @@ def build_tiny_vae() -> AutoencoderKL:
 
 
 def build_tiny_pipeline(seed: int = 0, unet_config: dict | None = None) -> StableDiffusionXLPipeline:
-    """A complete random-weight SDXL pipeline of tiny size, deterministic in `seed`."""
-    torch.manual_seed(seed)
+    """A complete random-weight SDXL pipeline of tiny size, deterministic in `seed` (the global RNG is left as found)."""
+    with rng_preserved():
+        torch.manual_seed(seed)
+        return _build_tiny_pipeline(unet_config)
+
+
+def _build_tiny_pipeline(unet_config: dict | None) -> StableDiffusionXLPipeline:
+    """The parts of `build_tiny_pipeline`, drawn from the current global RNG."""
     with tempfile.TemporaryDirectory() as tmp:
         tok = write_byte_tokenizer(Path(tmp) / "tokenizer")
         tok2 = write_byte_tokenizer(Path(tmp) / "tokenizer_2", pad_token="!")

@@ -6,8 +6,11 @@ student forward, losses, backward, step, EMA, log, sample, checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -20,8 +23,9 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from koala.build import check_config, make_optimizer, make_student
-from koala.checkpoint import StopSignal, find_checkpoint, read_state, save_checkpoint
+from koala.build import make_optimizer, make_student
+from koala.checkpoint import StopSignal, read_state, save_checkpoint
+from koala.checks import ConfigError, check_config
 from koala.conditioning import SDXLConditioner
 from koala.config import register_configs
 from koala.data import SkipTally, build_dataloader
@@ -30,6 +34,8 @@ from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weig
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
 from koala.dtypes import DTYPES
+from koala.rng import rng_preserved
+from koala.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.sampling import SampleRenderer
 from koala.teacher import load_teacher
 from koala.tiny import write_tiny_pipeline
@@ -48,8 +54,8 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path]:
-    """Accelerator, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
+def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
+    """Accelerator, assets, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
     # Several processes and no GPU: accelerate only picks gloo (MULTI_CPU) when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -60,12 +66,27 @@ def setup_run(cfg: DictConfig) -> tuple[Accelerator, Path]:
         log_with=resolve_trackers(cfg.report_to),
         project_dir=str(run_dir),
     )
-    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if not resuming:
+            keep_old_metrics(run_dir / "metrics.jsonl")
+        record_config(run_dir, cfg)
     prepare_assets(cfg, accelerator)
+    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     return accelerator, run_dir
+
+
+def load_frozen(cfg: DictConfig, device: torch.device):
+    """Conditioner (text encoders + VAE), noise schedule, timestep sampler and the teacher in its stored precision."""
+    conditioner = SDXLConditioner.from_pretrained(
+        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
+        caption_dropout_mode=cfg.data.caption_dropout_mode,
+    )  # fmt: skip
+    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
+    sample_t = TimestepSampler(cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps,
+                               cfg.timestep_jitter)
+    teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
+    return conditioner, noise_scheduler, sample_t, teacher
 
 
 def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, latent_size: int):
@@ -77,6 +98,7 @@ def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, laten
     log.info("distilling %d feature pairs (distill=%s)", len(pairs), cfg.distill.name)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    student.to(accelerator.device)
     ema = None
     if cfg.ema:  # initialised from the inherited weights
         ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
@@ -94,65 +116,100 @@ def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, laten
     return student, pairs, ema, optimizer, lr_scheduler
 
 
-def resume(cfg: DictConfig, accelerator: Accelerator, run_dir: Path, ema) -> int:
+def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
+    """Apply a new base learning rate to a restored LambdaLR schedule (every diffusers schedule is one)."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, factor in zip(optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def resume(cfg: DictConfig, accelerator: Accelerator, ckpt: Path | None, ema, optimizer, lr_scheduler) -> int:
     """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
-    if not cfg.resume:
+    if ckpt is None:
         return 0
-    ckpt = find_checkpoint(run_dir, cfg.resume)
     accelerator.load_state(str(ckpt / "accelerate"))
-    if ema is not None:
-        ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
-    step = read_state(ckpt)["step"]
-    log.info("resumed from %s at step %d", ckpt, step)
-    return step
+    with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
+        if ema is not None:
+            ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+    state = read_state(ckpt)
+    saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
+    if saved_lr != cfg.optim.lr:
+        set_base_lr(optimizer, lr_scheduler, cfg.optim.lr)
+        log.warning("resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr,
+                    cfg.optim.lr)
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"]
+
+
+def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite: bool) -> Iterator[dict]:
+    """Batches while every rank still has one: with finite data the ranks may hold unequal counts, and a rank that
+    stopped alone would wait in a barrier while the others wait in a gradient all-reduce (a hang)."""
+    if accelerator.num_processes == 1 or not finite:
+        yield from batches
+        return
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        have = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(have, reduction="sum").item() < accelerator.num_processes:
+            log.info("rank %d: a rank ran out of data; every rank stops here", accelerator.process_index)
+            return
+        yield batch
 
 
 def train(cfg: DictConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
     check_config(cfg)  # before any model is loaded
-    accelerator, run_dir = setup_run(cfg)
+    ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
+    accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
 
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
-    conditioner = SDXLConditioner.from_pretrained(
-        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype]
-    )
-    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
-    sample_t = TimestepSampler(cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps,
-                               cfg.timestep_jitter)
-    teacher = load_teacher(cfg.teacher).to(device)
+    conditioner, noise_scheduler, sample_t, teacher = load_frozen(cfg, device)
     student, pairs, ema, optimizer, lr_scheduler = build_student_side(
         cfg, accelerator, teacher, latent_size=cfg.data.resolution // conditioner.vae_scale_factor
     )
-    step = resume(cfg, accelerator, run_dir, ema)
+    teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
+    step = resume(cfg, accelerator, ckpt, ema, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(device)
     # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
     # passed to accelerator.prepare, which would re-split or dispatch it.
     loader = build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum)
+                              world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum,
+                              final_tally=True)
     task = DistillationTask(
-        student, teacher, pairs, LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
+        student, teacher, pairs,
+        LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
         feature_kind=cfg.distill.loss, sa_point=cfg.distill.sa_point,
-    )
+    )  # fmt: skip
     if accelerator.is_main_process:
-        accelerator.init_trackers("koala", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)))
+        trim_metrics(run_dir / "metrics.jsonl", step)
+        accelerator.init_trackers("koala", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)),
+                                  init_kwargs={"wandb": {"dir": str(run_dir)}})  # wandb/ in the run, not the cwd
     metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
     if renderer is not None and step == 0 and cfg.sample_every > 0:
         renderer.render_teacher(teacher)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
     last, saved, seen_keys = {}, step, []
+    finite = not cfg.data.resampled and cfg.data.epochs is not None
+    config = OmegaConf.to_container(cfg, resolve=True)
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, run_dir, step, student, ema, {"last": last}, keep=cfg.keep_checkpoints)
+        with rng_preserved():  # writing (EMA's save builds a random model) consumes no training randomness
+            save_checkpoint(accelerator, run_dir, step, student, ema, {"last": last, "config": config},
+                            keep=cfg.keep_checkpoints)
+
+    def log_point() -> dict:
+        skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
+        return metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skips})
 
     with task, StopSignal() as stop:
         task.train()
-        for batch in loader:
+        for batch in every_rank_batches(skipped.batches(loader), accelerator, finite):
             if step >= cfg.max_steps:
                 break
-            skipped.update(batch)
             if cfg.record_ranks:
                 seen_keys += list(batch["keys"])
             with accelerator.accumulate(student):
@@ -163,7 +220,7 @@ def train(cfg: DictConfig) -> Path:
                 noisy = noise_scheduler.add_noise(latents, noise, t)
                 target = task_target(noise_scheduler, latents, noise, t)
                 snr_w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
-                with accelerator.autocast():
+                with accelerator.autocast():  # the student's compute; the teacher runs in its own dtype
                     losses = task(noisy, t, cond, target, sample_weights=snr_w)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
@@ -179,8 +236,7 @@ def train(cfg: DictConfig) -> Path:
             if ema is not None:
                 ema.step(accelerator.unwrap_model(student).parameters())
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
-                last = metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skips})
+                last = log_point()
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
                 renderer.render_student(accelerator.unwrap_model(student), step)
@@ -192,7 +248,9 @@ def train(cfg: DictConfig) -> Path:
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint()
                 saved = step
-    if saved != step:  # a finite dataset ran out before max_steps
+    if saved != step:  # a finite dataset ran out before max_steps (every rank stops at the same step)
+        last = log_point() or last
+        log.info("the data ran out at step %d; skipped: %s", step, skipped.totals())
         checkpoint()
     bar.close()
     if cfg.record_ranks:
@@ -214,7 +272,12 @@ def main(cfg: DictConfig) -> None:
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # one run directory per sweep job: multirun/<name>/<overrides>
         cfg.output_dir = HydraConfig.get().runtime.output_dir
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # one clear message, no traceback: the config is wrong, not the code
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

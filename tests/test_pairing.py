@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import list_tap_points
-from koala.hydra_utils import compose_config
+from koala.hydra_utils import CONFIG_DIR, compose_config
 from koala.unets import (
     SDXL_UNET_CONFIG,
     TINY_UNET_CONFIG,
@@ -20,11 +20,12 @@ from koala.unets import (
     spec_from_fields,
 )
 
-ALL_STAGES = {"encoder": 1.0, "mid": 1.0, "decoder": 1.0}
+ALL_STAGES = ["encoder", "mid", "decoder"]
 
 
 def distill(**kw):
-    base = {"kinds": {"sa": 1.0}, "stages": ALL_STAGES, "blocks": None, "sa_point": "attn1", "pairing": "first"}
+    base = {"kinds": ["sa"], "stages": ALL_STAGES, "kind_weights": {}, "stage_weights": {}, "blocks": None,
+            "sa_point": "attn1", "pairing": "first"}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -58,7 +59,7 @@ def test_full_size_sdxl_pairs_and_shapes_on_meta(name, total, counts):
 @pytest.mark.parametrize("preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")])
 def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
     cfg = compose_config("train", [f"distill={preset}"])
-    assert OmegaConf.to_container(cfg.distill.kinds) == {k: 1.0 for k in kinds}
+    assert set(cfg.distill.kinds) == kinds
     plan, student, teacher = models("tiny-700m")
     points = list_tap_points(student, cfg.distill.kinds, cfg.distill.stages)
     assert points and all(p.name.endswith(f".{suffix}") and p.kind in kinds for p in points)
@@ -80,7 +81,7 @@ def test_lf_and_combined_presets():
         cfg = compose_config("train", [f"distill={preset}"]).distill
         assert pair_taps(plan, cfg, student, teacher) == [] and cfg.feat_weight == 0.0
     default = compose_config("train").distill
-    assert OmegaConf.to_container(default.kinds) == {"sa": 1.0}
+    assert list(default.kinds) == ["sa"]
 
 
 @pytest.mark.parametrize("rule,teacher_layers", [("first", (0, 1)), ("uniform", (0, 3)), ("last", (2, 3))])
@@ -97,7 +98,7 @@ def test_pairing_rule_is_independent_of_init(rule, teacher_layers):
 
 def test_weights_are_kind_times_stage_and_zero_drops():
     plan, student, teacher = models("tiny-1b")
-    cfg = distill(kinds={"sa": 2.0, "rb": 0.5}, stages={"encoder": 0.5, "mid": 0.0, "decoder": 1.0})
+    cfg = distill(kinds=["sa", "rb"], kind_weights={"sa": 2.0, "rb": 0.5}, stage_weights={"encoder": 0.5, "mid": 0.0})
     pairs = pair_taps(plan, cfg, student, teacher)
     assert {(p.student.kind, p.student.stage, p.weight) for p in pairs} == {
         ("sa", "encoder", 1.0), ("sa", "decoder", 2.0), ("rb", "encoder", 0.25), ("rb", "decoder", 0.5)
@@ -108,7 +109,7 @@ def test_unmatched_taps_and_shape_mismatch_are_errors():
     plan, student, _ = models("tiny-1b")
     no_mid_teacher = build_student(TINY_UNET_CONFIG, spec_from_fields("sdxl", mid="none"))
     with pytest.raises(ValueError, match=r"no teacher partner:\n  mid_block.attentions.0.transformer_blocks.0.attn1"):
-        pair_taps(plan, distill(stages={"mid": 1.0}), student, no_mid_teacher)
+        pair_taps(plan, distill(stages=["mid"]), student, no_mid_teacher)
     teacher = build_unet(TINY_UNET_CONFIG)
     s = list_tap_points(student, ["sa"], blocks=["down_blocks.1"])[0]
     t = list_tap_points(teacher, ["sa"], blocks=["down_blocks.2"])[0]
@@ -124,3 +125,63 @@ def test_inspect_lists_pairs_and_taps():
     ).stdout
     assert "teacher: 126 tap points" in out and "rb   decoder  up_blocks.2.resnets.2" in out
     assert "distill: ca" in out and "18 pairs at 64 px (latent 8)" in out and ".attn2" in out and ".attn1 " not in out
+
+
+# Hydra merges a dict given on the command line into the preset's dict, so a dict could never lose an entry by an
+# override. What is distilled is therefore chosen by lists (replaced), and every dict-valued option holds all its
+# keys from the start (an override changes values, never the key set).
+def dict_fields(node, prefix=""):
+    """Dotted names of every dict-valued field of the train schema."""
+    out = []
+    for key in node:
+        value = node[key]
+        if OmegaConf.is_dict(value):
+            typed = OmegaConf.get_type(value) is dict
+            out += [f"{prefix}{key}"] if typed else dict_fields(value, f"{prefix}{key}.")
+    return out
+
+
+def test_every_dict_option_holds_all_its_keys_in_every_preset():
+    from koala.config import TrainConfig
+    from koala.distill.taps import KINDS, STAGES
+
+    fields = dict_fields(OmegaConf.structured(TrainConfig))
+    assert fields == ["distill.kind_weights", "distill.stage_weights"]
+    for yaml in (CONFIG_DIR / "distill").glob("*.yaml"):
+        cfg = compose_config("train", [f"distill={yaml.stem}"])
+        assert set(cfg.distill.kind_weights) == set(KINDS) and set(cfg.distill.stage_weights) == set(STAGES), yaml
+    with pytest.raises(Exception, match="decodr"):
+        compose_config("train", ["distill.stage_weights={decodr: 2.0}"])
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["distill.stages=[decoder]"], {("decoder", "sa")}),
+        (["distill=sa+lf", "distill.kinds=[ca]"], {("encoder", "ca"), ("mid", "ca"), ("decoder", "ca")}),
+        (["distill=sa+lf", "distill.stages=[encoder]"], {("encoder", "sa"), ("encoder", "lf")}),
+    ],
+)
+def test_list_overrides_replace_the_preset(overrides, expected):
+    cfg = compose_config("train", ["unet=tiny-1b", *overrides])
+    plan, student, teacher = models("tiny-1b")
+    assert set(pair_counts(pair_taps(plan, cfg.distill, student, teacher))) == expected
+
+
+def test_weight_overrides_change_only_the_named_weight():
+    cfg = compose_config("train", ["unet=tiny-1b", "distill=sa+lf", "distill.stage_weights={decoder: 2.0}",
+                                   "distill.kind_weights={lf: 0.5}"])
+    plan, student, teacher = models("tiny-1b")
+    weights = {(p.student.stage, p.student.kind): p.weight for p in pair_taps(plan, cfg.distill, student, teacher)}
+    assert weights == {("encoder", "sa"): 1.0, ("mid", "sa"): 1.0, ("decoder", "sa"): 2.0,
+                       ("encoder", "lf"): 0.5, ("mid", "lf"): 0.5, ("decoder", "lf"): 1.0}
+
+
+def test_inspect_honours_a_stage_override():
+    out = subprocess.run(
+        [sys.executable, "-m", "koala.inspect", "unet=koala-700m", "distill.stages=[decoder]"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    summary = out.split("distill:")[1]
+    assert "stages ['decoder']" in summary and "14 pairs" in summary
+    assert "encoder" not in summary.split("pairs at")[1] and "down_blocks" not in summary

@@ -10,7 +10,6 @@ and `worker_id`; feed them to `SkipTally` to log totals. The loader is already s
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -105,9 +104,7 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
             ensure_demo_shards(cfg.path, cfg.demo_samples, cfg.resolution)
         return ShardReader(expand_shards(cfg.path), _webdataset_raw(cfg), cfg, seed), _image_codec(cfg)
     if cfg.kind == "cached":
-        cache_dir = cfg.path if os.path.isdir(cfg.path) else None
-        codec = CachedCodec.for_cache(cache_dir, cfg.caption_dropout)
-        return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), codec
+        return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), CachedCodec(cfg.caption_dropout)
     if cfg.kind == "hf":
         dataset = load_hf_dataset(cfg.path, cfg.hf_format, cfg.split)
         return IndexReader(HFSource(dataset, cfg.image_key, cfg.caption_key), cfg, seed), _image_codec(cfg)
@@ -115,22 +112,28 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
 
 
 def build_stream(
-    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0
+    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0,
+    final_tally: bool = False,
 ) -> BatchStream:
     """The batch stream (an IterableDataset of whole batches) described by `data_cfg`."""
     reader, codec = build_reader(data_cfg, seed)
     return BatchStream(
         reader, codec, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-        resume_batches=resume_batches,
+        resume_batches=resume_batches, max_consecutive_skips=data_cfg.max_consecutive_skips, final_tally=final_tally,
     )  # fmt: skip
 
 
 def build_dataloader(
-    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0
+    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0,
+    final_tally: bool = False,
 ) -> DataLoader:
-    """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches."""
+    """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches.
+
+    `final_tally=True`: a finite stream's last skip counts arrive as `tally_only` items (use `SkipTally.batches`).
+    """
     stream = build_stream(
-        data_cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, resume_batches=resume_batches
+        data_cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, resume_batches=resume_batches,
+        final_tally=final_tally,
     )
     workers = data_cfg.num_workers
     return DataLoader(

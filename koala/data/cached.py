@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import random
 import struct
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, save
 
 from koala.data.records import Raw
 
@@ -40,20 +39,10 @@ def _header(payload: bytes) -> dict:
 
 
 class CachedCodec:
-    """Reads cached blobs into the cached batch format; caption dropout swaps in the cached empty-prompt embeddings."""
+    """Reads cached blobs into the cached batch format; caption dropout marks samples `dropped` for the conditioner."""
 
-    def __init__(self, empty_prompt: dict[str, torch.Tensor] | None = None, caption_dropout: float = 0.0) -> None:
-        if caption_dropout > 0 and empty_prompt is None:
-            raise ValueError(f"caption_dropout on a cache needs its {EMPTY_PROMPT}")
-        self.empty_prompt, self.caption_dropout = empty_prompt, caption_dropout
-
-    @classmethod
-    def for_cache(cls, cache_dir: str | Path | None, caption_dropout: float) -> CachedCodec:
-        """A codec using the empty-prompt embeddings stored in `cache_dir` (needed only with caption dropout)."""
-        path = Path(cache_dir) / EMPTY_PROMPT if cache_dir else None
-        if caption_dropout > 0 and (path is None or not path.exists()):
-            raise FileNotFoundError(f"caption_dropout={caption_dropout} needs {path}, written by python -m koala.cache")
-        return cls(load_file(path) if caption_dropout > 0 else None, caption_dropout)
+    def __init__(self, caption_dropout: float = 0.0) -> None:
+        self.caption_dropout = caption_dropout
 
     def probe(self, raw: Raw) -> tuple[str | None, Any]:
         """Group by latent shape (read from the header): mixed bucket sizes never share a batch."""
@@ -65,15 +54,14 @@ class CachedCodec:
     def decode(self, raw: Raw, shape: Any, rng: random.Random) -> dict:
         """Load one cached sample's tensors (as float32)."""
         tensors = {k: v.float() for k, v in load(raw.payload).items()}
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
-            tensors["prompt_embeds"] = self.empty_prompt["prompt_embeds"].float()
-            tensors["pooled_prompt_embeds"] = self.empty_prompt["pooled_prompt_embeds"].float()
-        return {"key": raw.key, **tensors}
+        dropped = self.caption_dropout > 0 and rng.random() < self.caption_dropout
+        return {"key": raw.key, "dropped": dropped, **tensors}
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
         """Stack cached samples into a cached batch."""
         batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in TENSORS}
+        batch["dropped"] = torch.tensor([s["dropped"] for s in samples], dtype=torch.bool)
         batch["keys"] = [s["key"] for s in samples]
         return batch
 

@@ -48,7 +48,8 @@ class ImageCodec:
         """Decode and transform one record; randomness (caption pick, crop, flip, dropout) comes from `rng` only."""
         caption = raw.caption if isinstance(raw.caption, str) else rng.choice(raw.caption)
         out = sdxl_transform(raw.image, target, center_crop=self.center_crop, random_flip=self.random_flip, rng=rng)
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+        dropped = self.caption_dropout > 0 and rng.random() < self.caption_dropout
+        if dropped:  # the conditioner zeroes its embeddings or encodes "" (data.caption_dropout_mode)
             caption = ""
         return {
             "key": raw.key,
@@ -58,6 +59,7 @@ class ImageCodec:
             "crop_top_left": out.crop_top_left,
             "target_size": out.target_size,
             "flipped": out.flipped,
+            "dropped": dropped,
         }
 
     @staticmethod
@@ -70,5 +72,6 @@ class ImageCodec:
             "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
             "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
             "flipped": torch.tensor([s["flipped"] for s in samples], dtype=torch.bool),
+            "dropped": torch.tensor([s["dropped"] for s in samples], dtype=torch.bool),
             "keys": [s["key"] for s in samples],
         }

@@ -47,12 +47,18 @@ def read_tar(url: str) -> Iterator[dict]:
 def shard_order(
     shards: list[str], *, seed: int, worker: int, workers: int, resampled: bool, epochs: int | None, shuffle: bool
 ) -> Iterator[str]:
-    """The shards one global worker reads, in order: drawn with replacement forever (resampled), or each epoch's
-    (shuffled) list dealt round-robin to the workers so that workers read disjoint shards."""
+    """The shards one global worker reads, in order: drawn with replacement forever from the worker's own share
+    (resampled), or each epoch's (shuffled) list dealt round-robin to the workers.
+
+    Either way, with at least as many shards as global workers (ranks x dataloader workers), no two workers ever
+    read the same shard. With fewer, a resampled worker draws from all shards (overlap is then unavoidable) and a
+    finite one may get none.
+    """
     if resampled:
         rng = random.Random(f"shards:{seed}:{worker}")
+        own = shards[worker::workers] if len(shards) >= workers else shards
         while True:
-            yield rng.choice(shards)
+            yield rng.choice(own)
     epoch = 0
     while epochs is None or epoch < epochs:
         order = list(shards)

@@ -26,6 +26,29 @@ log = logging.getLogger("koala.data")
 
 Reader = Callable[[int, int, Callable[[str, Exception], None]], Iterator[Raw]]  # (g, W, on_bad) -> records
 
+# What a long run of one skip reason usually means: named in the error that ends a stream that yields nothing.
+SKIP_HINTS = {
+    "missing_caption": "no caption found: check data.caption_key (webdataset: txt or json.<field>; folder: a sidecar "
+    ".txt beside each image; hf: the caption column)",
+    "corrupt_image": "no readable image: check data.image_key and that the files are images",
+    "too_small": "every image is smaller than data.min_size",
+    "bad_shard": "the shards cannot be read",
+}
+
+
+class TooManySkips(RuntimeError):
+    """A worker skipped `limit` records in a row: the data source (or a key naming into it) is almost surely wrong."""
+
+
+def skip_limit_error(counts: dict[str, int], limit: int, rank: int, worker: int) -> TooManySkips:
+    """The error naming the skip counts and the likely cause."""
+    worst = max(counts, key=counts.get)
+    named = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
+    return TooManySkips(
+        f"rank {rank} data worker {worker}: {limit} samples in a row were skipped ({named}); likely cause: "
+        f"{SKIP_HINTS.get(worst, worst)}. The limit is data.max_consecutive_skips."
+    )
+
 
 class Codec(Protocol):
     def probe(self, raw: Raw) -> tuple[str | None, Any]: ...
@@ -71,15 +94,20 @@ def worker_role(resume_batches: int) -> tuple[int, int, int]:
 
 
 class BatchStream(IterableDataset):
-    """Yields whole batches (use `DataLoader(batch_size=None)`), each with `keys`, `skipped` and `worker_id`."""
+    """Yields whole batches (use `DataLoader(batch_size=None)`), each with `keys`, `skipped` and `worker_id`.
+
+    With `final_tally`, a finite stream may end with a `tally_only` item that carries only the final skip counts
+    (read it through `SkipTally.batches`).
+    """
 
     def __init__(
         self, reader: Reader, codec: Codec, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-        resume_batches: int = 0,
+        resume_batches: int = 0, max_consecutive_skips: int = 10_000, final_tally: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.reader, self.codec, self.batch_size, self.seed = reader, codec, batch_size, seed
         self.rank, self.world_size, self.resume_batches = rank, world_size, resume_batches
+        self.max_skips, self.final_tally = max_consecutive_skips, final_tally
 
     def __iter__(self) -> Iterator[dict]:
         role, workers, skip = worker_role(self.resume_batches)
@@ -94,19 +122,28 @@ class BatchStream(IterableDataset):
                 log.warning("skipping unreadable shard %s (%s)", url, exc)
 
         def checked() -> Iterator[tuple[int, Raw, Any]]:
+            in_a_row = 0
             for position, raw in enumerate(self.reader(g, total, on_bad)):
                 reason, group = self.codec.probe(raw)
-                if reason:
-                    counts[reason] += 1
-                else:
+                if not reason:
+                    in_a_row = 0
                     yield position, raw, group
+                    continue
+                counts[reason] += 1
+                in_a_row += 1
+                if in_a_row >= self.max_skips:
+                    raise skip_limit_error(counts, self.max_skips, self.rank, role)
 
+        sent = None
         for index, items in enumerate(group_batches(checked(), self.batch_size)):
             if index < skip:
                 continue  # consumed before the resume: never decoded
             batch = self._decode(items, counts, g)
             if batch is not None:
+                sent = dict(counts)
                 yield batch
+        if self.final_tally and counts != sent:  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
+            yield {"skipped": dict(counts), "worker_id": g, "tally_only": True}
 
     def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int) -> dict | None:
         """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted."""
@@ -126,7 +163,10 @@ class BatchStream(IterableDataset):
 
 
 class SkipTally:
-    """Totals of skipped samples across a rank's workers: each batch carries its worker's cumulative counts."""
+    """Totals of skipped samples across a rank's workers: each batch carries its worker's cumulative counts.
+
+    `batches(loader)` feeds it every item and yields only real batches (not the `tally_only` ones).
+    """
 
     def __init__(self) -> None:
         self.latest: dict[Any, dict[str, int]] = {}
@@ -135,6 +175,13 @@ class SkipTally:
         """Remember the counts of the worker that produced `batch`."""
         if "skipped" in batch:
             self.latest[batch.get("worker_id", 0)] = dict(batch["skipped"])
+
+    def batches(self, loader) -> Iterator[dict]:
+        """The loader's batches, tallied; tally-only items are consumed here."""
+        for batch in loader:
+            self.update(batch)
+            if not batch.get("tally_only"):
+                yield batch
 
     def totals(self) -> dict[str, int]:
         """Skips by reason, summed over the latest counts of every worker seen."""

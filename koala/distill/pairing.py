@@ -27,7 +27,7 @@ class TapPair:
 
     student: TapPoint
     teacher: TapPoint
-    weight: float  # distill.kinds[kind] * distill.stages[stage]
+    weight: float  # distill.kind_weights[kind] * distill.stage_weights[stage]
 
 
 def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module) -> list[TapPair]:
@@ -37,7 +37,8 @@ def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teach
     """
     if distill_cfg.pairing not in LAYER_SELECTS:
         raise ValueError(f"unknown distill.pairing {distill_cfg.pairing!r}; valid choices: {', '.join(LAYER_SELECTS)}")
-    kinds, stages = dict(distill_cfg.kinds), dict(distill_cfg.stages)
+    kinds, stages = list(distill_cfg.kinds), list(distill_cfg.stages)
+    kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
     blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
     students = list_tap_points(student_unet, kinds, stages, blocks, distill_cfg.sa_point)
     teachers = {p.name: p for p in list_tap_points(teacher_unet, kinds, stages, None, distill_cfg.sa_point)}
@@ -48,7 +49,7 @@ def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teach
         if t is None or t.kind != s.kind:
             unmatched.append(f"{s.name} -> {map_name(s.name, mapping)}")
             continue
-        weight = float(kinds[s.kind]) * float(stages[s.stage])
+        weight = float(kind_w.get(s.kind, 1.0)) * float(stage_w.get(s.stage, 1.0))
         if weight != 0.0:
             pairs.append(TapPair(s, t, weight))
     if unmatched:

@@ -71,13 +71,16 @@ class DistillationTask(nn.Module):
     def teacher_forward(self, noisy, t, cond: dict) -> torch.Tensor:
         """The teacher's prediction (features land in `teacher_taps`); no graph, teacher's own dtype."""
         dtype = next(self.teacher.parameters()).dtype
-        out = self.teacher(
-            noisy.to(dtype),
-            t,
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
-        ).sample
-        return out
+        # Outside any autocast the caller runs the student under: the teacher computes in its own dtype
+        # (teacher.dtype), so an fp32 teacher stays fp32 beside a bf16-autocast student.
+        with torch.autocast(noisy.device.type, enabled=False):
+            return self.teacher(
+                noisy.to(dtype),
+                t,
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype),
+                                   "time_ids": cond["time_ids"].to(dtype)},
+            ).sample
 
     def forward(self, noisy, t, cond: dict, target: torch.Tensor, sample_weights=None) -> dict[str, torch.Tensor]:
         """All loss terms for one batch. `cond`: prompt_embeds, pooled_prompt_embeds, time_ids."""

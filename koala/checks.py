@@ -1,0 +1,204 @@
+"""Check a training config before any model is loaded: every bad value fails here, in one line naming the key, the
+value and what is allowed. The checks are data (`RANGES`, `CHOICES`) plus the few that need the file system."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from koala.dtypes import DTYPES
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line a user can act on."""
+
+
+def _at_least(n: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is not None and v >= n), f"a number >= {n}"
+
+
+def _between(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is not None and lo <= v <= hi), f"a number in [{lo}, {hi}]"
+
+
+def _positive_or_null() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or v > 0), "null or a number > 0"
+
+
+# key -> (predicate, what is allowed). Cadences of 0 would divide by zero; a batch of 0 would loop forever.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "log_every": _at_least(1),
+    "checkpoint_every": _at_least(1),
+    "sample_every": (lambda v: v >= 0, "0 (off) or a number of steps >= 1"),
+    "keep_checkpoints": (lambda v: v >= 0, "0 (keep all) or a number >= 1"),
+    "ema_decay": _between(0.0, 1.0),
+    "noise_offset": _at_least(0.0),
+    "snr_gamma": _positive_or_null(),
+    "timestep_jitter": _at_least(0),
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": _at_least(0.0),
+    "optim.eps": (lambda v: v > 0, "a number > 0"),
+    "optim.warmup_steps": _at_least(0),
+    "optim.max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or a number > 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "distill.task_weight": _at_least(0.0),
+    "distill.out_weight": _at_least(0.0),
+    "distill.feat_weight": _at_least(0.0),
+    "data.caption_dropout": _between(0.0, 1.0),
+    "data.num_workers": _at_least(0),
+    "data.shuffle_buffer": _at_least(0),
+    "data.min_size": _at_least(0),
+    "data.max_consecutive_skips": _at_least(1),
+    "data.epochs": _positive_or_null(),
+    "teacher.steps": _at_least(1),
+    "sample_steps": _positive_or_null(),
+}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """key -> valid values (imported lazily: the tables live with the code that uses them)."""
+    from koala.conditioning import DROPOUT_MODES
+    from koala.data import KINDS as DATA_KINDS
+    from koala.diffusion import TIMESTEP_SAMPLERS
+    from koala.distill.losses import FEATURE_LOSSES
+    from koala.distill.taps import SA_POINTS
+    from koala.inference import KIND_PRESETS
+    from koala.unets import LAYER_SELECTS
+
+    return {
+        "teacher.kind": tuple(KIND_PRESETS),
+        "teacher.dtype": tuple(DTYPES),
+        "mixed_precision": ("no", "fp16", "bf16"),
+        "timesteps": TIMESTEP_SAMPLERS,
+        "distill.loss": FEATURE_LOSSES,
+        "distill.sa_point": SA_POINTS,
+        "distill.pairing": LAYER_SELECTS,
+        "data.kind": DATA_KINDS,
+        "data.caption_dropout_mode": DROPOUT_MODES,
+        "optim.scheduler": _scheduler_names(),
+    }
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def check_values(cfg) -> None:
+    """Ranges and choices of plain settings."""
+    for key, (ok, allowed) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            _fail(key, value, allowed)
+    for key, choices in _choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            _fail(key, value, "one of " + ", ".join(choices))
+
+
+def check_distill(d) -> None:
+    """Feature kinds and stages are known; weights name only what is distilled."""
+    from koala.distill.taps import KINDS, STAGES
+
+    for key, names, valid in (("distill.kinds", d.kinds, KINDS), ("distill.stages", d.stages, STAGES)):
+        for name in names:
+            if name not in valid:
+                _fail(key, list(names), f"a list of {', '.join(valid)}")
+    for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
+        if any(w < 0 for w in weights.values()):
+            _fail(key, dict(weights), "weights >= 0")
+
+
+def _refuse_pickle(key: str, path: str) -> None:
+    from koala.teacher import PICKLE_SUFFIXES
+
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise ConfigError(f"{key}={path!r} is a pickle checkpoint, refused because loading it can run code; convert it "
+                          "to .safetensors (safetensors.torch.save_file) and pass that")
+
+
+def check_teacher_paths(t) -> None:
+    """The teacher's folders and files exist and are not pickles."""
+    if not t.pipeline:
+        raise ConfigError("teacher.pipeline is required: a local diffusers SDXL folder (text encoders, VAE, scheduler)")
+    _refuse_pickle("teacher.pipeline", t.pipeline)
+    if not t.create_tiny:
+        p = Path(t.pipeline)
+        if p.is_file():
+            raise ConfigError(f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
+                              "(a single U-Net file goes in teacher.unet)")
+        if not p.is_dir():
+            raise ConfigError(f"teacher.pipeline={t.pipeline!r} does not exist")
+    for key in ("unet", "vae"):
+        path = t[key]
+        if path:
+            _refuse_pickle(f"teacher.{key}", path)
+            if not Path(path).exists():
+                raise ConfigError(f"teacher.{key}={path!r} does not exist")
+
+
+def _size_multiple(t) -> int:
+    """Pixels per latent pixel (VAE) times the U-Net's total downsampling: 8 x 4 = 32 for SDXL."""
+    vae_scale = 8
+    vae_dir = Path(t.vae) if t.vae else Path(t.pipeline) / "vae"
+    if (vae_dir / "config.json").is_file():
+        vae_scale = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
+    from koala.specs import teacher_unet_config
+
+    return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
+
+
+def check_data(cfg) -> None:
+    """Resolution fits the models; the data path names something that exists (local paths only)."""
+    data = cfg.data
+    multiple = _size_multiple(cfg.teacher)
+    if data.buckets:
+        multiple = max(multiple, 64)  # SDXL's bucket grid is 64 px at 1024 px
+    if data.resolution <= 0 or data.resolution % multiple:
+        why = " (buckets: SDXL's bucket grid is 64 px)" if data.buckets else ""
+        _fail("data.resolution", data.resolution, f"a positive multiple of {multiple}: the VAE's downscaling times "
+              f"the U-Net's{why}")
+    if not data.path:
+        raise ConfigError(f"data.path is required for data.kind={data.kind}")
+    if data.create_demo or "://" in data.path or data.path.startswith("pipe:"):
+        return
+    if data.kind in ("webdataset", "cached"):
+        from koala.data.shards import expand_shards
+
+        try:
+            shards = expand_shards(data.path)
+        except FileNotFoundError:
+            shards = []
+        missing = [s for s in shards if not Path(s).exists()]
+        if not shards or len(missing) == len(shards):
+            raise ConfigError(f"data.path={data.path!r} matches no shard on disk")
+    elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
+        raise ConfigError(f"data.path={data.path!r} does not exist")
+
+
+def check_config(cfg) -> None:
+    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
+    check_values(cfg)
+    check_distill(cfg.distill)
+    check_teacher_paths(cfg.teacher)
+    check_data(cfg)
+    # The student spec must fit the teacher: resolved on configs alone, no weights.
+    from koala.specs import student_spec, teacher_unet_config
+    from koala.unets import resolve
+
+    try:
+        resolve(teacher_unet_config(cfg.teacher), student_spec(cfg.unet))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"unet={cfg.unet.name}: {e}") from e

@@ -1,0 +1,127 @@
+"""Run folders: what a fresh start and a resume require, and the run's config history.
+
+- A fresh start (no `resume`) into a folder that already holds checkpoints is refused: it would mix two runs.
+- `resume=latest|<step>|<folder>` continues a checkpoint whose saved config defines the same run: only the keys in
+  `MAY_CHANGE` may differ (paths may move, cadences and the length may change, `optim.lr` is applied); anything else
+  is refused with the list of differences, before any model is loaded. `resume=auto` resumes when a complete
+  checkpoint exists and starts fresh otherwise (for jobs that are requeued after preemption).
+- `config.yaml` is the config of the current (last started) session; each earlier one is kept as `config.<n>.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from koala.checkpoint import find_checkpoint, list_checkpoints, read_state
+from koala.checks import ConfigError
+
+log = logging.getLogger("koala.runs")
+
+# Settings a resumed run may change. Paths may point to moved copies of the same files (a warning says so).
+MAY_CHANGE = (
+    "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
+    "sample_seed", "report_to", "resume", "compile", "record_ranks", "gradient_checkpointing", "optim.lr",
+    "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "data.path", "output_dir",
+)  # fmt: skip
+MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "data.path")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {dotted.key: leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, current)} for every setting that differs."""
+    a, b = flatten(saved), flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def resolve_resume(cfg) -> Path | None:
+    """The checkpoint this run continues (None: a fresh start), checked against the config; raises ConfigError."""
+    run_dir = Path(cfg.output_dir)
+    if not cfg.resume:
+        if list_checkpoints(run_dir, complete_only=False):
+            raise ConfigError(
+                f"output_dir={str(run_dir)!r} already holds checkpoints of a run; continue it with resume=latest, or "
+                "start a new run in a fresh output_dir"
+            )
+        return None
+    if cfg.resume == "auto":
+        if not list_checkpoints(run_dir):
+            return None
+        ckpt = find_checkpoint(run_dir, "latest")
+    else:
+        try:
+            ckpt = find_checkpoint(run_dir, cfg.resume)
+        except FileNotFoundError as e:
+            raise ConfigError(f"resume={cfg.resume}: {e}") from e
+    check_resumable(ckpt, cfg)
+    return ckpt
+
+
+def check_resumable(ckpt: Path, cfg) -> None:
+    """Refuse a resume whose config changes what defines the run; warn about moved paths."""
+    saved = read_state(ckpt).get("config")
+    if saved is None:
+        log.warning("%s holds no config (written by an older koala): the resumed settings are not checked", ckpt)
+        return
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changes = config_changes(saved, current)
+    refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in MAY_CHANGE)}
+    if refused:
+        lines = [f"  {k}: {old!r} -> {new!r}" for k, (old, new) in refused.items()]
+        raise ConfigError(
+            f"resume={cfg.resume}: the config differs from the one that wrote {ckpt} in settings that define the "
+            "run:\n" + "\n".join(lines) + f"\nOnly these may change on resume: {', '.join(MAY_CHANGE)}. "
+            "Start a new run (a fresh output_dir) to change the others."
+        )
+    for key in MOVED_PATHS:
+        if key in changes:
+            log.warning("resume: %s moved from %r to %r; assuming the same contents", key, *changes[key])
+
+
+def record_config(run_dir: Path, cfg) -> None:
+    """Write `config.yaml`; an earlier, different one is kept as `config.<n>.yaml` (never silently rewritten)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = run_dir / "config.yaml"
+    if path.exists() and path.read_text() != text:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        kept = path.rename(run_dir / f"config.{n}.yaml")
+        changes = config_changes(OmegaConf.to_container(OmegaConf.load(kept)), OmegaConf.to_container(cfg, resolve=True))
+        log.info("config changed (%s); the previous one is kept as %s",
+                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept.name)
+    path.write_text(text)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a resume repeats them); a fresh start keeps an old log as `<name>.<n>`."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.replace(path)
+
+
+def keep_old_metrics(path: Path) -> None:
+    """Move the metrics of an earlier session without checkpoints aside before a fresh start."""
+    if path.exists() and path.stat().st_size:
+        n = 1
+        while path.with_name(f"{path.name}.{n}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.name}.{n}"))
