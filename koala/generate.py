@@ -6,6 +6,7 @@ the same prompts and seed start from the same noise and can be compared image fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -101,37 +102,46 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds[start : start + batch_size]]
-        latents = pipeline(
-            **prompt_embeddings(pipeline, batch, negative_prompt, guidance),
-            num_inference_steps=steps or preset.steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=generators,
-            output_type="latent",
-        ).images
+        with inputs_in_dtype_of(pipeline.unet):
+            latents = pipeline(
+                prompt=batch,
+                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                num_inference_steps=steps or preset.steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                generator=generators,
+                output_type="latent",
+            ).images
         images += decode_latents(pipeline, latents)
     return images
 
 
-@torch.no_grad()
-def prompt_embeddings(pipeline, prompts: list[str], negative_prompt: str | None, guidance: float) -> dict:
-    """The pipeline's own prompt encoding, cast to the U-Net's dtype.
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (also inside dicts) -> dtype; everything else as it is."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
-    The pipeline draws its latents in the embeddings' dtype, so this is what makes a U-Net whose dtype differs from
-    the text encoders' (an fp32 student beside bf16 text encoders, as in a mixed-precision run) sample at all.
+
+@contextlib.contextmanager
+def inputs_in_dtype_of(unet: torch.nn.Module):
+    """Cast every floating input of `unet` to its own dtype while sampling.
+
+    The SDXL pipeline draws latents and time ids in the text encoders' dtype, so a U-Net whose dtype differs (an fp32
+    student beside bf16 text encoders, as in a mixed-precision run) could not sample at all without this.
     """
-    embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
-        prompt=prompts,
-        device=pipeline._execution_device,
-        do_classifier_free_guidance=guidance > 1.0,
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+    dtype = unet.dtype
+    hook = unet.register_forward_pre_hook(
+        lambda module, args, kwargs: (tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)),
+        with_kwargs=True,
     )
-    dtype = pipeline.unet.dtype
-    out = {"prompt_embeds": embeds.to(dtype), "pooled_prompt_embeds": pooled.to(dtype)}
-    if negative is not None:
-        out.update(negative_prompt_embeds=negative.to(dtype), negative_pooled_prompt_embeds=negative_pooled.to(dtype))
-    return out
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 @torch.no_grad()

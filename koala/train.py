@@ -29,6 +29,7 @@ from koala.checks import ConfigError, check_config
 from koala.conditioning import SDXLConditioner
 from koala.config import register_configs
 from koala.data import SkipTally, build_dataloader
+from koala.data.stream import TooManySkips
 from koala.data.demo import ensure_demo_shards
 from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
 from koala.distill.pairing import check_pair_shapes, pair_taps
@@ -63,7 +64,7 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
         cpu=multi_cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with=resolve_trackers(cfg.report_to),
+        log_with=resolve_trackers(cfg.report_to) or None,
         project_dir=str(run_dir),
     )
     if accelerator.is_main_process:
@@ -275,9 +276,12 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as e:  # one clear message, no traceback: the config is wrong, not the code
-        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

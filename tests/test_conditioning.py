@@ -38,3 +38,41 @@ def test_batch_conditioning_and_cached_pass_through(tiny_pipeline_dir):
     torch.testing.assert_close(out["latents"], expected)
     assert cond({**out, "keys": ["x", "y"]})["latents"] is not None
     torch.testing.assert_close(cond(out)["prompt_embeds"], out["prompt_embeds"])
+
+
+def online_dropped_batch(tiny_pipeline_dir, tmp_path, mode):
+    """A batch of the demo data with every caption dropped, and the conditioner of `mode`."""
+    from koala.data import build_dataloader
+    from koala.data.demo import write_demo_shards
+    from koala.hydra_utils import compose_config
+
+    write_demo_shards(tmp_path, n=4, resolution=32, samples_per_shard=4)
+    cfg = compose_config("train", [f"data.path={tmp_path}/demo-00000.tar", "data.create_demo=false",
+                                   "data.resolution=32", "data.caption_dropout=1.0", f"data.caption_dropout_mode={mode}"])
+    batch = next(iter(build_dataloader(cfg.data, batch_size=2, seed=0)))
+    return batch, SDXLConditioner.from_pretrained(tiny_pipeline_dir, caption_dropout_mode=mode)
+
+
+def test_dropped_captions_are_all_zeros_by_default(tiny_pipeline_dir, tmp_path):
+    batch, cond = online_dropped_batch(tiny_pipeline_dir, tmp_path, "zeros")
+    assert batch["dropped"].all()
+    out = cond(batch)
+    assert not out["prompt_embeds"].any() and not out["pooled_prompt_embeds"].any()
+    # what the stock pipeline feeds its unconditional branch (force_zeros_for_empty_prompt)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    assert pipe.config.force_zeros_for_empty_prompt
+    _, negative, _, negative_pooled = pipe.encode_prompt(["x"], device="cpu", do_classifier_free_guidance=True)
+    torch.testing.assert_close(out["prompt_embeds"][:1], negative)
+    torch.testing.assert_close(out["pooled_prompt_embeds"][:1], negative_pooled)
+    cached = {**{k: out[k] * 0 + 1 for k in out}, "dropped": torch.tensor([True, False])}
+    dropped = cond(cached)
+    assert not dropped["prompt_embeds"][0].any() and dropped["prompt_embeds"][1].eq(1).all()
+
+
+def test_empty_mode_uses_the_embeddings_of_the_empty_prompt(tiny_pipeline_dir, tmp_path):
+    batch, cond = online_dropped_batch(tiny_pipeline_dir, tmp_path, "empty")
+    empty, pooled = cond.encode_prompts([""])
+    out = cond(batch)
+    torch.testing.assert_close(out["prompt_embeds"][1], empty[0])
+    cached = cond({**{k: out[k] * 0 for k in out}, "dropped": torch.tensor([True, True])})
+    torch.testing.assert_close(cached["pooled_prompt_embeds"][0], pooled[0])

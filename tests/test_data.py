@@ -167,3 +167,25 @@ def test_data_bench_prints_side_by_side_rates(capsys):
     main(["n=4", "resolution=32", "batch_size=2"])
     out = capsys.readouterr().out
     assert "read + decode + SDXL transform" in out and "read cached latents" in out
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_resampled_ranks_never_share_a_shard(tmp_path, seed):
+    # The guarantee: with at least as many shards as global workers, each worker resamples only its own shards.
+    write_demo_shards(tmp_path, n=24, resolution=32, samples_per_shard=6)  # 4 shards, 2 ranks x 1 worker
+    cfg = data_cfg(f"{tmp_path}/demo-{{00000..00003}}.tar", resampled=True, shuffle=True, shuffle_buffer=4)
+    seen = []
+    for rank in range(2):
+        it = iter(build_dataloader(cfg, batch_size=3, seed=seed, rank=rank, world_size=2))
+        seen.append({k for _ in range(12) for k in next(it)["keys"]})
+    assert not seen[0] & seen[1]
+
+
+def test_skips_after_the_last_batch_reach_the_totals(tmp_path):
+    write_demo_shards(tmp_path, n=8, resolution=32, samples_per_shard=4)
+    (tmp_path / "demo-00002.tar").write_bytes(b"not a tar at all")  # the last shard is unreadable
+    cfg = data_cfg(f"{tmp_path}/demo-{{00000..00002}}.tar", num_workers=2)
+    tally = SkipTally()
+    batches = list(tally.batches(build_dataloader(cfg, batch_size=4, seed=0, final_tally=True)))
+    assert sum(len(b["keys"]) for b in batches) == 8 and tally.totals()["bad_shard"] == 1
+    assert all("tally_only" not in b for b in read_all(cfg))  # only asked-for tally items are sent

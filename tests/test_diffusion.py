@@ -62,3 +62,19 @@ def test_loss_accepts_inference_mode_teacher_features():
     s = torch.randn(4, 8, requires_grad=True)
     mse(s, t).backward()
     assert s.grad is not None
+
+
+@pytest.mark.parametrize("teacher", ["sdxl-turbo", "sdxl-lightning-4step"])
+def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
+    from diffusers import EulerDiscreteScheduler
+
+    from koala.hydra_utils import compose_config
+    from koala.inference import euler_scheduler, preset_for_kind
+    from koala.tiny import SDXL_SCHEDULER_CONFIG
+
+    cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"])
+    trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
+    scheduler = euler_scheduler(EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config,
+                                preset_for_kind(cfg.teacher.kind))
+    scheduler.set_timesteps(cfg.teacher.steps)
+    assert trained == {round(t) for t in scheduler.timesteps.tolist()} and len(trained) == 4

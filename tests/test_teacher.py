@@ -125,3 +125,13 @@ def test_sharded_unet_folder(tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
     assert json.loads((tmp_path / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
     assert same_outputs(load_unet(tmp_path / "unet"), source)
+
+
+def test_writing_the_tiny_teacher_leaves_the_global_rng_alone(tmp_path):
+    from koala.tiny import write_tiny_pipeline
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    write_tiny_pipeline(tmp_path / "tiny")
+    assert torch.equal(torch.rand(3), expected)

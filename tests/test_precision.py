@@ -1,0 +1,54 @@
+"""Mixed precision as real recipes use it: bf16 teacher and text encoders, fp32 student under bf16 autocast."""
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from koala.distill.task import DistillationTask, LossWeights
+from koala.hydra_utils import compose_config
+from koala.sampling import SampleRenderer
+from koala.train import build_student_side, load_frozen
+
+
+def recipe(tiny_pipeline_dir, *extra):
+    return compose_config("train", [
+        "experiment=koala-700m", "unet=tiny-700m", f"teacher.pipeline={tiny_pipeline_dir}", "teacher.arch=tiny",
+        "data=demo", "data.resolution=32", "sample_steps=2", "report_to=[]", *extra,
+    ])  # fmt: skip
+
+
+def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp_path):
+    cfg = recipe(tiny_pipeline_dir)
+    assert cfg.teacher.dtype == "bf16" and cfg.mixed_precision == "bf16"
+    conditioner, _, _, teacher = load_frozen(cfg, torch.device("cpu"))
+    teacher.to(torch.bfloat16)
+    student = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")  # fp32
+    renderer = SampleRenderer(cfg, conditioner, Accelerator(cpu=True), tmp_path)
+    for path in (renderer.render_teacher(teacher), renderer.render_student(student, 1)):
+        pixels = np.asarray(Image.open(path))
+        assert pixels.shape == (32, 64, 3) and pixels.std() > 0
+
+
+def test_student_inherits_the_stored_precision_not_the_teacher_dtype(tiny_pipeline_dir):
+    cfg = recipe(tiny_pipeline_dir)
+    _, _, _, teacher = load_frozen(cfg, torch.device("cpu"))
+    stored = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").state_dict()
+    student, *_ = build_student_side(cfg, Accelerator(cpu=True), teacher, latent_size=16)
+    s = student.state_dict()
+    for name in ("conv_in.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
+        assert s[name].dtype == torch.float32 and torch.equal(s[name], stored[name]), name  # not bf16-rounded
+
+
+def test_teacher_computes_in_its_own_dtype_under_the_students_autocast(tiny_teacher):
+    student = UNet2DConditionModel.from_config(tiny_teacher.config)
+    task = DistillationTask(student, tiny_teacher, [], LossWeights())
+    g = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    cond = {"prompt_embeds": torch.randn(1, 77, 64, generator=g), "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+            "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+    plain = task.teacher_forward(noisy, t, cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = task.teacher_forward(noisy, t, cond)
+    assert under.dtype == torch.float32 and torch.equal(plain, under)
