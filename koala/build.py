@@ -10,7 +10,6 @@ from koala.specs import student_spec
 from koala.unets import Plan, build_student, resolve
 
 
-
 def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:
     """The student U-Net, built from the loaded teacher's config and initialised from its weights."""
     spec = student_spec(cfg.unet)

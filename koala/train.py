@@ -29,8 +29,8 @@ from koala.checks import ConfigError, check_config
 from koala.conditioning import SDXLConditioner
 from koala.config import register_configs
 from koala.data import SkipTally, build_dataloader
-from koala.data.stream import TooManySkips
 from koala.data.demo import ensure_demo_shards
+from koala.data.stream import TooManySkips
 from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
