@@ -79,6 +79,7 @@ class DataConfig:
     buckets: bool = False  # SDXL aspect-ratio buckets (scaled to `resolution`); a batch holds one bucket
     min_size: int = 0  # skip images whose shorter side is smaller
     caption_dropout: float = 0.0  # probability of an empty prompt (classifier-free guidance)
+    background: str = "white"  # colour transparent pixels are composited onto: a name or '#rrggbb'
     num_workers: int = 2
     shuffle: bool = True  # shard order + shuffle buffer (shards), permutation per epoch (hf, folder)
     shuffle_buffer: int = 1000  # shards: samples held (undecoded) for shuffling, per worker
