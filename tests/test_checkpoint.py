@@ -3,13 +3,13 @@
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import unet_inputs
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from rundir import write_run_dir
@@ -38,18 +38,19 @@ def written(tiny_pipeline_dir, tmp_path_factory) -> Path:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student, optimizer = accelerator.prepare(student, optimizer)
     for step in (2, 4):
-        student(**unet_inputs(batch=1, size=8)).sample.mean().backward()  # real optimizer state in the checkpoint
+        for p in student.parameters():  # an optimizer step, so the checkpoint holds real optimizer state
+            p.grad = torch.full_like(p, 1e-3)
         optimizer.step()
         save_checkpoint(accelerator, run, step, student, ema, {"last": {}}, keep=3)
     return run
 
 
 def damage(path: Path, how: str) -> None:
-    """Truncate a file to half, flip one byte in its middle (same size), or delete it."""
-    if how == "delete":
-        path.unlink()
-        return
+    """Truncate a file to half, flip one byte in its middle (same size), or delete it (a new file either way)."""
     data = bytearray(path.read_bytes())
+    path.unlink()  # the copies are hard links: never write through to the original
+    if how == "delete":
+        return
     if how == "truncate":
         path.write_bytes(bytes(data[: len(data) // 2]))
     else:
@@ -59,8 +60,8 @@ def damage(path: Path, how: str) -> None:
 
 @pytest.fixture
 def run(written, tmp_path) -> Path:
-    """A private copy of the written run, free to damage."""
-    return Path(shutil.copytree(written, tmp_path / "run"))
+    """A private copy (hard links) of the written run, free to damage."""
+    return Path(shutil.copytree(written, tmp_path / "run", copy_function=os.link))
 
 
 def test_manifest_records_size_and_hash_of_every_file(written):
