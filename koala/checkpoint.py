@@ -114,8 +114,8 @@ def verify_checkpoint(ckpt: str | Path) -> None:
     problems = checkpoint_problems(Path(ckpt))
     if problems:
         raise CorruptCheckpoint(
-            f"checkpoint {ckpt} is damaged: {'; '.join(problems)}; pick an intact one (checkpoint=latest passes over "
-            f"damaged ones) or delete this folder"
+            f"checkpoint {ckpt} is damaged: {'; '.join(problems)}; name another one, or `latest` (which passes "
+            f"over damaged ones)"
         )
 
 
@@ -129,7 +129,7 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
     if not manifest_path.is_file():
         names = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
         problems = [] if "state.json" in names else ["state.json: missing"]
-        return problems + [p for p in map(lambda n: _unreadable(ckpt, n), names) if p]
+        return problems + [p for p in (_unreadable(ckpt, n) for n in names) if p]
     try:
         recorded = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:

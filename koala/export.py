@@ -35,6 +35,7 @@ from koala.unets import count_parameters
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
 
+
 @dataclass
 class ExportConfig:
     """Settings of `python -m koala.export`."""
@@ -152,8 +153,8 @@ def check_export_target(out: Path) -> None:
         written = set(json.loads((out / MARKER).read_text())["files"]) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):
         raise FileExistsError(
-            f"export folder {out} exists and is not a koala export (no readable {MARKER} marker); it holds "
-            f"{_listing(present)}: {ways}"
+            f"export folder {out} exists and is not a koala export (no readable {MARKER} marker; exports of koala "
+            f"before it wrote one have none); it holds {_listing(present)}: {ways}"
         ) from None
     if present - written:
         raise FileExistsError(
@@ -168,7 +169,11 @@ def _publish(staging: Path, out: Path) -> None:
     if out.exists():
         old = staging.with_name(staging.name + "-old")
         out.rename(old)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:
+            old.rename(out)  # put the previous export back
+            raise
         shutil.rmtree(old)
     else:
         staging.rename(out)
