@@ -1,7 +1,8 @@
 """Precompute the SDXL conditioning of a dataset once: `python -m koala.cache data=... teacher=... [cache.out=...]`.
 
 Every rank (accelerate / torch.distributed) encodes its share of the data with the frozen VAE and text encoders and
-writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached); rank 0 adds the
+writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached; member names are clean
+relative paths, the source key is kept in each sample's metadata); rank 0 adds the
 empty-prompt embeddings (for caption dropout at training time) and `info.json`. Crops and flips are drawn once,
 here, and recorded; caption dropout is left to training. Train from the result with `data=cached data.path=<out>`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from koala.conditioning import SDXLConditioner
 from koala.config import TrainConfig, register_configs
-from koala.data import build_dataloader
+from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
 from koala.dtypes import DTYPES
 
@@ -45,21 +47,37 @@ class CacheJobConfig(TrainConfig):
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
+EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
+
+
+def member_stem(key: str) -> str:
+    """A source key as a tar member stem: a relative path without empty, `.` or `..` parts, and without dots (webdataset
+    splits a member name at its first dot), e.g. `/data/a.b/c` -> `data/a_b/c`, `../../x` -> `x`."""
+    parts = [part.replace(".", "_") for part in re.split(r"[/\\]+", key) if part not in ("", ".", "..")]
+    return "/".join(parts) or "sample"
+
+
 class CacheWriter:
     """Writes cached samples into `<out>/<rank>-<n>.tar` shards, each renamed into place once complete."""
 
     def __init__(self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype) -> None:
         self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
         self.shard, self.count, self.sink, self.total = 0, 0, None, 0
+        self.names: set[str] = set()  # member stems of the current shard: two samples never share one
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Append one sample; starts a new shard every `samples_per_shard` samples."""
+        """Append one sample (its source key kept in the metadata); starts a new shard every `samples_per_shard`."""
         if self.sink is None:
             self.path = self.out / f"{self.rank:03d}-{self.shard:05d}.tar"
             self.sink = wds.TarWriter(str(self.path) + ".tmp")
-        stored = {k: v.detach().to("cpu", self.dtype) for k, v in tensors.items()}
-        self.sink.write({"__key__": key.replace(".", "_"), "safetensors": encode_sample(stored, meta)})
+            self.names = set()
+        stored = {k: v.detach().to("cpu", EXACT.get(k, self.dtype)) for k, v in tensors.items()}
+        stem, n = member_stem(key), 1
+        while stem in self.names:
+            stem, n = f"{member_stem(key)}_{n}", n + 1
+        self.names.add(stem)
+        self.sink.write({"__key__": stem, "safetensors": encode_sample(stored, {"key": key, **meta})})
         self.count, self.total = self.count + 1, self.total + 1
         if self.count == self.per_shard:
             self.close()
@@ -114,14 +132,14 @@ def build_cache(cfg: DictConfig) -> Path:
         cache_data_config(cfg.data), batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world
     )
     writer = CacheWriter(out, rank, cfg.cache.samples_per_shard, DTYPES[cfg.cache.dtype])
-    skipped: dict[str, int] = {}
+    skipped = SkipTally()  # each worker's batches carry its own cumulative counts: summed over workers
     with tqdm(desc=f"caching to {out}", unit="img", disable=rank != 0) as bar:
         for batch in loader:
             write_batch(writer, batch, conditioner(batch))
-            skipped = batch["skipped"]  # one pass with the loader's workers: sum the last counts per worker
+            skipped.update(batch)
             bar.update(len(batch["keys"]))
     writer.close()
-    info = {"samples": writer.total, "skipped": skipped, "data": OmegaConf.to_container(cfg.data, resolve=True),
+    info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
             "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
     state.wait_for_everyone()

@@ -7,19 +7,38 @@ Layout of one checkpoint (complete iff `COMPLETE` exists; the folder is renamed 
         unet/          the student, a diffusers UNet2DConditionModel folder
         unet_ema/      the EMA student (diffusers EMAModel.save_pretrained), when EMA is on
         state.json     {"step": 100, ...}
+        manifest.json  size and sha256 of every file above, written once they are all on disk (fsynced)
         COMPLETE
+
+A checkpoint is verified before use (`checkpoint_problems`): every file in the manifest present with its recorded
+size and hash, json and safetensors files parseable, torch archives (optimizer, RNG states) with an intact zip
+directory. `find_checkpoint(run, "latest")` falls back to the newest intact checkpoint with a warning naming what
+was wrong; a named checkpoint that is damaged raises `CorruptCheckpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 import signal
 import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+TORCH_ARCHIVES = (".bin", ".pkl", ".pt", ".pth")  # torch.save zip archives (accelerate's optimizer, RNG states)
+
+log = logging.getLogger("koala.checkpoint")
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint whose files are missing, truncated, changed or unreadable."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -54,8 +73,11 @@ def _describe_checkpoints(run_dir: Path) -> str:
     return "checkpoints present: " + ", ".join(names)
 
 
-def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest") -> Path:
-    """Resolve `latest`, a step number, a folder name or a path to a COMPLETE checkpoint folder."""
+def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest", verify: bool = True) -> Path:
+    """Resolve `latest`, a step number, a folder name or a path to a COMPLETE (and, unless told, intact) checkpoint.
+
+    `latest` is the newest intact one: damaged newer ones are passed over with a warning naming what is wrong.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
@@ -63,14 +85,130 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest") -> Pa
         complete = list_checkpoints(run_dir)
         if not complete:
             raise FileNotFoundError(f"run dir {run_dir} has no complete checkpoint; {_describe_checkpoints(run_dir)}")
-        return complete[-1]
+        return _newest_intact(complete) if verify else complete[-1]
     name = f"step-{int(checkpoint):08d}" if str(checkpoint).isdigit() else str(checkpoint)
     path = Path(name) if Path(name).is_dir() else run_dir / "checkpoints" / name
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found in {run_dir}; {_describe_checkpoints(run_dir)}")
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} file); {_describe_checkpoints(run_dir)}")
+    if verify:
+        verify_checkpoint(path)
     return path
+
+
+def _newest_intact(complete: list[Path]) -> Path:
+    """The newest checkpoint without problems; warns about each damaged newer one passed over."""
+    damaged: list[str] = []
+    for ckpt in reversed(complete):
+        problems = checkpoint_problems(ckpt)
+        if not problems:
+            for what in damaged:
+                log.warning("passing over damaged checkpoint %s; using %s instead", what, ckpt.name)
+            return ckpt
+        damaged.append(f"{ckpt} ({'; '.join(problems)})")
+    raise CorruptCheckpoint(f"no intact checkpoint: {'; '.join(damaged)}")
+
+
+def verify_checkpoint(ckpt: str | Path) -> None:
+    """Raise CorruptCheckpoint naming every damaged file of `ckpt` (see checkpoint_problems)."""
+    problems = checkpoint_problems(Path(ckpt))
+    if problems:
+        raise CorruptCheckpoint(
+            f"checkpoint {ckpt} is damaged: {'; '.join(problems)}; name another one, or `latest` (which passes "
+            f"over damaged ones)"
+        )
+
+
+def checkpoint_problems(ckpt: Path) -> list[str]:
+    """What is wrong with a checkpoint, one `file: problem` each (empty when intact).
+
+    Files listed in its manifest must be present with the recorded size and sha256; every file must parse.
+    Checkpoints written before manifests existed get the readability checks only.
+    """
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.is_file():
+        names = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+        problems = [] if "state.json" in names else ["state.json: missing"]
+        return problems + [p for p in (_unreadable(ckpt, n) for n in names) if p]
+    try:
+        recorded = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [f"{MANIFEST}: unreadable ({exc})"]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL: large files in parallel
+        found = list(pool.map(lambda item: _file_problem(ckpt, *item), sorted(recorded.items())))
+    return [p for p in found if p]
+
+
+def _file_problem(ckpt: Path, name: str, entry: dict) -> str | None:
+    """The problem of one manifest entry (missing, wrong size, wrong hash, unreadable), or None."""
+    path = ckpt / name
+    if not path.is_file():
+        return f"{name}: missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{name}: {size} bytes, {entry['size']} recorded (truncated or overwritten)"
+    if _sha256(path) != entry["sha256"]:
+        return f"{name}: sha256 differs from the one recorded (changed since it was written)"
+    return _unreadable(ckpt, name)
+
+
+def _unreadable(ckpt: Path, name: str) -> str | None:
+    """`name: unreadable (...)` when a json, safetensors or torch archive file does not parse, else None."""
+    path = ckpt / name
+    try:
+        if name.endswith(".json"):
+            json.loads(path.read_text())
+        elif name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:  # parses the header; checks the data covers the file exactly
+                f.keys()
+        elif name.endswith(TORCH_ARCHIVES):
+            with zipfile.ZipFile(path) as archive:  # the central directory sits at the end: truncation breaks it
+                archive.infolist()
+    except Exception as exc:
+        return f"{name}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal_checkpoint(folder: Path) -> None:
+    """Record every file's size and sha256 in the manifest, flush all to disk, then write COMPLETE (flushed too)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    names = [n for n in names if n not in (MANIFEST, COMPLETE)]
+
+    def record(name: str) -> dict:
+        _fsync(folder / name)
+        return {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        files = dict(zip(names, pool.map(record, names)))
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _fsync(folder / MANIFEST)
+    for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, reverse=True):
+        _fsync(sub)
+    _fsync(folder)
+    (folder / COMPLETE).write_text("")
+    _fsync(folder / COMPLETE)
+    _fsync(folder)
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
@@ -85,15 +223,17 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, student, ema, s
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the main process seals the folder
     if accelerator.is_main_process:
         accelerator.unwrap_model(student).save_pretrained(tmp / "unet")
         if ema is not None:
             ema.save_pretrained(tmp / "unet_ema")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        (tmp / COMPLETE).write_text("")
+        seal_checkpoint(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # atomic on one filesystem: the folder appears complete or not at all
+        _fsync(final.parent)  # the rename itself survives a power cut
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

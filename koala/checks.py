@@ -170,6 +170,12 @@ def check_data(cfg) -> None:
         why = " (buckets: SDXL's bucket grid is 64 px)" if data.buckets else ""
         _fail("data.resolution", data.resolution, f"a positive multiple of {multiple}: the VAE's downscaling times "
               f"the U-Net's{why}")
+    from koala.data.transforms import background_rgb
+
+    try:
+        background_rgb(data.background)
+    except ValueError:
+        _fail("data.background", data.background, "a colour name or '#rrggbb'")
     if not data.path:
         raise ConfigError(f"data.path is required for data.kind={data.kind}")
     if data.create_demo or "://" in data.path or data.path.startswith("pipe:"):

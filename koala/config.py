@@ -89,6 +89,7 @@ class DataConfig:
     # zeros: a dropped sample's prompt_embeds and pooled_prompt_embeds are all zeros, as SDXL's own training did and
     # as the stock pipeline's unconditional branch is (force_zeros_for_empty_prompt); empty: the embeddings of "".
     caption_dropout_mode: str = "zeros"
+    background: str = "white"  # colour transparent pixels are composited onto: a name or '#rrggbb'
     num_workers: int = 2
     shuffle: bool = True  # shard order + shuffle buffer (shards), permutation per epoch (hf, folder)
     shuffle_buffer: int = 1000  # shards: samples held (undecoded) for shuffling, per worker

@@ -4,13 +4,19 @@ Turns a training checkpoint into a stock diffusers SDXL pipeline folder: the stu
 complete diffusers U-Net folder) plus the teacher's text encoders, tokenizers and VAE, an Euler scheduler set for
 the teacher kind, safetensors only, an optional fp16 variant, and a model card. The result loads with
 `StableDiffusionXLPipeline.from_pretrained(out)` and no project code.
+
+Every export carries a `.koala-export` marker listing the files it wrote. An existing `out` is replaced only when it
+is empty or such an export holding nothing else; anything else is refused, never deleted. The export is written to a
+uniquely named staging folder beside `out` and renamed into place once complete.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,13 +25,15 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from koala.checkpoint import find_checkpoint, step_of
 from koala.convert import diffusers_to_original
 from koala.inference import euler_scheduler, preset_for_kind
 from koala.model_card import write_model_card
 from koala.unets import count_parameters
+
+MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
 
 
 @dataclass
@@ -98,13 +106,77 @@ def add_fp16_variant(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
     Only the weight files are taken from the fp16 save: its config.json files would record dtype float16, which
     transformers then applies to the fp32 weights too.
     """
-    staging = folder.with_name(folder.name + ".fp16")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = folder / ".fp16-staging"  # inside koala's own staging folder: nothing of anyone else's is touched
     pipe.to(torch.float16).save_pretrained(staging, safe_serialization=True, variant="fp16")
     for f in staging.rglob("*"):
         if f.is_file() and ".fp16." in f.name:
             f.rename(folder / f.relative_to(staging))
     shutil.rmtree(staging)
+
+
+def load_student(unet_dir: Path) -> UNet2DConditionModel:
+    """The checkpoint's U-Net with a clean config.
+
+    EMAModel.save_pretrained records its settings (decay, optimization_step, ...) in `unet_ema/config.json` (resume
+    reads them back); diffusers would carry them into the export and warn about them on every load.
+    """
+    from accelerate import init_empty_weights
+
+    config = UNet2DConditionModel.load_config(unet_dir)
+    accepted = inspect.signature(UNet2DConditionModel.__init__).parameters
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if k in accepted})
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors")):  # one file, or the shards of one
+        state.update(load_file(shard))
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.eval()
+
+
+def _listing(names: set[str], limit: int = 5) -> str:
+    """A short list of file names."""
+    shown = sorted(names)[:limit]
+    return ", ".join(shown) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse an `out` koala may not replace: a file, or a non-empty folder that is not an untouched koala export."""
+    ways = f"pass out=<a new or empty folder>, or remove {out} yourself if it is yours to delete"
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"export target {out} exists and is not a folder; {ways}")
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_symlink() or not p.is_dir()}
+    if not present:
+        return
+    try:
+        written = set(json.loads((out / MARKER).read_text())["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileExistsError(
+            f"export folder {out} exists and is not a koala export (no readable {MARKER} marker; exports of koala "
+            f"before it wrote one have none); it holds {_listing(present)}: {ways}"
+        ) from None
+    if present - written:
+        raise FileExistsError(
+            f"export folder {out} holds files the previous koala export did not write ({_listing(present - written)}):"
+            f" {ways}"
+        )
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Rename a finished export into place, replacing an (empty, or koala-written) `out` checked just before."""
+    check_export_target(out)
+    if out.exists():
+        old = staging.with_name(staging.name + "-old")
+        out.rename(old)
+        try:
+            staging.rename(out)
+        except OSError:
+            old.rename(out)  # put the previous export back
+            raise
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
 
 
 def export_run(
@@ -127,17 +199,32 @@ def export_run(
     if not (unet_dir / "config.json").is_file():
         hint = " (EMA was off in this run: pass ema=false)" if ema else ""
         raise FileNotFoundError(f"{unet_dir} holds no U-Net{hint}; {ckpt} holds: {', '.join(sorted(p.name for p in ckpt.iterdir()))}")
-    student = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True)
+    out = Path(out) if out else run_dir / "export"
+    check_export_target(out)  # before any model loads
+    student = load_student(unet_dir)
     pipe = assemble_pipeline(cfg.teacher, student, run_dir)
 
-    out = Path(out) if out else run_dir / "export"
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.koala-tmp-{uuid.uuid4().hex[:8]}")  # a name no one else uses
+    try:
+        _write_export(tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file)
+        _publish(tmp, out)  # the folder appears only once complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
+        raise
+    return out
+
+
+def _write_export(
+    tmp: Path, pipe: StableDiffusionXLPipeline, student: UNet2DConditionModel, cfg: DictConfig, ckpt: Path,
+    run_dir: Path, *, ema: bool, fp16: bool, single_file: bool,
+) -> None:  # fmt: skip
+    """Write the pipeline, its variants, the model card and last the marker into the staging folder `tmp`."""
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if single_file:  # before the fp16 variant casts the model in place: the single file keeps fp32
+        save_file(diffusers_to_original(student.state_dict()), str(tmp / "unet.safetensors"))
     if fp16:
         add_fp16_variant(pipe, tmp)
-    if single_file:
-        save_file(diffusers_to_original(student.state_dict()), str(tmp / "unet.safetensors"))
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     write_model_card(
         tmp / "README.md",
@@ -149,10 +236,9 @@ def export_run(
         metrics=read_metrics(run_dir),
         fp16=fp16,
     )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the folder appears only once complete
-    return out
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if not p.is_dir())
+    marker = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "ema": ema, "fp16": fp16, "files": files}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
 
 
 ConfigStore.instance().store(name="koala_export", node=ExportConfig)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from koala.checkpoint import seal_checkpoint
 from koala.hydra_utils import compose_config
 from koala.inherit import inherit_weights
 from koala.specs import student_spec, teacher_unet_config
@@ -17,6 +18,7 @@ from koala.unets import build_student, resolve
 def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10) -> Path:
     """A finished tiny run: one complete checkpoint (unet + perturbed unet_ema), one incomplete newer one."""
     from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
 
     run = root / "run"
     cfg = compose_config("train", [f"teacher.pipeline={pipeline_dir}", f"teacher.kind={kind}", "unet=tiny-700m",
@@ -33,9 +35,11 @@ def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int 
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01)
-    student.save_pretrained(ckpt / "unet_ema")
+    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                   model_config=student.config)
+    ema.save_pretrained(ckpt / "unet_ema")  # as the trainer writes it: the EMA settings ride along in config.json
     (ckpt / "state.json").write_text(json.dumps({"step": step}))
-    (ckpt / "COMPLETE").write_text("")
+    seal_checkpoint(ckpt)
     (run / "checkpoints" / f"step-{2 * step:08d}" / "unet").mkdir(parents=True)  # a save cut short
     records = [{"step": s, "loss/total": 1.0 / s, "loss/task": 0.5 / s, "loss/out": 0.3 / s, "loss/feat": 0.2 / s}
                for s in range(1, step + 1)]

@@ -1,10 +1,14 @@
 """The latent cache: `koala.cache` writes safetensors shards that read back equal to the online conditioning."""
 
+import io
+import json
 import tarfile
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import load
 
 from koala.cache import build_cache
 from koala.conditioning import SDXLConditioner
@@ -61,3 +65,63 @@ def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, t
     assert batch["dropped"].all() and batch["prompt_embeds"].any()  # the cache keeps the real embeddings
     cond = SDXLConditioner.from_pretrained(tiny_pipeline_dir)(batch)
     assert not cond["prompt_embeds"].any() and not cond["pooled_prompt_embeds"].any()  # zeros, the default
+
+
+def _png(w: int, h: int) -> bytes:
+    """A grey PNG of w x h."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 120, 150)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+SOURCE = [  # shard -> (key, image, caption): odd member names, samples to skip, a 4097 px wide image
+    [("/abs/dir/cat", _png(40, 40), "a cat"), ("../../up/dog", _png(40, 40), "a dog"), ("nocap1", _png(40, 40), None),
+     ("./dot.dir/x", _png(40, 40), "an x"), ("nocap2", _png(40, 40), None)],
+    [("wide", _png(4097, 8), "a strip"), ("broken", b"not an image", "broken"), ("nocap3", _png(40, 40), None),
+     ("plain", _png(40, 40), "plain")],  # skips after a worker's last batch reach no batch: none here
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_cache(tmp_path_factory, tiny_pipeline_dir):
+    """A cache of hand-made shards, written with two loader workers (one shard each) and fp16 storage."""
+    root = tmp_path_factory.mktemp("hostile")
+    for i, samples in enumerate(SOURCE):
+        with tarfile.open(root / f"src-{i}.tar", "w") as tar:
+            for key, image, caption in samples:
+                for ext, data in (("png", image), ("txt", caption.encode() if caption else None)):
+                    if data is not None:
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    cfg = compose_config("cache", [
+        f"data.path='{root}/src-{{0..1}}.tar'", "data.create_demo=false", "data.resolution=32", "data.num_workers=2",
+        f"teacher.pipeline={tiny_pipeline_dir}", "teacher.create_tiny=false", f"cache.out={root}/latents",
+        "cache.dtype=fp16", "cache.batch_size=2",
+    ])  # fmt: skip
+    return cfg, build_cache(cfg)
+
+
+def test_cache_member_names_are_clean_relative_paths(hostile_cache):
+    cfg, out = hostile_cache
+    names = [m.name for p in sorted(out.glob("*.tar")) for m in tarfile.open(p).getmembers()]
+    assert sorted(names) == sorted(f"{n}.safetensors" for n in ("abs/dir/cat", "up/dog", "dot_dir/x", "wide", "plain"))
+    cached_cfg = OmegaConf.merge(cfg.data, {"kind": "cached", "path": str(out), "num_workers": 0, "resampled": False})
+    keys = [k for batch in build_dataloader(cached_cfg, batch_size=2, seed=0) for k in batch["keys"]]
+    assert sorted(keys) == sorted(["/abs/dir/cat", "../../up/dog", "./dot.dir/x", "wide", "plain"])  # as the source
+
+
+def test_cache_counts_the_skips_of_every_worker(hostile_cache):
+    _, out = hostile_cache
+    info = json.loads((out / "info-000.json").read_text())
+    assert info["samples"] == 5
+    assert info["skipped"] == {"corrupt_image": 1, "missing_caption": 3, "too_small": 0, "bad_shard": 0}
+
+
+def test_cache_keeps_time_ids_exact_at_any_size(hostile_cache):
+    _, out = hostile_cache
+    blobs = {m.name: t.extractfile(m).read() for p in out.glob("*.tar") for t in [tarfile.open(p)] for m in t}
+    wide = load(blobs["wide.safetensors"])
+    assert wide["latents"].dtype == torch.float16 and wide["time_ids"].dtype == torch.float32
+    # original (h, w) = (8, 4097); resized to (32, 16388) and centre-cropped at left 8178: not representable in fp16
+    assert wide["time_ids"].tolist() == [8, 4097, 0, 8178, 32, 32]

@@ -3,6 +3,7 @@
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from koala.data import build_dataloader
 from koala.data.buckets import SDXL_BUCKETS_1024, nearest_bucket, sdxl_buckets
 from koala.data.demo import write_demo_shards
 from koala.data.transforms import sdxl_transform
+from koala.hydra_utils import compose_config
 
 RED = (255, 0, 0)
 
@@ -24,6 +26,24 @@ def marked(h: int, w: int, y: int, x: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png(image: Image.Image, **kw) -> bytes:
+    """`image` encoded as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def as_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, inverting the transform's scaling exactly."""
+    return ((pixels + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def transformed(data: bytes, size: int = 8, **kw) -> np.ndarray:
+    """The transform's pixels for an image of `size` x `size` at its own size (no resize, no crop)."""
+    out = sdxl_transform(data, (size, size), center_crop=True, random_flip=False, rng=random.Random(0), **kw)
+    return as_uint8(out.pixels)
 
 
 def red_at(pixels: torch.Tensor) -> tuple[int, int]:
@@ -99,3 +119,50 @@ def test_bucketed_batches_hold_one_shape(tmp_path):
         assert tuple(batch["pixel_values"].shape[2:]) == tuple(batch["target_size"][0].tolist())
         shapes.add(tuple(batch["target_size"][0].tolist()))
     assert len(shapes) > 2  # the demo's aspects land in several buckets
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    gradient = np.arange(8, dtype=np.uint16) * 8224  # 0 .. 57568 of 65535
+    image = Image.fromarray(np.tile(gradient, (8, 1)))
+    assert image.mode == "I;16"
+    pixels = transformed(png(image))
+    assert pixels[0, :, 0].tolist() == [0, 32, 64, 96, 128, 160, 192, 224]
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def _transparent(mode: str) -> bytes:
+    """An 8x8 PNG in `mode`: fully transparent pixels storing red (grey in LA), an opaque blue (black in LA) pixel at
+    (0, 0) and a half transparent black one at (0, 1)."""
+    if mode == "P":  # palette with a transparent entry (tRNS)
+        image = Image.new("P", (8, 8), 0)
+        image.putpalette([255, 0, 0, 0, 0, 255, 0, 0, 0])
+        image.putpixel((0, 0), 1)
+        return png(image, transparency=0)
+    image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    image.putpixel((0, 0), (0, 0, 255, 255))
+    image.putpixel((1, 0), (0, 0, 0, 128))
+    return png(image.convert(mode) if mode != "RGBA" else image)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_is_composited_on_the_background(mode):
+    white = transformed(_transparent(mode))
+    assert white[4, 4].tolist() == [255, 255, 255]  # not the stored colour of a transparent pixel
+    assert white[0, 0].tolist() == ([0, 0, 255] if mode != "LA" else [29, 29, 29])  # opaque pixels kept
+    black = transformed(_transparent(mode), background=(0, 0, 0))
+    assert black[4, 4].tolist() == [0, 0, 0]
+    if mode != "P":
+        assert 126 <= white[0, 1, 0] <= 128 and black[0, 1].tolist() == [0, 0, 0]  # half-transparent black
+
+
+def test_background_is_a_data_setting(tmp_path):
+    (tmp_path / "a.png").write_bytes(_transparent("RGBA"))
+    (tmp_path / "a.txt").write_text("a blue dot")
+    for colour, expected in (("white", 255), ("'#000000'", 0)):
+        cfg = compose_config("train", ["data=folder", f"data.path={tmp_path}", "data.resolution=8",
+                                       f"data.background={colour}", "data.num_workers=0"])
+        batch = next(iter(build_dataloader(cfg.data, batch_size=1, seed=0)))
+        assert as_uint8(batch["pixel_values"][0])[4, 4].tolist() == [expected] * 3
+    with pytest.raises(ValueError, match=r"data\.background='blu'.*#rrggbb"):
+        cfg = compose_config("train", ["data=folder", f"data.path={tmp_path}", "data.background=blu"])
+        build_dataloader(cfg.data, batch_size=1, seed=0)

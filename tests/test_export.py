@@ -74,12 +74,56 @@ def test_raw_weights_and_cli(run_dir, tmp_path):
 def test_single_file_export_reads_back_through_the_original_layout_loader(run_dir, tmp_path):
     from koala.teacher import load_unet
 
-    out = main([f"run_dir={run_dir}", "single_file=true", f"out={tmp_path / 'sf'}"])
-    keys = load_file(str(out / "unet.safetensors")).keys()
-    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    out = main([f"run_dir={run_dir}", "single_file=true", "fp16=true", f"out={tmp_path / 'sf'}"])
+    single = load_file(str(out / "unet.safetensors"))
+    assert all(k.startswith("model.diffusion_model.") for k in single)
+    assert {t.dtype for t in single.values()} == {torch.float32}  # the checkpoint's precision, fp16 variant or not
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     back = load_unet(out / "unet.safetensors", base_config=dict(unet.config))
     assert _same_weights(back, unet)
+
+
+def test_exported_unet_config_holds_no_ema_settings(exported):
+    import inspect
+
+    config = json.loads((exported / "unet/config.json").read_text())
+    accepted = set(inspect.signature(UNet2DConditionModel.__init__).parameters)
+    assert {k for k in config if not k.startswith("_")} <= accepted, set(config) - accepted
+    # the checkpoint's unet_ema/config.json does carry them (EMAModel.from_pretrained reads them back on resume)
+    ema_config = json.loads((exported.parent / "checkpoints/step-00000010/unet_ema/config.json").read_text())
+    assert "decay" in ema_config and "optimization_step" in ema_config
+
+
+def test_export_never_deletes_what_koala_did_not_write(run_dir, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"{theirs} .*not a koala export.*notes\.txt.*out=.*remove .*yourself"):
+        export_run(run_dir, out=theirs)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    out = tmp_path / "new"
+    for sibling in ("new.tmp", "new.fp16"):  # names koala once used for its staging folders
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "keep.txt").write_text("mine")
+    export_run(run_dir, out=out, fp16=True)
+    assert all((tmp_path / s / "keep.txt").read_text() == "mine" for s in ("new.tmp", "new.fp16"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "new.fp16", "new.tmp", "theirs"]
+
+
+def test_reexport_replaces_only_a_koala_export(run_dir, tmp_path):
+    out = export_run(run_dir, out=tmp_path / "out")
+    marker = json.loads((out / ".koala-export").read_text())
+    assert "unet/config.json" in marker["files"] and marker["checkpoint"] == "step-00000010"
+    (out / "stale.txt").write_text("x")  # not listed in the marker: a later export must not delete it
+    with pytest.raises(FileExistsError, match=r"stale\.txt"):
+        export_run(run_dir, out=out, ema=False)
+    (out / "stale.txt").unlink()
+    export_run(run_dir, out=out, ema=False)  # a previous export, untouched: replaced
+    raw = UNet2DConditionModel.from_pretrained(run_dir / "checkpoints/step-00000010/unet")
+    assert _same_weights(UNet2DConditionModel.from_pretrained(out / "unet"), raw)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_run(run_dir, out=empty) == empty and (empty / ".koala-export").is_file()
 
 
 def test_lightning_export_uses_trailing_spacing(tiny_pipeline_dir, tmp_path):
@@ -107,3 +151,4 @@ def test_export_loads_without_project_code(exported):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=exported)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "LOADED EulerDiscreteScheduler" in res.stdout
+    assert "not expected" not in res.stderr, res.stderr[-2000:]  # diffusers warns about unknown config keys

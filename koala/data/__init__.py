@@ -25,6 +25,7 @@ from koala.data.records import Raw, caption_from_sample, image_from_sample
 from koala.data.samples import ImageCodec
 from koala.data.shards import expand_shards, shard_order, shard_records
 from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
+from koala.data.transforms import background_rgb
 
 __all__ = ["KINDS", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
 
@@ -90,6 +91,7 @@ def _image_codec(cfg: Any) -> ImageCodec:
         center_crop=cfg.center_crop,
         random_flip=cfg.random_flip,
         caption_dropout=cfg.caption_dropout,
+        background=background_rgb(cfg.background),
     )
 
 

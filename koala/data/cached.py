@@ -3,7 +3,8 @@
 A cache is a folder of tar shards whose members are `<key>.safetensors`, plus `empty_prompt.safetensors` (the
 embeddings of "" for caption dropout) and `info.json`. Each blob holds the tensors `latents` (4, h, w) (already times
 the VAE scaling factor), `prompt_embeds` (77, D), `pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata
-the caption, original size, crop and flip used.
+the source key, caption, original size, crop and flip used. `time_ids` are stored in fp32 whatever the cache's
+storage precision (fp16 rounds sizes above 2048).
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ class CachedCodec:
             return "corrupt_image", None
 
     def decode(self, raw: Raw, shape: Any, rng: random.Random) -> dict:
-        """Load one cached sample's tensors (as float32)."""
+        """Load one cached sample's tensors (as float32); its key is the source's, recorded in the metadata."""
         tensors = {k: v.float() for k, v in load(raw.payload).items()}
         dropped = self.caption_dropout > 0 and rng.random() < self.caption_dropout
-        return {"key": raw.key, "dropped": dropped, **tensors}
+        return {"key": decode_meta(raw.payload).get("key", raw.key), "dropped": dropped, **tensors}
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:

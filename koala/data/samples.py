@@ -9,7 +9,7 @@ import torch
 
 from koala.data.buckets import nearest_bucket
 from koala.data.records import Raw
-from koala.data.transforms import open_image, sdxl_transform
+from koala.data.transforms import RGB, WHITE, open_image, sdxl_transform
 
 
 class ImageCodec:
@@ -24,8 +24,10 @@ class ImageCodec:
         center_crop: bool = True,
         random_flip: bool = False,
         caption_dropout: float = 0.0,
+        background: RGB = WHITE,
     ) -> None:
         self.square = (resolution, resolution)
+        self.background = background
         self.buckets, self.min_size = buckets, min_size
         self.center_crop, self.random_flip, self.caption_dropout = center_crop, random_flip, caption_dropout
 
@@ -47,7 +49,8 @@ class ImageCodec:
     def decode(self, raw: Raw, target: tuple[int, int], rng: random.Random) -> dict:
         """Decode and transform one record; randomness (caption pick, crop, flip, dropout) comes from `rng` only."""
         caption = raw.caption if isinstance(raw.caption, str) else rng.choice(raw.caption)
-        out = sdxl_transform(raw.image, target, center_crop=self.center_crop, random_flip=self.random_flip, rng=rng)
+        out = sdxl_transform(raw.image, target, center_crop=self.center_crop, random_flip=self.random_flip, rng=rng,
+                             background=self.background)
         dropped = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         if dropped:  # the conditioner zeroes its embeddings or encodes "" (data.caption_dropout_mode)
             caption = ""

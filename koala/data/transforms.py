@@ -3,6 +3,10 @@
 `original_size` is the decoded image's (h, w); `crop_top_left` is the (top, left) of the crop inside the resized
 and (when flipped) mirrored image, so `time_ids` describe exactly the pixels the model sees. A flip mirrors the crop
 coordinate as diffusers' SDXL training script does: left = resized_width - left - target_width.
+
+Every image becomes 8-bit RGB the same way (`to_rgb`): 16-bit greyscale is scaled to 8 bits (not clipped), and
+transparency (RGBA, LA, a palette or colour key with tRNS) is composited onto a background colour (`data.background`,
+white by default) instead of dropped, which would show the arbitrary stored colours of transparent pixels.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 
 Size = tuple[int, int]  # (h, w)
+RGB = tuple[int, int, int]
+WHITE: RGB = (255, 255, 255)
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNGs open as one of these
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,27 @@ class Cropped:
 def open_image(data: bytes) -> Image.Image:
     """Open an encoded image lazily: reads the header only (size, mode), decodes nothing."""
     return Image.open(io.BytesIO(data))
+
+
+def background_rgb(value: str) -> RGB:
+    """`data.background` as an RGB triple; a clear error for anything that is not a colour."""
+    try:
+        return ImageColor.getrgb(str(value))[:3]
+    except ValueError:
+        raise ValueError(
+            f"data.background={value!r} is not a colour: use a name (white, black, grey, ...) or '#rrggbb'"
+        ) from None
+
+
+def to_rgb(image: Image.Image, background: RGB = WHITE) -> Image.Image:
+    """8-bit RGB: 16-bit greyscale scaled to 8 bits (65535 -> 255), transparency composited onto `background`."""
+    if image.mode in WIDE_GREY:
+        wide = np.asarray(image, dtype=np.float32)  # (H, W) in 0..65535
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode in ALPHA or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resized_size(size: Size, target: Size) -> Size:
@@ -56,14 +85,16 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def sdxl_transform(data: bytes, target: Size, *, center_crop: bool, random_flip: bool, rng: random.Random) -> Cropped:
+def sdxl_transform(
+    data: bytes, target: Size, *, center_crop: bool, random_flip: bool, rng: random.Random, background: RGB = WHITE
+) -> Cropped:
     """Decode `data`, resize its shorter side to fit `target`, crop to `target`, maybe flip; record what was done."""
     image = open_image(data)
     original = (image.height, image.width)
     resized = resized_size(original, target)
     if image.format == "JPEG":
         image.draft("RGB", (resized[1], resized[0]))  # decode at a reduced DCT scale when the image is much larger
-    image = image.convert("RGB")
+    image = to_rgb(image, background)
     top, left = crop_origin(resized, target, center_crop, rng)
     sy, sx = image.height / resized[0], image.width / resized[1]  # resized -> (drafted) decoded coordinates
     box = (left * sx, top * sy, (left + target[1]) * sx, (top + target[0]) * sy)
