@@ -18,13 +18,13 @@ from typing import Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 from koala.config import TeacherConfig, UNetConfig
 from koala.inherit import map_name, module_map
 from koala.lora_format import Adapter, parse_lora, read_safetensors, teacher_module_tables
-from koala.specs import student_spec, teacher_unet_config
+from koala.specs import run_plan, student_spec, teacher_unet_config
 from koala.unets import Plan, build_student, build_unet, resolve
 
 
@@ -152,14 +152,10 @@ def remap_file(lora: str | Path, out: str | Path, teacher_config: dict, plan: Pl
 
 def _teacher_and_plan(cfg: DictConfig) -> tuple[dict, Plan]:
     """The teacher U-Net config and the student plan, from a run's config.yaml or from the composed groups."""
-    source = cfg
     if cfg.run_dir:
-        path = Path(cfg.run_dir) / "config.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"run_dir={cfg.run_dir!r} has no config.yaml: not a koala run directory")
-        source = OmegaConf.load(path)
-    teacher_config = teacher_unet_config(source.teacher)
-    return teacher_config, resolve(teacher_config, student_spec(source.unet))
+        return run_plan(cfg.run_dir)
+    teacher_config = teacher_unet_config(cfg.teacher)
+    return teacher_config, resolve(teacher_config, student_spec(cfg.unet))
 
 
 ConfigStore.instance().store(name="koala_lora", node=LoraRemapConfig)
