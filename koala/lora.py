@@ -122,11 +122,17 @@ def remap_lora(
 
 
 def peft_state_dict(adapters: dict[tuple[str, str], Adapter]) -> dict[str, torch.Tensor]:
-    """diffusers / PEFT keys (`unet.<module>.lora_A.weight`), each adapter's scale folded into lora_B."""
+    """The keys stock `load_lora_weights` reads, each adapter's scale folded into its up weight.
+
+    U-Net: PEFT's `unet.<module>.lora_A/B.weight`. Text encoders: diffusers' `lora_linear_layer.down/up`, the one
+    form diffusers converts for every CLIP projection (its PEFT-key conversion covers attention projections only,
+    so an MLP-only text-encoder LoRA in PEFT keys fails to load).
+    """
     out = {}
     for (component, module), a in adapters.items():
-        out[f"{component}.{module}.lora_A.weight"] = a.down.contiguous()
-        out[f"{component}.{module}.lora_B.weight"] = (a.up.float() * a.scale).to(a.up.dtype).contiguous()
+        down, up = ("lora_A", "lora_B") if component == "unet" else ("lora_linear_layer.down", "lora_linear_layer.up")
+        out[f"{component}.{module}.{down}.weight"] = a.down.contiguous()
+        out[f"{component}.{module}.{up}.weight"] = (a.up.float() * a.scale).to(a.up.dtype).contiguous()
     return out
 
 

@@ -45,6 +45,10 @@ def loras(tiny_pipeline_dir, tmp_path_factory):
         kohya[f"{name}.lora_down.weight"] = state[key]
         kohya[f"{name}.lora_up.weight"] = state[f"{module}.lora_B.weight"]
         kohya[f"{name}.alpha"] = torch.tensor(8.0)
+    for te, out_features in (("te1", 32), ("te2", 64)):  # kohya text-encoder adapters (tiny CLIP width 32)
+        name = f"lora_{te}_text_model_encoder_layers_0_" + ("self_attn_q_proj" if te == "te1" else "mlp_fc1")
+        kohya[f"{name}.lora_down.weight"] = torch.randn(4, 32) * 0.1
+        kohya[f"{name}.lora_up.weight"] = torch.randn(out_features, 4) * 0.1
     save_file(kohya, str(root / "kohya.safetensors"))
     return {"peft": root / "peft" / "pytorch_lora_weights.safetensors", "kohya": root / "kohya.safetensors"}
 
@@ -59,7 +63,13 @@ def test_both_layouts_remap_to_the_same_student_lora(loras, teacher_config, tmp_
     report = remap_file(loras["peft"], tmp_path / "a.safetensors", teacher_config, plan)
     remap_file(loras["kohya"], tmp_path / "b.safetensors", teacher_config, plan)
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+    assert a.keys() == {k for k in b if k.startswith("unet.")} and all(torch.allclose(a[k], b[k]) for k in a)
+    assert {k for k in b if not k.startswith("unet.")} == {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight",
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight",
+    }
     # student decoder layer 1 inherits teacher layer 2 (KOALA.md section 2): its adapter comes from there
     assert report.kept["up_blocks.1.resnets.1.conv1"] == "up_blocks.1.resnets.2.conv1"
     assert "up_blocks.1.resnets.1.conv1" in {k for k in report.dropped}
@@ -73,7 +83,8 @@ def test_identity_spec_keeps_every_layer(loras, teacher_config, tmp_path):
     report = remap_file(loras["kohya"], tmp_path / "id.safetensors", teacher_config,
                         resolve(teacher_config, SPECS["sdxl"]))
     assert not report.dropped and report.fraction_kept == pytest.approx(1.0)
-    assert set(load_file(tmp_path / "id.safetensors")) == set(load_file(loras["peft"]))
+    unet_keys = {k for k in load_file(tmp_path / "id.safetensors") if k.startswith("unet.")}
+    assert unet_keys == set(load_file(loras["peft"]))
 
 
 def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teacher_config, tmp_path):
@@ -103,6 +114,8 @@ def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teach
             before, weights = eps(), {{k: v.clone() for k, v in pipe.unet.state_dict().items()}}
             pipe.load_lora_weights(lora)
             res[name] = eps() - before
+            res[name + "_text_adapters"] = torch.tensor([
+                sum("lora_A" in n for n, _ in te.named_parameters()) for te in (pipe.text_encoder, pipe.text_encoder_2)])
             if name == "identity":
                 continue
             pipe.fuse_lora()
@@ -123,6 +136,7 @@ def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teach
 
     assert corr(d["identity"], d["teacher"]) > 0.99  # kohya in, identity spec: the teacher's own LoRA
     assert torch.allclose(d["identity"], d["teacher"], atol=1e-5)
+    assert d["identity_text_adapters"].tolist() == [1, 1]  # kohya lora_te1_ / lora_te2_ reach the text encoders
     # every kept student layer gets exactly the weight delta of the teacher layer it inherited from
     for s, t in report.kept.items():
         assert torch.allclose(d[f"student:{s}.weight"], d[f"teacher:{t}.weight"], atol=1e-6), s
