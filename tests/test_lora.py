@@ -184,3 +184,23 @@ def test_bad_loras_fail_clearly_and_write_nothing(case, message, teacher_config,
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         remap_file(src, out, teacher_config, resolve(teacher_config, SPECS["tiny-700m"]))
     assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_older_diffusers_layout_reads_the_same(loras, teacher_config, tmp_path):
+    """`.lora.down/.up` and attention-processor keys (`processor.to_q_lora`) with `.alpha`, as older diffusers wrote."""
+    state, old = load_file(loras["peft"]), {}
+    for key in (k for k in state if k.endswith(".lora_A.weight")):
+        module = key[: -len(".lora_A.weight")]
+        parent, _, proj = module.rpartition(".attn1.")
+        if proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            base = f"{parent}.attn1.processor.{proj.split('.')[0]}_lora"
+        else:
+            base = f"{module}.lora"
+        old[f"{base}.down.weight"], old[f"{base}.up.weight"] = state[key], state[f"{module}.lora_B.weight"]
+        old[f"{module}.alpha"] = torch.tensor(8.0)
+    assert any(".processor.to_out_lora." in k for k in old)
+    plan = resolve(teacher_config, SPECS["tiny-1b"])
+    remap_file(_write(tmp_path / "old.safetensors", old), tmp_path / "a.safetensors", teacher_config, plan)
+    remap_file(loras["peft"], tmp_path / "b.safetensors", teacher_config, plan)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
