@@ -55,6 +55,7 @@ class RemapReport:
         return self.norm_kept / self.norm_total if self.norm_total else 1.0
 
     def summary(self) -> str:
+        """Kept / dropped counts, the norm fraction, and each dropped resnet, transformer or transformer layer."""
         n = len(self.kept) + len(self.dropped)
         lines = [
             f"U-Net: {len(self.kept)} of {n} LoRA layers kept, {self.fraction_kept:.1%} of the LoRA's weight-delta "

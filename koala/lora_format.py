@@ -53,6 +53,7 @@ class Adapter:
 
     @property
     def rank(self) -> int:
+        """The adapter's rank r."""
         return self.down.shape[0]
 
     def norm_sq(self) -> float:
