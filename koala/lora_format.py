@@ -51,11 +51,6 @@ class Adapter:
     up: torch.Tensor  # (out, r) or (out, r, 1, 1)
     scale: float = 1.0
 
-    @property
-    def rank(self) -> int:
-        """The adapter's rank r."""
-        return self.down.shape[0]
-
     def norm_sq(self) -> float:
         """Squared Frobenius norm of the weight delta, without forming it: tr((UᵀU)(DDᵀ)) · scale²."""
         u, d = self.up.flatten(1).double(), self.down.flatten(1).double()
