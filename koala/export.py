@@ -44,7 +44,7 @@ class ExportConfig:
     checkpoint: str = "latest"  # latest | step-00000100 | 100 | a checkpoint folder
     ema: bool = True  # export unet_ema/ (else unet/)
     fp16: bool = False  # also write an fp16 variant (variant="fp16")
-    single_file: bool = False  # also write unet.safetensors in the original SDXL layout (ComfyUI-style loaders)
+    single_file: bool = True  # also write unet.safetensors in the original SDXL layout (ComfyUI-style loaders)
     out: Optional[str] = None  # default <run_dir>/export
 
 
@@ -185,7 +185,7 @@ def export_run(
     ema: bool = True,
     out: str | Path | None = None,
     fp16: bool = False,
-    single_file: bool = False,
+    single_file: bool = True,
 ) -> Path:
     """Export a run's checkpoint as a complete SDXL pipeline folder; returns the folder.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.unets import ARCHS, StudentSpec, spec_from_fields
+from koala.unets import ARCHS, Plan, StudentSpec, resolve, spec_from_fields
 
 SPEC_FIELDS = (
     "encoder_keep",
@@ -35,6 +35,16 @@ def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
     if teacher_cfg.arch not in ARCHS:
         raise KeyError(f"unknown teacher arch {teacher_cfg.arch!r}; valid choices: {', '.join(ARCHS)}")
     return dict(ARCHS[teacher_cfg.arch])
+
+
+def run_plan(run_dir: str | Path) -> tuple[dict[str, Any], Plan]:
+    """The teacher U-Net config and the resolved student plan of a run, from its saved config.yaml."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir={str(run_dir)!r} has no config.yaml: not a koala run directory")
+    cfg = OmegaConf.load(path)
+    teacher_config = teacher_unet_config(cfg.teacher)
+    return teacher_config, resolve(teacher_config, student_spec(cfg.unet))
 
 
 def _plain(v: Any) -> Any:

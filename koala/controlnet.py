@@ -1,0 +1,77 @@
+"""A stock SDXL ControlNet driving a student: the teacher-shaped residuals re-indexed onto the student's layers.
+
+An SDXL ControlNet returns one residual per output the teacher's encoder passes to its decoder (conv_in, every
+encoder layer, every downsampler: 9 for SDXL) and one for the mid block. A student keeps fewer encoder layers, and
+diffusers' U-Net pairs residuals with its own skip connections by position (a silent `zip`), so a stock ControlNet
+feeds the wrong layers or fails on a shape. `residual_sources(plan)` is, from the inheritance map, the teacher
+residual each student skip connection takes; `fit_controlnet` wraps a loaded ControlNet (sharing its weights) so
+its forward returns exactly those, and the stock `StableDiffusionXLControlNetPipeline` runs the student with it:
+
+    plan = resolve(SDXL_UNET_CONFIG, get_spec("koala-700m"))
+    controlnet = fit_controlnet(ControlNetModel.from_pretrained("/models/controlnet-canny-sdxl"), plan)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained("outputs/koala-700m/export", controlnet=controlnet)
+
+The mid-block residual is added where the student's mid block ends, or, for a student without one, to the
+encoder output the teacher's mid block would have received (diffusers' own behaviour).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accelerate import init_empty_weights
+from diffusers import ControlNetModel
+from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+from koala.unets import Plan
+
+
+def residual_sources(plan: Plan) -> list[int]:
+    """For every down-block residual the student consumes (diffusers order), the teacher residual index it takes."""
+    t, n = plan.teacher, plan.teacher.num_stages
+    out, index = [0], 1  # residual 0 is conv_in's output
+    for i in range(n):
+        out += [index + k for k in plan.encoder_keep[i]]  # each kept encoder layer <- the layer it inherits
+        index += len(t.down_depth[i])
+        if i < n - 1:  # every stage but the last ends in a downsampler
+            out.append(index)
+            index += 1
+    return out
+
+
+def teacher_residual_count(plan: Plan) -> int:
+    """How many down-block residuals the teacher's encoder produces (conv_in, layers, downsamplers)."""
+    t = plan.teacher
+    return 1 + sum(len(d) for d in t.down_depth) + t.num_stages - 1
+
+
+class StudentControlNet(ControlNetModel):
+    """A ControlNetModel whose forward returns the residuals of the student's kept layers only."""
+
+    student_sources: list[int] | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> ControlNetOutput | tuple:
+        """The stock ControlNet forward, its down-block residuals picked by `student_sources`."""
+        return_dict = kwargs.get("return_dict", True)
+        out = super().forward(*args, **kwargs)
+        down, mid = (out.down_block_res_samples, out.mid_block_res_sample) if return_dict else out
+        if self.student_sources is not None:
+            down = tuple(down[i] for i in self.student_sources)
+        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid) if return_dict else (down, mid)
+
+
+def fit_controlnet(controlnet: ControlNetModel, plan: Plan) -> StudentControlNet:
+    """A StudentControlNet sharing `controlnet`'s weights (no copy) that feeds the student `plan` describes."""
+    have, want = len(controlnet.controlnet_down_blocks), teacher_residual_count(plan)
+    if have != want:
+        raise ValueError(
+            f"the ControlNet produces {have} down-block residuals but the student's teacher has {want} encoder "
+            "outputs: it is not a ControlNet for this teacher (an SDXL ControlNet has 9)"
+        )
+    with init_empty_weights():
+        fitted = StudentControlNet.from_config(controlnet.config)
+    fitted.load_state_dict(controlnet.state_dict(), assign=True)
+    fitted.student_sources = residual_sources(plan)
+    first = next(controlnet.parameters())
+    return fitted.to(device=first.device, dtype=first.dtype).eval()
+
