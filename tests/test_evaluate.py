@@ -95,6 +95,27 @@ def test_frechet_distance_matches_closed_forms():
     assert frechet_distance_of_features(x1, x2) == pytest.approx(expected, rel=1e-6)
 
 
+# torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (the network torchmetrics' FID runs), loaded with
+# random_inception_state(0), on the two images below: its 2048-d features (first 8 of image 0), their sums and norms.
+# Recorded once with torch-fidelity's module file imported without its package (which needs torchvision); koala's
+# network gave bit-identical features then.
+TORCH_FIDELITY_FIRST8 = [0.0, 0.009662, 0.038876, 9.075985, 1.511524, 3.967955, 8.587535, 1.339485]
+TORCH_FIDELITY_SUMS = [4678.16015625, 4682.39111328125]
+TORCH_FIDELITY_NORMS = [177.96340942382812, 178.01283264160156]
+
+
+def test_inception_reproduces_torch_fidelity(tmp_path):
+    save_file(random_inception_state(0), str(tmp_path / "w.safetensors"))
+    net = load_fid_inception(tmp_path / "w.safetensors")
+    images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = net(images)
+    assert feats.shape == (2, 2048)
+    assert feats[0, :8].tolist() == pytest.approx(TORCH_FIDELITY_FIRST8, rel=1e-4, abs=1e-5)
+    assert feats.sum(1).tolist() == pytest.approx(TORCH_FIDELITY_SUMS, rel=1e-5)
+    assert feats.norm(dim=1).tolist() == pytest.approx(TORCH_FIDELITY_NORMS, rel=1e-5)
+
+
 @pytest.mark.slow  # two 2048 x 2048 Fréchet computations (torchmetrics' eigvals alone takes ~20 s on 2 cores)
 def test_fid_matches_torchmetrics(inception_file, tmp_path):
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -306,3 +327,16 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(tiny_pipeline_d
     for model in ("student", "teacher"):
         for key, value in first["results"][model].items():
             assert rerun["results"][model][key] == pytest.approx(value, rel=1e-6)
+
+
+def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
+    model = CLIPModel.from_pretrained(tiny_clip)
+    src = tmp_path / "PickScore_v1"
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(MissingMetricWeights, match=r"pytorch_model.bin.*convert=pickscore"):
+        koala.evaluate.check_metrics(["pickscore"], _ns(pickscore=str(src)), _ns(reference=None))
+    out = main(["convert=pickscore", f"src={src}", f"out={tmp_path / 'pickscore'}", f"tokenizer={tiny_clip}"])
+    images = [Image.open(f).convert("RGB") for f in write_images(tmp_path / "img", 2, seed=6)]
+    prompts = ["a koala", "a red car"]
+    assert pickscore_scorer(out).scores(images, prompts) == pytest.approx(pickscore_scorer(tiny_clip).scores(images, prompts))

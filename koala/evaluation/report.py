@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from koala.evaluation.registry import Sample
 from koala.generate import make_grid
@@ -32,6 +32,17 @@ def write_report(out: Path, results: dict[str, dict[str, float]], meta: dict[str
     return table
 
 
+def _with_header(grid: Image.Image, names: Sequence[str]) -> Image.Image:
+    """The grid under a white strip naming each column."""
+    strip = 16
+    out = Image.new("RGB", (grid.width, grid.height + strip), "white")
+    out.paste(grid, (0, strip))
+    draw, col = ImageDraw.Draw(out), grid.width / len(names)
+    for i, name in enumerate(names):
+        draw.text((i * col + 2, 2), name, fill="black")
+    return out
+
+
 def write_grids(out: Path, samples: dict[str, Sequence[Sample]], count: int) -> list[Path]:
     """grids/<model>.png with the first `count` images of each model, and grids/side_by_side.png: one row per
     prompt, one column per model (same prompt and seed across a row)."""
@@ -44,5 +55,5 @@ def write_grids(out: Path, samples: dict[str, Sequence[Sample]], count: int) -> 
     names = list(samples)
     tiles = [Image.open(samples[m][i].file) for i in range(min(count, *(len(v) for v in samples.values())))
              for m in names]
-    make_grid(tiles, cols=len(names)).save(out / "grids" / "side_by_side.png")
+    _with_header(make_grid(tiles, cols=len(names)), names).save(out / "grids" / "side_by_side.png")
     return written + [out / "grids" / "side_by_side.png"]

@@ -95,10 +95,11 @@ def convert_inception(src: str | Path, out: str | Path) -> Path:
 
 
 def _copy_tokenizer(tokenizer: str | Path | None, out: Path) -> None:
-    """Copy a CLIP tokenizer's files (vocab.json, merges.txt, tokenizer*.json, special_tokens_map.json) into `out`."""
+    """Copy a CLIP tokenizer's files (and preprocessor_config.json, the image mean/std) into `out`."""
     if tokenizer is None:
         return
-    names = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    names = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "preprocessor_config.json")
     for name in names:
         if (Path(tokenizer) / name).is_file():
             shutil.copy(Path(tokenizer) / name, out / name)
@@ -142,25 +143,32 @@ def convert_hps(src: str | Path, out: str | Path, tokenizer: str | Path | None =
 
 
 def convert_clip_folder(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """A transformers CLIPModel folder with pickled weights (e.g. PickScore_v1's pytorch_model.bin) -> safetensors."""
+    """A transformers CLIPModel folder (e.g. PickScore_v1) -> one with safetensors weights and a tokenizer.
+
+    Pickled weights (pytorch_model*.bin) are read with weights_only=True; a folder that already has safetensors is
+    re-saved as is. The tokenizer and preprocessor_config.json come from `tokenizer` (PickScore's are those of
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K) or else from `src`.
+    """
     from transformers import CLIPConfig, CLIPModel
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} has no config.json: not a transformers CLIPModel folder")
-    model = CLIPModel(CLIPConfig.from_pretrained(src))
     bins = sorted(src.glob("pytorch_model*.bin"))
-    if not bins:
-        raise FileNotFoundError(f"no pytorch_model*.bin in {src}")
-    state: dict[str, torch.Tensor] = {}
-    for b in bins:
-        state.update(_load_pickle(b))
-    _load_checked(model, state, src)
+    if bins:
+        model = CLIPModel(CLIPConfig.from_pretrained(src))
+        state: dict[str, torch.Tensor] = {}
+        for b in bins:
+            state.update(_load_pickle(b))
+        _load_checked(model, state, src)
+    elif (src / "model.safetensors").is_file() or (src / "model.safetensors.index.json").is_file():
+        model = CLIPModel.from_pretrained(src, use_safetensors=True)
+    else:
+        raise FileNotFoundError(f"no pytorch_model*.bin or model.safetensors in {src}")
     model.save_pretrained(out, safe_serialization=True)
-    for name in ("preprocessor_config.json",):
-        if (src / name).is_file() and src != out:
-            shutil.copy(src / name, out / name)
-    _copy_tokenizer(tokenizer or src, out)
+    for folder in (src, tokenizer):  # the tokenizer folder's files win
+        if folder is not None and Path(folder).resolve() != out.resolve():
+            _copy_tokenizer(folder, out)
     return out
 
 
