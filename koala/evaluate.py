@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 
 from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
 from koala.evaluation.prompts import read_prompt_set
-from koala.evaluation.registry import build_metric, check_metrics
+from koala.evaluation.registry import MetricContext, build_metric, check_metrics
 from koala.evaluation.report import write_grids, write_report
 from koala.evaluation.weights import CONVERTERS
 from koala.generate import load_pipeline
@@ -125,10 +125,10 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     if not state.is_main_process:
         return {}
     samples = {name: write_manifest(out / name, pairs, cfg.seed) for name in cfg.models}
-    device = cfg.device or str(state.device)
+    ctx = MetricContext(cfg.device or str(state.device), cfg.protocol, out)
     results: dict[str, dict[str, float]] = {name: {} for name in cfg.models}
     for metric_name, path in weights.items():
-        metric = build_metric(metric_name, path, device, cfg.protocol)
+        metric = build_metric(metric_name, path, ctx)
         for name, rows in samples.items():
             results[name].update(metric(rows))
         del metric

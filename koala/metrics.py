@@ -1,13 +1,10 @@
-"""Quality metrics from locally stored weights: CLIP score and Fréchet distance of image features.
+"""CLIP models from local folders and the Fréchet distance: the pieces koala.evaluation's metrics are built from.
 
 CLIP score (as torchmetrics defines it): 100 * max(cos(image embedding, text embedding), 0), averaged over images,
 from a transformers `CLIPModel` folder (safetensors), e.g. openai/clip-vit-large-patch14 saved locally.
 
-Fréchet distance: the FID formula |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed on CLIP image
-embeddings ("FD-CLIP", as advocated by Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in Fréchet Inception
-Distance"), not on Inception-v3 pool features: torchvision is unavailable beside this torch and the standard
-Inception weights are a pickle, which this project never loads. FD-CLIP values are therefore not comparable with
-published FID numbers; they compare models evaluated the same way here.
+Fréchet distance: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, of Inception features (FID, see
+koala.evaluation.inception) or of CLIP image embeddings ("FD-CLIP", Kynkäänniemi et al. 2023).
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ def check_clip_folder(path: str | Path | None) -> Path:
            "'openai/clip-vit-large-patch14').save_pretrained(DIR, safe_serialization=True) and the same with "
            "CLIPTokenizer and CLIPImageProcessor; then copy DIR here.")
     if not path:
-        raise MissingMetricWeights(f"metrics.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
+        raise MissingMetricWeights(f"weights.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
     path = Path(path)
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
@@ -69,8 +66,7 @@ class ClipScorer:
         for img in images:
             img = _square(img.convert("RGB"), self.size, self.fit)
             out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        x = (torch.stack(out) - self.mean) / self.std
-        return x
+        return (torch.stack(out) - self.mean) / self.std
 
     @torch.no_grad()
     def image_features(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
@@ -160,11 +156,3 @@ def frechet_distance_of_features(x1: torch.Tensor, x2: torch.Tensor) -> float:
     a, b = (a - mu1) / math.sqrt(len(a) - 1), (b - mu2) / math.sqrt(len(b) - 1)
     trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
     return float((mu1 - mu2).square().sum() + a.square().sum() + b.square().sum() - 2 * trace_sqrt)
-
-
-def load_images(folder: str | Path) -> list[Image.Image]:
-    """Every PNG/JPEG/WebP image in a folder (sorted by name)."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    if not files:
-        raise FileNotFoundError(f"no .png/.jpg/.jpeg/.webp images in reference folder {folder}")
-    return [Image.open(p).convert("RGB") for p in files]

@@ -268,16 +268,16 @@ def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
     bench = tmp_path / "benchmark"
     bench.mkdir()
     for style in ("anime", "photo"):
-        (bench / f"{style}.json").write_text(json.dumps([f"{style} of a koala", f"{style} of a city", "unused"]))
-    run = main(["protocol=hpsv2", f"protocol.prompts={bench}", "limit=4", f"models={{teacher: {tiny_pipeline_dir}}}",
+        (bench / f"{style}.json").write_text(json.dumps([f"{style} of a koala", f"{style} of a city"]))
+    run = main(["protocol=hpsv2", f"protocol.prompts={bench}", "limit=3", f"models={{teacher: {tiny_pipeline_dir}}}",
                 f"weights.hps={hps}", "steps=2", "protocol.height=32", "protocol.width=32", "device=cpu",
                 f"out={tmp_path / 'eval'}"])
-    # limit keeps the first 4 prompts: anime's three, then photo's first
+    # limit keeps the first 3 prompts: anime's two, then photo's first
     row = run["results"]["teacher"]
     assert set(row) == {"hps", "hps/anime", "hps/photo"}
-    assert row["hps"] == pytest.approx((3 * row["hps/anime"] + row["hps/photo"]) / 4)
+    assert row["hps"] == pytest.approx((2 * row["hps/anime"] + row["hps/photo"]) / 3)
     manifest = json.loads((tmp_path / "eval" / "teacher" / "manifest.json").read_text())
-    assert [m["style"] for m in manifest] == ["anime"] * 3 + ["photo"]
+    assert [(m["style"], m["seed"]) for m in manifest] == [("anime", 0), ("anime", 1), ("photo", 2)]
     assert "| teacher |" in (tmp_path / "eval" / "results.md").read_text()
 
 
@@ -318,6 +318,8 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(tiny_pipeline_d
     assert first["results"]["student"]["fid"] != first["results"]["teacher"]["fid"]
     assert "| student |" in res.stdout and "| teacher |" in res.stdout  # the table is printed
     assert {p.name for p in (out / "grids").iterdir()} == {"student.png", "teacher.png", "side_by_side.png"}
+    with np.load(out / "reference-stats" / "fid.npz") as stats:  # reusable as protocol.reference
+        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "student" / "images").iterdir()}
     # a rerun (one process) finds every image: nothing is sampled again and the numbers are the same
     rerun = main(args)

@@ -38,13 +38,22 @@ class Metric(Protocol):
 
 
 @dataclass(frozen=True)
+class MetricContext:
+    """What a metric builder may use besides its weights."""
+
+    device: str
+    protocol: Any  # the protocol config (reference, fid_size, ...)
+    out: Path  # the run directory (reference statistics are written there)
+
+
+@dataclass(frozen=True)
 class MetricEntry:
     """How to check and build one metric; `key` names its weights under `weights.` in the config."""
 
     key: str
     kind: str  # convert=<kind> writes its weights
     check: Callable[[Any, str, str], Path]
-    build: Callable[[Path, str, Any], Metric]  # (checked weights, device, protocol config) -> metric
+    build: Callable[[Path, MetricContext], Metric]
     needs_reference: bool = False
 
 
@@ -67,9 +76,9 @@ class FrechetMetric:
     """Fréchet distance between the features of the samples and of the reference images (or stored statistics)."""
 
     def __init__(self, name: str, features: Callable[[list[Image.Image]], torch.Tensor], reference: str | Path,
-                 batch_size: int = 32):
+                 batch_size: int = 32, stats_out: Optional[Path] = None):
         self.name, self.features, self.batch_size = name, features, batch_size
-        self.reference = Path(reference)
+        self.reference, self.stats_out = Path(reference), stats_out
         self._ref: torch.Tensor | tuple[np.ndarray, np.ndarray] | None = None
 
     def features_of(self, files: Sequence[Path]) -> torch.Tensor:
@@ -84,6 +93,10 @@ class FrechetMetric:
                     self._ref = (z["mu"], z["sigma"])
             else:
                 self._ref = self.features_of(reference_files(self.reference))
+                if self.stats_out is not None:  # reusable as protocol.reference=<file> with the same protocol
+                    self.stats_out.parent.mkdir(parents=True, exist_ok=True)
+                    mu, sigma = feature_stats(self._ref)
+                    np.savez(self.stats_out, mu=mu, sigma=sigma)
         return self._ref
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, float]:
@@ -138,19 +151,21 @@ class ScoreMetric:
         return out
 
 
-def _fid(weights: Path, device: str, protocol: Any) -> Metric:
+def _fid(weights: Path, ctx: MetricContext) -> Metric:
     """FID with the TF-ported Inception (see koala.evaluation.inception)."""
-    return FrechetMetric("fid", InceptionFeatures(weights, device, protocol.fid_size), protocol.reference)
+    return FrechetMetric("fid", InceptionFeatures(weights, ctx.device, ctx.protocol.fid_size), ctx.protocol.reference,
+                         stats_out=ctx.out / "reference-stats" / "fid.npz")
 
 
-def _fd_clip(weights: Path, device: str, protocol: Any) -> Metric:
+def _fd_clip(weights: Path, ctx: MetricContext) -> Metric:
     """Fréchet distance of CLIP image embeddings (Kynkäänniemi et al. 2023)."""
-    return FrechetMetric("fd_clip", ClipScorer(weights, device).image_features, protocol.reference)
+    return FrechetMetric("fd_clip", ClipScorer(weights, ctx.device).image_features, ctx.protocol.reference,
+                         stats_out=ctx.out / "reference-stats" / "fd_clip.npz")
 
 
-def _clip_score(weights: Path, device: str, protocol: Any) -> Metric:
+def _clip_score(weights: Path, ctx: MetricContext) -> Metric:
     """CLIP score: 100 x max(cos, 0), torchmetrics' definition."""
-    scorer = ClipScorer(weights, device)
+    scorer = ClipScorer(weights, ctx.device)
 
     def score(images: list[Image.Image], prompts: list[str]) -> list[float]:
         """Per-image CLIP score."""
@@ -160,18 +175,18 @@ def _clip_score(weights: Path, device: str, protocol: Any) -> Metric:
     return ScoreMetric("clip_score", score)
 
 
-def _hps(weights: Path, device: str, protocol: Any) -> Metric:
+def _hps(weights: Path, ctx: MetricContext) -> Metric:
     """HPSv2 / HPSv2.1 (x 100)."""
     from koala.evaluation.preference import hps_scorer
 
-    return ScoreMetric("hps", hps_scorer(weights, device).scores)
+    return ScoreMetric("hps", hps_scorer(weights, ctx.device).scores)
 
 
-def _pickscore(weights: Path, device: str, protocol: Any) -> Metric:
+def _pickscore(weights: Path, ctx: MetricContext) -> Metric:
     """PickScore_v1."""
     from koala.evaluation.preference import pickscore_scorer
 
-    return ScoreMetric("pickscore", pickscore_scorer(weights, device).scores)
+    return ScoreMetric("pickscore", pickscore_scorer(weights, ctx.device).scores)
 
 
 METRICS: dict[str, MetricEntry] = {
@@ -203,6 +218,6 @@ def check_metrics(names: Sequence[str], weights: Any, protocol: Any) -> dict[str
     return out
 
 
-def build_metric(name: str, weights: Path, device: str, protocol: Any) -> Metric:
+def build_metric(name: str, weights: Path, ctx: MetricContext) -> Metric:
     """Load one checked metric."""
-    return METRICS[name].build(weights, device, protocol)
+    return METRICS[name].build(weights, ctx)
