@@ -70,7 +70,7 @@ class EvaluateConfig:
     device: Optional[str] = None  # default: this rank's accelerator device
     dtype: str = "auto"
     grid: int = 8  # images per model in the grids
-    out: Optional[str] = None  # default eval/<protocol.name>
+    out: Optional[str] = None  # default <run>/eval/<protocol.name> for a model <run>/export, else eval/<protocol.name>
     convert: Optional[str] = None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
     src: Optional[str] = None  # convert: the original file or folder
     tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
@@ -92,6 +92,12 @@ def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, P
         get_preset(_preset(cfg, name))
     pairs = read_prompt_set(cfg.protocol.prompts)[: cfg.limit or None]
     return pairs, check_metrics(cfg.protocol.metrics, cfg.weights, cfg.protocol)
+
+
+def default_out(cfg: Any) -> Path:
+    """<run>/eval/<protocol> when the first model is a run's `export` folder, else eval/<protocol>."""
+    first = Path(next(iter(cfg.models.values())))
+    return (first.parent if first.name == "export" else Path()) / "eval" / cfg.protocol.name
 
 
 def _distributed():
@@ -118,7 +124,7 @@ def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
 def evaluate(cfg: Any) -> dict[str, Any]:
     """Sample every model on the protocol's prompts (split across ranks) and score them on rank 0."""
     pairs, weights = check_inputs(cfg)
-    out = Path(cfg.out or f"eval/{cfg.protocol.name}")
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
     state = _distributed()
     generate_all(cfg, pairs, out, state)
     state.wait_for_everyone()

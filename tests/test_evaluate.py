@@ -236,7 +236,7 @@ def test_missing_weights_name_the_files(tmp_path):
         check_clip_folder(tmp_path / "clip-vit-large-patch14")
 
 
-@pytest.mark.parametrize("case", ["prompts", "pickle", "no_weights", "no_clip"])
+@pytest.mark.parametrize("case", ["prompts", "pickle", "no_weights", "no_clip", "hps_pickle"])
 def test_bad_inputs_fail_before_any_model_loads(case, tiny_pipeline_dir, inception_file, tiny_clip, tmp_path,
                                                 monkeypatch):
     def refuse(*a, **k):
@@ -255,6 +255,8 @@ def test_bad_inputs_fail_before_any_model_loads(case, tiny_pipeline_dir, incepti
         "no_weights": (dict(inception=f"weights.inception={tmp_path / 'none.safetensors'}"),
                        r"weights.inception=.*none.safetensors: no such file.*convert=inception"),
         "no_clip": (dict(clip=f"weights.clip={tmp_path / 'clip-missing'}"), r"weights.clip=.*clip-missing.*config.json"),
+        "hps_pickle": (dict(metrics="protocol.metrics=[hps]", hps=f"weights.hps={tmp_path / 'pt_inception.pth'}"),
+                       r"weights.hps=.*pt_inception.pth is a pickle.*python -m koala.evaluate convert=hps src="),
     }
     change, message = expected[case]
     with pytest.raises((FileNotFoundError, MissingMetricWeights), match=message):

@@ -55,6 +55,10 @@ def check_clip_model(path: str | Path | None, key: str, kind: str) -> Path:
         raise MissingMetricWeights(f"{key} is not set: it must name a local {kind} CLIPModel folder "
                                    f"(config.json, model.safetensors, tokenizer); see `{convert_command(kind)}`")
     path = Path(path)
+    if path.is_file():
+        what = "a pickle (torch.save), which the evaluator never loads" if is_pickle(path) else "a file, not a folder"
+        raise MissingMetricWeights(f"{key}={path} is {what}; write a {kind} CLIPModel folder once with "
+                                   f"`{convert_command(kind, src=str(path), out=str(path.with_suffix('')))}`")
     has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
     has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")] if path.is_dir() else []
