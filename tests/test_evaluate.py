@@ -5,7 +5,6 @@ loaded by the real loading code.
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from transformers import CLIPConfig, CLIPModel
 
 import koala.evaluate
 from koala.evaluate import main
-from koala.evaluation.inception import FIDInception, load_fid_inception
+from koala.evaluation.inception import load_fid_inception, random_fid_inception_state
 from koala.evaluation.preference import hps_scorer, pickscore_scorer
 from koala.evaluation.registry import FrechetMetric, InceptionFeatures, Sample
 from koala.metrics import (
@@ -29,27 +28,10 @@ from koala.metrics import (
 from koala.tiny import write_byte_tokenizer, write_tiny_pipeline
 
 
-def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for every FID Inception tensor, with BatchNorm statistics that keep activations in range."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, v in FIDInception().state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        if k.endswith(("running_var", "bn.weight")):
-            v = torch.rand(v.shape, generator=g) + 0.5
-        elif k.endswith(("running_mean", "bn.bias", "fc.bias")):
-            v = torch.randn(v.shape, generator=g) * 0.1
-        else:
-            v = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
-        state[k] = v.contiguous()
-    return state
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "pt_inception-random.safetensors"
-    save_file(random_inception_state(), str(path))
+    save_file(random_fid_inception_state(), str(path))
     return path
 
 
@@ -96,7 +78,7 @@ def test_frechet_distance_matches_closed_forms():
 
 
 # torch-fidelity 0.4.0's FeatureExtractorInceptionV3 (the network torchmetrics' FID runs), loaded with
-# random_inception_state(0), on the two images below: its 2048-d features (first 8 of image 0), their sums and norms.
+# random_fid_inception_state(0), on the two images below: its 2048-d features (first 8 of image 0), their sums and norms.
 # Recorded once with torch-fidelity's module file imported without its package (which needs torchvision); koala's
 # network gave bit-identical features then.
 TORCH_FIDELITY_FIRST8 = [0.0, 0.009662, 0.038876, 9.075985, 1.511524, 3.967955, 8.587535, 1.339485]
@@ -105,7 +87,7 @@ TORCH_FIDELITY_NORMS = [177.96340942382812, 178.01283264160156]
 
 
 def test_inception_reproduces_torch_fidelity(tmp_path):
-    save_file(random_inception_state(0), str(tmp_path / "w.safetensors"))
+    save_file(random_fid_inception_state(0), str(tmp_path / "w.safetensors"))
     net = load_fid_inception(tmp_path / "w.safetensors")
     images = torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -136,7 +118,7 @@ def test_fid_matches_torchmetrics(inception_file, tmp_path):
 
 
 def test_inception_converter_refuses_to_load_pickles(inception_file, tmp_path):
-    state = random_inception_state(seed=3)
+    state = random_fid_inception_state(seed=3)
     torch.save(state, tmp_path / "pt_inception-2015-12-05.pth")
     with pytest.raises(MissingMetricWeights, match=r"is a pickle.*python -m koala.evaluate convert=inception src=.*pth"):
         koala.evaluate.check_metrics(["fid"], _ns(inception=str(tmp_path / "pt_inception-2015-12-05.pth")),
@@ -344,3 +326,44 @@ def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
     images = [Image.open(f).convert("RGB") for f in write_images(tmp_path / "img", 2, seed=6)]
     prompts = ["a koala", "a red car"]
     assert pickscore_scorer(out).scores(images, prompts) == pytest.approx(pickscore_scorer(tiny_clip).scores(images, prompts))
+
+
+def test_prompt_files_of_every_protocol(tmp_path):
+    from koala.evaluation.prompts import read_prompt_set
+
+    (tmp_path / "p.txt").write_text("# comment\na koala\n\na red car\n")
+    (tmp_path / "metadata.csv").write_text("file_name,text\n1.jpg,a koala\n2.jpg,a red car\n")  # BK-SDM COCO-30K
+    (tmp_path / "meta_data.json").write_text(json.dumps({"a1": {"category": "animals", "prompt": "a koala"},
+                                                         "b2": {"category": "people", "prompt": "a red car"}}))  # MJHQ
+    assert read_prompt_set(tmp_path / "p.txt") == [("a koala", None), ("a red car", None)]
+    assert read_prompt_set(tmp_path / "metadata.csv") == [("a koala", None), ("a red car", None)]
+    assert read_prompt_set(tmp_path / "meta_data.json") == [("a koala", "animals"), ("a red car", "people")]
+    styles = tmp_path / "bench"
+    styles.mkdir()
+    (styles / "photo.json").write_text(json.dumps(["a koala"]))  # HPSv2: one file per style
+    (styles / "anime.json").write_text(json.dumps(["a red car"]))
+    assert read_prompt_set(styles) == [("a red car", "anime"), ("a koala", "photo")]
+    (tmp_path / "bad.csv").write_text("file,caption_en\n1.jpg,a koala\n")
+    with pytest.raises(ValueError, match=r"bad.csv.*none of the fields prompt, caption, text.*caption_en"):
+        read_prompt_set(tmp_path / "bad.csv")
+
+
+def test_registry_metrics_score_image_files(tiny_clip, tmp_path):
+    from koala.evaluation.registry import METRICS, MetricContext, build_metric, check_metrics
+
+    files = write_images(tmp_path / "gen", 3, seed=8)
+    write_images(tmp_path / "ref", 4, seed=9)
+    samples = [Sample(f, p, s) for f, p, s in zip(files, ["a koala", "a red car", "a cat"], ["x", "x", "y"])]
+    protocol = _ns(reference=str(tmp_path / "ref"), fid_size=None)
+    names = ["fd_clip", "clip_score", "hps", "pickscore"]
+    weights = check_metrics(names, _ns(clip=str(tiny_clip), hps=str(tiny_clip), pickscore=str(tiny_clip)), protocol)
+    ctx = MetricContext("cpu", protocol, tmp_path / "eval")
+    row = {}
+    for name in names:
+        row.update(build_metric(name, weights[name], ctx)(samples))
+    assert row["fd_clip"] > 0 and (tmp_path / "eval" / "reference-stats" / "fd_clip.npz").is_file()
+    assert 0 <= row["clip_score"] <= 100
+    assert row["hps"] == pytest.approx((2 * row["hps/x"] + row["hps/y"]) / 3)
+    assert {"fid", "fd_clip", "clip_score", "hps", "pickscore"} <= set(METRICS)
+    with pytest.raises(KeyError, match="unknown metric 'imagereward'; valid choices: fid, fd_clip"):
+        check_metrics(["imagereward"], _ns(), protocol)

@@ -13,6 +13,7 @@ Features are the 2048-d output of the final average pool.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -201,6 +202,24 @@ class FIDInception(nn.Module):
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, f"Mixed_{name}")(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
+
+
+def random_fid_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random stand-in weights for every tensor of the file (tests, parity checks): He-scaled convolutions and
+    BatchNorm statistics that keep activations in range."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in FIDInception().state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.endswith(("running_var", "bn.weight")):
+            v = torch.rand(v.shape, generator=g) + 0.5
+        elif k.endswith(("running_mean", "bn.bias", "fc.bias")):
+            v = torch.randn(v.shape, generator=g) * 0.1
+        else:
+            v = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
+        state[k] = v.contiguous()
+    return state
 
 
 def load_fid_inception(path: str | Path, device: str = "cpu") -> FIDInception:
