@@ -83,9 +83,10 @@ def _preset(cfg: Any, name: str) -> str:
 
 def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, Path]]:
     """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
-    if not cfg.models:
+    if not cfg.models or not hasattr(cfg.models, "items"):
         raise SystemExit("usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
-                         "models.<name>=<pipeline folder> [models.<name2>=...] weights.<inception|clip|hps|pickscore>=...")
+                         "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
+                         f"(got models={cfg.models})")
     for name, path in cfg.models.items():
         if not (Path(path) / "model_index.json").is_file():
             raise FileNotFoundError(f"models.{name}={path} is not a diffusers pipeline folder (no model_index.json)")
@@ -116,7 +117,7 @@ def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
         pipe = load_pipeline(path, device, cfg.dtype)
         record = generate_share(pipe, prompts, indices, out / name / "images", _preset(cfg, name),
                                 cfg.seed, cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
-                                height=cfg.protocol.height, width=cfg.protocol.width)
+                                height=cfg.protocol.height, width=cfg.protocol.width, model=str(path))
         write_share_record(out / name, state.process_index, state.num_processes, record)
         del pipe
 

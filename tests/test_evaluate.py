@@ -313,6 +313,9 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(tiny_pipeline_d
     for model in ("student", "teacher"):
         for key, value in first["results"][model].items():
             assert rerun["results"][model][key] == pytest.approx(value, rel=1e-6)
+    # an image made from other settings is never reused silently
+    with pytest.raises(ValueError, match=r"00000.png was sampled from prompt='a koala' seed=0 settings=.*steps.: 2"):
+        main([*args, "steps=3"])
 
 
 def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
