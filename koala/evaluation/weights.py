@@ -35,6 +35,13 @@ def is_pickle(path: Path) -> bool:
     return any(head.startswith(m) for m in PICKLE_MAGICS)
 
 
+def is_safetensors(path: Path) -> bool:
+    """True when the file starts with a safetensors header: an 8-byte little-endian length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def check_safetensors(path: str | Path | None, key: str, kind: str) -> Path:
     """A safetensors weight file at `path`, or a one-line error naming the key, the file and the conversion."""
     if not path:
@@ -43,9 +50,10 @@ def check_safetensors(path: str | Path | None, key: str, kind: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise MissingMetricWeights(f"{key}={path}: no such file; write it once with `{convert_command(kind, out=str(path))}`")
-    if is_pickle(path):
-        raise MissingMetricWeights(f"{key}={path} is a pickle (torch.save), which the evaluator never loads; convert it "
-                                   f"once with `{convert_command(kind, src=str(path), out=path.with_suffix('.safetensors'))}`")
+    if not is_safetensors(path):
+        what = "a pickle (torch.save), which the evaluator never loads" if is_pickle(path) else "not a safetensors file"
+        raise MissingMetricWeights(f"{key}={path} is {what}; convert the original once with "
+                                   f"`{convert_command(kind, src=str(path), out=path.with_suffix('.safetensors'))}`")
     return path
 
 
@@ -65,8 +73,11 @@ def check_clip_model(path: str | Path | None, key: str, kind: str) -> Path:
     if (path / "config.json").is_file() and has_st and has_tok:
         return path
     have = sorted(p.name for p in path.iterdir()) if path.is_dir() else "the folder does not exist"
-    hint = (f"it holds pickled weights ({', '.join(pickled)}): " if pickled and not has_st else "") + \
-        f"convert once with `{convert_command(kind, out=str(path))}`"
+    if pickled and not has_st:
+        hint = f"it holds pickled weights ({', '.join(pickled)}): convert once with " \
+            f"`{convert_command(kind, src=str(path), out=f'{path}-safetensors')}`"
+    else:
+        hint = f"convert once with `{convert_command(kind, out=str(path))}`"
     raise MissingMetricWeights(f"{key}={path}: {kind} weights incomplete (found: {have}); needed: config.json, "
                                f"model.safetensors, tokenizer.json or vocab.json + merges.txt; {hint}")
 
