@@ -1,4 +1,4 @@
-"""`[accelerate launch] python -m koala.evaluate protocol=<preset> models.<name>=<pipeline> ... weights.<w>=<file>`.
+"""`[accelerate launch] python -m koala.evaluate protocol=<preset> models='{<name>: <pipeline>, ...}' weights.<w>=<file>`.
 
 Evaluates local SDXL pipelines (student, teacher, any other) on a published protocol (configs/protocol/: coco30k-256,
 mjhq30k, hpsv2, custom): every rank samples its share of the prompts (koala.evaluation.generation), rank 0 writes
