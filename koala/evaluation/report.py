@@ -43,17 +43,23 @@ def _with_header(grid: Image.Image, names: Sequence[str]) -> Image.Image:
     return out
 
 
-def write_grids(out: Path, samples: dict[str, Sequence[Sample]], count: int) -> list[Path]:
+def _tile(sample: Sample, size: int) -> Image.Image:
+    """An image shrunk to fit size x size (grids of 1024 px samples stay small)."""
+    img = Image.open(sample.file).convert("RGB")
+    img.thumbnail((size, size), Image.BICUBIC)
+    return img
+
+
+def write_grids(out: Path, samples: dict[str, Sequence[Sample]], count: int, size: int = 256) -> list[Path]:
     """grids/<model>.png with the first `count` images of each model, and grids/side_by_side.png: one row per
-    prompt, one column per model (same prompt and seed across a row)."""
+    prompt, one column per model (same prompt and seed across a row); tiles at most `size` px."""
     (out / "grids").mkdir(parents=True, exist_ok=True)
     written = []
     for model, rows in samples.items():
         path = out / "grids" / f"{model}.png"
-        make_grid([Image.open(s.file) for s in rows[:count]]).save(path)
+        make_grid([_tile(s, size) for s in rows[:count]]).save(path)
         written.append(path)
     names = list(samples)
-    tiles = [Image.open(samples[m][i].file) for i in range(min(count, *(len(v) for v in samples.values())))
-             for m in names]
+    tiles = [_tile(samples[m][i], size) for i in range(min(count, *(len(v) for v in samples.values()))) for m in names]
     _with_header(make_grid(tiles, cols=len(names)), names).save(out / "grids" / "side_by_side.png")
     return written + [out / "grids" / "side_by_side.png"]
