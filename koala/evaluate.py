@@ -1,120 +1,175 @@
-"""`python -m koala.evaluate model=<pipeline> [compare=<pipeline>] prompts=<file> [reference=<images>] metrics.clip=<dir>`.
+"""`[accelerate launch] python -m koala.evaluate protocol=<preset> models='{<name>: <pipeline>, ...}' weights.<w>=<file>`.
 
-Samples every prompt once per model with the same per-image seeds (koala.generate), then reports CLIP score and
-Fréchet distance of CLIP image features (FD-CLIP; see koala.metrics for why not Inception-FID) against a reference
-image folder, and between the two models when `compare` is given. Metric weights are checked before any sampling.
+Evaluates local SDXL pipelines (student, teacher, any other) on a published protocol (configs/protocol/: coco30k-256,
+mjhq30k, hpsv2, custom): every rank samples its share of the prompts (koala.evaluation.generation), rank 0 writes
+the manifests, computes the protocol's metrics from local safetensors weights (koala.evaluation.registry) and writes
+results.json, results.md and image grids under `out`, then prints the table. Prompt files, reference images and
+metric weights are all checked before any model loads.
+
+`python -m koala.evaluate convert=<inception|hps|pickscore|clip> src=<original> out=<target> [tokenizer=<dir>]`
+turns a metric's original pickled weights into safetensors once (torch.load with weights_only=True).
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 
-from koala.generate import generate, load_pipeline, pick_device, read_prompts, save_images
-from koala.metrics import ClipScorer, feature_stats, frechet_distance, load_images
+from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
+from koala.evaluation.prompts import read_prompt_set
+from koala.evaluation.registry import MetricContext, build_metric, check_metrics
+from koala.evaluation.report import write_grids, write_report
+from koala.evaluation.weights import CONVERTERS
+from koala.generate import load_pipeline
+from koala.inference import get_preset
 
 
 @dataclass
-class MetricsConfig:
-    """Local metric weights."""
+class ProtocolConfig:
+    """A published evaluation protocol: prompts, reference images, metrics, image sizes (configs/protocol/)."""
 
-    clip: Optional[str] = None  # a transformers CLIPModel folder (safetensors): CLIP score and FD-CLIP features
-    fid: str = "clip"  # feature model of the Fréchet distance: `clip` (metrics.clip) or another local CLIP folder
+    name: str = "custom"
+    prompts: Optional[str] = None  # prompt file (.txt/.json/.csv) or folder of per-style files; supplied by the user
+    reference: Optional[str] = None  # real images (folder) or their FID statistics (.npz with mu, sigma)
+    metrics: list[str] = field(default_factory=lambda: ["clip_score"])  # names in koala.evaluation.registry.METRICS
+    fid_size: Optional[int] = None  # squash generated and reference images to this size before FID (BK-SDM: 256)
+    height: Optional[int] = None  # sampling size (null: the pipeline's default, 1024 for SDXL)
+    width: Optional[int] = None
+
+
+@dataclass
+class WeightsConfig:
+    """Local metric weights (safetensors), written once by `convert=<kind>`."""
+
+    inception: Optional[str] = None  # FID Inception .safetensors (convert=inception)
+    clip: Optional[str] = None  # transformers CLIPModel folder for clip_score / fd_clip
+    hps: Optional[str] = None  # HPSv2.1 as a CLIPModel folder (convert=hps)
+    pickscore: Optional[str] = None  # PickScore_v1 CLIPModel folder (convert=pickscore when it holds a .bin)
 
 
 @dataclass
 class EvaluateConfig:
     """Settings of `python -m koala.evaluate`; sampling settings as in koala.generate."""
 
-    model: Optional[str] = None
-    compare: Optional[str] = None  # a second pipeline (e.g. the teacher) sampled on the same prompts and seeds
-    prompts: Optional[str] = None
-    reference: Optional[str] = None  # real images for the Fréchet distance
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    models: Any = None  # name -> local diffusers SDXL pipeline folder: models={student: ..}
+    presets: Any = None  # name -> sampling preset where not `preset`: presets={teacher: ..}
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    limit: Optional[int] = None  # first N prompts only (smoke runs)
     preset: str = "v1"
-    compare_preset: Optional[str] = None  # default: preset
-    seed: int = 0
+    seed: int = 0  # prompt i gets seed + i
     steps: Optional[int] = None
     guidance: Optional[float] = None
-    height: Optional[int] = None
-    width: Optional[int] = None
     batch_size: int = 1
-    device: Optional[str] = None
+    device: Optional[str] = None  # default: this rank's accelerator device
     dtype: str = "auto"
-    out: Optional[str] = None  # default eval/<model folder name>
+    grid: int = 8  # images per model in the grids
+    out: Optional[str] = None  # default <run>/eval/<protocol.name> for a model <run>/export, else eval/<protocol.name>
+    convert: Optional[str] = None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
+    src: Optional[str] = None  # convert: the original file or folder
+    tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
 
 
-def sample_model(model: str, prompts: list[str], seeds: list[int], preset: str, cfg: Any) -> list:
-    """Load one pipeline, sample the prompt set, and free it."""
-    pipe = load_pipeline(model, cfg.device, cfg.dtype)
-    images = generate(pipe, prompts, preset, seeds, steps=cfg.steps, guidance=cfg.guidance,
-                      height=cfg.height, width=cfg.width, batch_size=cfg.batch_size)
-    del pipe
-    return images
+def _preset(cfg: Any, name: str) -> str:
+    """The sampling preset of one model."""
+    return (cfg.presets or {}).get(name, cfg.preset)
 
 
-def score_sets(
-    sets: dict[str, list], prompts: list[str], clip: ClipScorer, fid: ClipScorer, reference: list | None
-) -> dict[str, Any]:
-    """CLIP score per image set, FD-CLIP to the reference set, and FD-CLIP between the first two sets."""
-    results: dict[str, Any] = {}
-    stats = {name: feature_stats(fid.image_features(images)) for name, images in sets.items()}
-    ref_stats = feature_stats(fid.image_features(reference)) if reference else None
-    for name, images in sets.items():
-        results[name] = {"clip_score": clip.clip_score(images, prompts)}
-        if ref_stats is not None:
-            results[name]["fd_clip_to_reference"] = frechet_distance(*stats[name], *ref_stats)
-    if len(sets) == 2:
-        a, b = sets
-        results["fd_clip_between_models"] = frechet_distance(*stats[a], *stats[b])
-    return results
+def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, Path]]:
+    """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
+    if not cfg.models or not hasattr(cfg.models, "items"):
+        raise SystemExit("usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
+                         "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
+                         f"(got models={cfg.models})")
+    for name, path in cfg.models.items():
+        if not (Path(path) / "model_index.json").is_file():
+            raise FileNotFoundError(f"models.{name}={path} is not a diffusers pipeline folder (no model_index.json)")
+        get_preset(_preset(cfg, name))
+    pairs = read_prompt_set(cfg.protocol.prompts)[: cfg.limit or None]
+    return pairs, check_metrics(cfg.protocol.metrics, cfg.weights, cfg.protocol)
+
+
+def default_out(cfg: Any) -> Path:
+    """<run>/eval/<protocol> when the first model is a run's `export` folder, else eval/<protocol>."""
+    first = Path(next(iter(cfg.models.values())))
+    return (first.parent if first.name == "export" else Path()) / "eval" / cfg.protocol.name
+
+
+def _distributed():
+    """accelerate's process state; several processes and no GPU need cpu=True to get gloo (MULTI_CPU)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+
+
+def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
+    """Every model samples this rank's share of the prompts into out/<model>/images."""
+    device = cfg.device or str(state.device)
+    prompts = [p for p, _ in pairs]
+    indices = share(len(pairs), state.process_index, state.num_processes)
+    for name, path in cfg.models.items():
+        pipe = load_pipeline(path, device, cfg.dtype)
+        record = generate_share(pipe, prompts, indices, out / name / "images", _preset(cfg, name),
+                                cfg.seed, cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
+                                height=cfg.protocol.height, width=cfg.protocol.width, model=str(path))
+        write_share_record(out / name, state.process_index, state.num_processes, record)
+        del pipe
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
-    """Sample the model (and `compare`) on the prompt set and score the images; returns the results."""
-    if not cfg.model or not cfg.prompts:
-        raise SystemExit("usage: python -m koala.evaluate model=<pipeline> prompts=<file> metrics.clip=<CLIP folder> "
-                         "[compare=<pipeline>] [reference=<image folder>]")
-    device = pick_device(cfg.device)
-    clip = ClipScorer(cfg.metrics.clip, device)  # fails with the list of needed files before any sampling
-    fid = clip if cfg.metrics.fid == "clip" else ClipScorer(cfg.metrics.fid, device)
-    prompts = read_prompts(cfg.prompts)
-    seeds = [cfg.seed + i for i in range(len(prompts))]
-    reference = load_images(cfg.reference) if cfg.reference else None
-    out = Path(cfg.out or f"eval/{Path(cfg.model).resolve().name}")
-    sets = {"model": sample_model(cfg.model, prompts, seeds, cfg.preset, cfg)}
-    if cfg.compare:
-        sets["compare"] = sample_model(cfg.compare, prompts, seeds, cfg.compare_preset or cfg.preset, cfg)
-    for name, images in sets.items():
-        save_images(images, prompts, seeds, out / name)
-    results = {
-        "model": cfg.model,
-        "compare": cfg.compare,
-        "prompts": len(prompts),
-        "seeds": [seeds[0], seeds[-1]],
-        "fd_features": f"CLIP image embeddings ({cfg.metrics.fid})",
-        **score_sets(sets, prompts, clip, fid, reference),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1))
-    return results
+    """Sample every model on the protocol's prompts (split across ranks) and score them on rank 0."""
+    pairs, weights = check_inputs(cfg)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    state = _distributed()
+    generate_all(cfg, pairs, out, state)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    samples = {name: write_manifest(out / name, pairs, cfg.seed) for name in cfg.models}
+    ctx = MetricContext(cfg.device or str(state.device), cfg.protocol, out)
+    results: dict[str, dict[str, float]] = {name: {} for name in cfg.models}
+    for metric_name, path in weights.items():
+        metric = build_metric(metric_name, path, ctx)
+        for name, rows in samples.items():
+            results[name].update(metric(rows))
+        del metric
+    meta = {"protocol": cfg.protocol.name, "prompts": len(pairs), "seed": cfg.seed, "processes": state.num_processes,
+            "models": dict(cfg.models), "presets": {n: _preset(cfg, n) for n in cfg.models},
+            "fid_size": cfg.protocol.fid_size, "weights": {k: str(v) for k, v in weights.items()}}
+    table = write_report(out, results, meta)
+    write_grids(out, samples, cfg.grid)
+    print(table)
+    return {"out": str(out), **meta, "results": results}
+
+
+def convert(cfg: Any) -> Path:
+    """One-time conversion of a metric's original (pickled) weights to safetensors."""
+    if cfg.convert not in CONVERTERS or not cfg.src or not cfg.out:
+        raise SystemExit(f"usage: python -m koala.evaluate convert=<{'|'.join(CONVERTERS)}> src=<original> "
+                         "out=<target> [tokenizer=<CLIP tokenizer folder>]")
+    kwargs = {"tokenizer": cfg.tokenizer} if cfg.convert != "inception" else {}
+    path = CONVERTERS[cfg.convert](cfg.src, cfg.out, **kwargs)
+    print(f"wrote {path}")
+    return path
 
 
 ConfigStore.instance().store(name="koala_evaluate", node=EvaluateConfig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: compose `configs/evaluate.yaml` with key=value overrides, evaluate, print the results."""
+def main(argv: list[str] | None = None) -> dict[str, Any] | Path:
+    """CLI: compose `configs/evaluate.yaml` with key=value overrides, then convert or evaluate."""
     from koala.hydra_utils import compose_config
 
-    results = evaluate(compose_config("evaluate", sys.argv[1:] if argv is None else argv))
-    print(json.dumps(results, indent=1))
-    return results
+    cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
+    if cfg.convert:
+        return convert(cfg)
+    return evaluate(cfg)
 
 
 if __name__ == "__main__":

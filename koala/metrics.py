@@ -1,18 +1,16 @@
-"""Quality metrics from locally stored weights: CLIP score and Fréchet distance of image features.
+"""CLIP models from local folders and the Fréchet distance: the pieces koala.evaluation's metrics are built from.
 
 CLIP score (as torchmetrics defines it): 100 * max(cos(image embedding, text embedding), 0), averaged over images,
 from a transformers `CLIPModel` folder (safetensors), e.g. openai/clip-vit-large-patch14 saved locally.
 
-Fréchet distance: the FID formula |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, computed on CLIP image
-embeddings ("FD-CLIP", as advocated by Kynkäänniemi et al. 2023, "The Role of ImageNet Classes in Fréchet Inception
-Distance"), not on Inception-v3 pool features: torchvision is unavailable beside this torch and the standard
-Inception weights are a pickle, which this project never loads. FD-CLIP values are therefore not comparable with
-published FID numbers; they compare models evaluated the same way here.
+Fréchet distance: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, of Inception features (FID, see
+koala.evaluation.inception) or of CLIP image embeddings ("FD-CLIP", Kynkäänniemi et al. 2023).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +35,7 @@ def check_clip_folder(path: str | Path | None) -> Path:
            "'openai/clip-vit-large-patch14').save_pretrained(DIR, safe_serialization=True) and the same with "
            "CLIPTokenizer and CLIPImageProcessor; then copy DIR here.")
     if not path:
-        raise MissingMetricWeights(f"metrics.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
+        raise MissingMetricWeights(f"weights.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
     path = Path(path)
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
@@ -50,6 +48,8 @@ def check_clip_folder(path: str | Path | None) -> Path:
 class ClipScorer:
     """A local CLIP model: image and text embeddings, CLIP score, image features for Fréchet distance."""
 
+    fit = "crop"  # how a non-square image becomes square: `crop` (CLIP, PickScore) or `pad` (HPSv2)
+
     def __init__(self, path: str | Path, device: str = "cpu"):
         path = check_clip_folder(path)
         self.device = device
@@ -61,15 +61,10 @@ class ClipScorer:
         self.size = self.model.config.vision_config.image_size
 
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Resize the shorter side to the model's size (bicubic), centre-crop, normalise: (B, 3, S, S)."""
+        """Square each image (`fit`), resize to the model's size (bicubic), normalise: (B, 3, S, S)."""
         out = []
         for img in images:
-            img = img.convert("RGB")
-            scale = self.size / min(img.size)
-            w, h = max(self.size, round(img.width * scale)), max(self.size, round(img.height * scale))
-            img = img.resize((w, h), Image.BICUBIC)
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            img = img.crop((left, top, left + self.size, top + self.size))
+            img = _square(img.convert("RGB"), self.size, self.fit)
             out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
         return (torch.stack(out) - self.mean) / self.std
 
@@ -95,6 +90,21 @@ class ClipScorer:
         img, txt = self.image_features(images), self.text_features(prompts)
         cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
         return float((100 * cos.clamp(min=0)).mean())
+
+
+def _square(img: Image.Image, size: int, fit: str) -> Image.Image:
+    """`crop`: shorter side to `size`, centre crop (CLIP). `pad`: longer side to `size`, centred on black (HPSv2)."""
+    if fit == "pad":
+        scale = size / max(img.size)
+        w, h = round(img.width * scale), round(img.height * scale)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(img.resize((w, h), Image.BICUBIC), ((size - w) // 2, (size - h) // 2))
+        return canvas
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def _embedding(output) -> torch.Tensor:
@@ -130,9 +140,19 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * covmean_trace)
 
 
-def load_images(folder: str | Path) -> list[Image.Image]:
-    """Every PNG/JPEG/WebP image in a folder (sorted by name)."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp"})
-    if not files:
-        raise FileNotFoundError(f"no .png/.jpg/.jpeg/.webp images in reference folder {folder}")
-    return [Image.open(p).convert("RGB") for p in files]
+def frechet_distance_of_features(x1: torch.Tensor, x2: torch.Tensor) -> float:
+    """The Fréchet distance of the Gaussians fitted to two feature sets (N1, D), (N2, D), exactly, in float64.
+
+    With A = (X1 - mu1) / sqrt(N1 - 1) and B likewise, S1 = A^T A and S2 = B^T B, and the non-zero eigenvalues of
+    S1 S2 are the squared singular values of A B^T, so Tr((S1 S2)^(1/2)) is the nuclear norm of the N1 x N2 matrix
+    A B^T: no D x D matrix is formed. Used when N1 * N2 <= D^2 (small sets); otherwise through `feature_stats`.
+    """
+    a, b = x1.double(), x2.double()
+    if len(a) * len(b) > a.shape[1] ** 2:
+        return frechet_distance(*feature_stats(x1), *feature_stats(x2))
+    if min(len(a), len(b)) < 2:
+        raise ValueError("a Fréchet distance needs at least 2 images per set")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    a, b = (a - mu1) / math.sqrt(len(a) - 1), (b - mu2) / math.sqrt(len(b) - 1)
+    trace_sqrt = torch.linalg.svdvals(a @ b.T).sum()
+    return float((mu1 - mu2).square().sum() + a.square().sum() + b.square().sum() - 2 * trace_sqrt)
