@@ -89,3 +89,52 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
     assert len(images) == 24 and caption_accuracy(images, captions) == 100.0
     with pytest.raises(ValueError, match="demo_world 'moon'.*demo, shapes"):
         ensure_demo_shards(str(tmp_path / "d" / "x-{00000..00001}.tar"), 4, 64, world="moon")
+
+
+def test_teacher_trainer_writes_a_loadable_sdxl_pipeline(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from koala.shapes.teacher import main
+    from koala.unets import SHAPES_UNET_CONFIG
+
+    out = main([f"out={tmp_path / 'p'}", "vae_steps=2", "vae_batch=4", "scenes=8", "unet_steps=2", "unet_batch=4",
+                "warmup=1", "log_every=1", "save_every=1"])
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert {k: pipe.unet.config[k] for k in ("block_out_channels", "transformer_layers_per_block")} == {
+        k: SHAPES_UNET_CONFIG[k] for k in ("block_out_channels", "transformer_layers_per_block")}
+    assert pipe.vae.config.scaling_factor != 1.0 and pipe.unet.dtype.is_floating_point
+    stored = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {str(v.dtype) for v in stored.values()} == {"torch.float16"}  # stored half, loaded as fp32
+    log = (tmp_path / "p-train_log.jsonl").read_text()
+    assert '"stage": "saved", "step": 2' in log and (tmp_path / "p-vae.png").is_file()
+    with pytest.raises(Exception, match="vae_stepz"):
+        main([f"out={tmp_path / 'q'}", "vae_stepz=2"])
+
+
+TEACHER_MIN_ACCURACY = 75.0  # the shipped teacher: 83.3% (15 of 18) on these prompts (README)
+
+
+@pytest.mark.slow
+def test_shipped_teacher_draws_its_captions():
+    from koala.hydra_utils import compose_config
+    from koala.inference import preset_for_kind
+    from koala.shapes.evaluate import judge, load_pipeline, sample
+
+    cfg = compose_config("train", ["teacher=shapes"])
+    prompts = eval_prompts(18)  # every (shape, colour) pair once
+    pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
+    assert judge(pictures, prompts)["caption_accuracy"] >= TEACHER_MIN_ACCURACY
+
+
+@pytest.mark.slow
+def test_demo_student_improves_on_both_figures(tmp_path):
+    from koala.demo import main
+
+    summary = main([f"output_dir={tmp_path / 'run'}", "max_steps=80", "checkpoint_every=80", "report_to=[]",
+                    f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "data.demo_samples=512"], prompts=12)
+    before, after = (summary["results"][f"student {w} distillation"] for w in ("before", "after"))
+    assert after["caption_accuracy"] > before["caption_accuracy"]
+    assert after["psnr"] > before["psnr"] and after["eps_rel_error"] < before["eps_rel_error"]
+    for name in ("teacher_vs_student.png", "loss_curve.png", "demo_table.md", "export/model_index.json"):
+        assert (tmp_path / "run" / name).is_file()
