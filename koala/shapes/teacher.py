@@ -49,7 +49,7 @@ class TeacherTrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     scenes: int = 8000  # pictures encoded once for the U-Net stage
-    unet_steps: int = 2000
+    unet_steps: int = 1500  # the shipped teacher (our run started with 2000 and was stopped at its step-1500 save)
     unet_batch: int = 32
     unet_lr: float = 1e-3  # constant after warm-up, so the pipeline saved at step k is what unet_steps=k gives
     warmup: int = 200
