@@ -138,3 +138,19 @@ def test_demo_student_improves_on_both_figures(tmp_path):
     assert after["psnr"] > before["psnr"] and after["eps_rel_error"] < before["eps_rel_error"]
     for name in ("teacher_vs_student.png", "loss_curve.png", "demo_table.md", "export/model_index.json"):
         assert (tmp_path / "run" / name).is_file()
+
+
+@pytest.mark.slow
+def test_ablation_command_writes_table_and_plot_and_resumes(tmp_path):
+    from koala.bench.ablation import main
+
+    args = [f"bench.out={tmp_path / 'abl'}", "bench.presets=[out,koala]", "bench.seeds=1", "bench.steps=2",
+            "bench.prompts=2", f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "data.demo_samples=64",
+            "batch_size=2"]
+    result = main(args)
+    assert [(r["preset"], r["seed"], r["steps"]) for r in result["runs"]] == [("out", 0, 2), ("koala", 0, 2)]
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| koala |" in table and "| out |" in table and (tmp_path / "abl" / "ablation.png").is_file()
+    again = main(args)  # every run is recorded: nothing is trained again
+    assert again["runs"] == result["runs"]
+    assert len((tmp_path / "abl" / "runs.jsonl").read_text().splitlines()) == 2

@@ -88,8 +88,7 @@ def bar_plot(summary: dict, teacher: dict, out: Path) -> Path:
         if metric == "caption_accuracy":
             ax.axhline(teacher["caption_accuracy"], color="k", ls="--", lw=1, label="teacher")
             ax.legend(loc="lower right")
-        lo = min(m - s for m, s in zip(means, stds))
-        ax.set(title=label, ylim=(max(0.0, lo - 0.1 * abs(lo) - 1), None))
+        ax.set(title=label, ylim=(0, 100) if metric == "caption_accuracy" else (0, None))  # bars start at 0
     n = next(iter(summary.values()))["psnr"][2]
     fig.suptitle(f"KOALA ablation on the shapes world: mean ± std over {n} seeds")
     fig.tight_layout()
