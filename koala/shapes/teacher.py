@@ -148,7 +148,7 @@ def encode_text(pipe: StableDiffusionXLPipeline, captions: list[str]) -> tuple[t
     return torch.cat(hidden, dim=-1), pooled
 
 
-def train_unet(cfg, pipe: StableDiffusionXLPipeline, latents: torch.Tensor, captions: list[str], log: Logger,
+def train_unet(cfg: TeacherTrainConfig, pipe: StableDiffusionXLPipeline, latents: torch.Tensor, captions: list[str], log: Logger,
                save) -> None:  # fmt: skip
     """Text-to-image training of the U-Net and both text encoders (epsilon prediction, min-SNR weighting)."""
     unet, encoders = pipe.unet.train(), [pipe.text_encoder.train(), pipe.text_encoder_2.train()]
@@ -188,7 +188,8 @@ def train_unet(cfg, pipe: StableDiffusionXLPipeline, latents: torch.Tensor, capt
             ema.copy_to(params)
             save(step)
             ema.restore(params)
-    unet.eval(), [e.eval() for e in encoders]
+    for module in (unet, *encoders):
+        module.eval()
 
 
 def save_pipeline(pipe: StableDiffusionXLPipeline, out: Path) -> Path:
