@@ -34,7 +34,7 @@ class BenchAblation:
 
     presets: list[str] = field(default_factory=lambda: ["koala", "lf", "out", "task", "sa+lf"])
     seeds: int = 3  # training seeds 0 .. seeds-1 per preset
-    steps: int = 300  # distillation steps of every run (the demo's)
+    steps: int = 300  # distillation steps of every run (the demo itself runs 500)
     prompts: int = 24  # evaluation prompts, one picture each (seeds 0 .. prompts-1)
     out: str = "outputs/ablation"
 
