@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DataConfig:
     epochs: Optional[int] = 1  # passes over the data when not resampled; null = forever
     create_demo: bool = False  # write the generated demo shards to `path` when missing
     demo_samples: int = 64
+    demo_world: str = "demo"  # demo | shapes: which generated world create_demo writes (koala/data/demo.py)
 
 
 @dataclass
@@ -148,6 +150,15 @@ class TrainConfig:
     record_ranks: bool = False  # each rank writes ranks/rank<N>.json: sample keys seen + a digest of its weights
 
 
+def asset_path(name: str) -> str:
+    """Absolute path of a folder shipped in the package (koala/assets/<name>): the `${koala_asset:<name>}` resolver."""
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "assets" / name)
+
+
 def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    """Register the schema with Hydra's ConfigStore and the `koala_asset` resolver (idempotent)."""
     ConfigStore.instance().store(name="koala_train", node=TrainConfig)
+    if not OmegaConf.has_resolver("koala_asset"):
+        OmegaConf.register_new_resolver("koala_asset", asset_path)

@@ -51,7 +51,7 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
         if cfg.teacher.create_tiny:
             write_tiny_pipeline(cfg.teacher.pipeline)
         if cfg.data.create_demo:
-            ensure_demo_shards(cfg.data.path, cfg.data.demo_samples, cfg.data.resolution)
+            ensure_demo_shards(cfg.data.path, cfg.data.demo_samples, cfg.data.resolution, world=cfg.data.demo_world)
     accelerator.wait_for_everyone()
 
 

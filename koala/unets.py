@@ -77,7 +77,18 @@ MEDIUM_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 6 * 32 + 64,
 }
 
-ARCHS: dict[str, dict[str, Any]] = {"sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG, "medium": MEDIUM_UNET_CONFIG}
+# The shapes-world teacher (koala/assets/shapes-sdxl, trained by `python -m koala.shapes.teacher`): the tiny layout
+# with a narrower deepest stage (64 channels), for 16 x 16 latents of 64 px pictures; 3.8M parameters.
+SHAPES_UNET_CONFIG: dict[str, Any] = {
+    **TINY_UNET_CONFIG,
+    "attention_head_dim": [1, 2, 2],
+    "block_out_channels": [32, 48, 64],
+    "sample_size": 16,
+}
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG, "medium": MEDIUM_UNET_CONFIG, "shapes": SHAPES_UNET_CONFIG,
+}
 
 
 @dataclass(frozen=True)

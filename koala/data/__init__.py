@@ -103,7 +103,7 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
         raise ValueError(f"data.path is required for data.kind={cfg.kind}")
     if cfg.kind == "webdataset":
         if cfg.create_demo:
-            ensure_demo_shards(cfg.path, cfg.demo_samples, cfg.resolution)
+            ensure_demo_shards(cfg.path, cfg.demo_samples, cfg.resolution, world=cfg.get("demo_world", "demo"))
         return ShardReader(expand_shards(cfg.path), _webdataset_raw(cfg), cfg, seed), _image_codec(cfg)
     if cfg.kind == "cached":
         return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), CachedCodec(cfg.caption_dropout)

@@ -1,6 +1,10 @@
-"""The generated demo set: coloured shapes on coloured backgrounds with matching captions, as webdataset shards.
+"""Generated captioned image sets, as webdataset shards: the demo set and the shapes world.
 
-python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0]
+python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0] [world=demo|shapes]
+
+`demo`: coloured shapes on coloured backgrounds of varied size and aspect (exercises resizing, cropping, buckets).
+`shapes`: the shapes world (koala.shapes.world): square pictures whose caption stays true after any centre crop,
+the world the shipped `teacher=shapes` was trained on and `koala.shapes.score` judges.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 from webdataset.shardlists import expand_urls
+
+from koala.shapes.world import draw_scene
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -51,29 +57,43 @@ def draw_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, dict]
     return image, meta
 
 
+# world name -> (draw(rng, resolution) -> (image, meta), image extension in the shards)
+WORLDS = {"demo": (draw_sample, "jpg"), "shapes": (draw_scene, "png")}
+
+
+def _world(name: str):
+    """The drawing function and image format of a generated world, naming the valid choices."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown data.demo_world {name!r}; valid choices: {', '.join(WORLDS)}")
+    return WORLDS[name]
+
+
 def write_demo_shards(
-    out_dir: str | os.PathLike, n: int, resolution: int = 64, samples_per_shard: int = 64, seed: int = 0
+    out_dir: str | os.PathLike, n: int, resolution: int = 64, samples_per_shard: int = 64, seed: int = 0,
+    world: str = "demo",
 ) -> list[Path]:
-    """Write `n` demo samples (`.jpg`, `.txt`, `.json`) as shards `demo-00000.tar`, ...; the shard paths in order."""
+    """Write `n` samples of a world (image, `.txt`, `.json`) as shards `demo-00000.tar`, ...; the paths in order."""
+    draw, ext = _world(world)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     with wds.ShardWriter(str(out / "demo-%05d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
         for i in range(n):
-            image, meta = draw_sample(rng, resolution)
-            jpg = io.BytesIO()
-            image.save(jpg, format="JPEG", quality=90)
-            sink.write({"__key__": f"{i:08d}", "jpg": jpg.getvalue(), "txt": meta["caption"], "json": json.dumps(meta)})
+            image, meta = draw(rng, resolution)
+            data = io.BytesIO()
+            image.save(data, **({"format": "JPEG", "quality": 90} if ext == "jpg" else {"format": "PNG"}))
+            sink.write({"__key__": f"{i:08d}", ext: data.getvalue(), "txt": meta["caption"], "json": json.dumps(meta)})
     return sorted(out.glob("demo-*.tar"))
 
 
-def ensure_demo_shards(pattern: str, n: int, resolution: int, seed: int = 0) -> list[str]:
+def ensure_demo_shards(pattern: str, n: int, resolution: int, seed: int = 0, world: str = "demo") -> list[str]:
     """Write the demo shards named by `pattern` (brace-expanded) unless all exist already.
 
     Shards are written to a private temporary folder and renamed into place one by one (atomic), so a crash leaves
     the set visibly incomplete and concurrent ranks never see a half-written file (they write identical content).
     """
     targets = [Path(p) for p in expand_urls(pattern)]
+    _world(world)
     if all(p.exists() for p in targets):
         return [str(p) for p in targets]
     if n < len(targets):
@@ -81,7 +101,7 @@ def ensure_demo_shards(pattern: str, n: int, resolution: int, seed: int = 0) -> 
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=targets[0].parent, prefix=".demo-tmp-")
     try:
-        written = write_demo_shards(tmp, n, resolution, math.ceil(n / len(targets)), seed)
+        written = write_demo_shards(tmp, n, resolution, math.ceil(n / len(targets)), seed, world)
         if len(written) != len(targets):
             raise ValueError(f"{n} demo samples fill {len(written)} shards, but {pattern!r} names {len(targets)}")
         for src, dst in zip(written, targets):
@@ -92,14 +112,15 @@ def ensure_demo_shards(pattern: str, n: int, resolution: int, seed: int = 0) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: key=value arguments (out, n, resolution, samples_per_shard, seed)."""
+    """CLI: key=value arguments (out, n, resolution, samples_per_shard, seed, world)."""
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    unknown = set(args) - {"out", "n", "resolution", "samples_per_shard", "seed"}
+    unknown = set(args) - {"out", "n", "resolution", "samples_per_shard", "seed", "world"}
     if "out" not in args or unknown:
-        sys.exit("usage: python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0]")
+        sys.exit("usage: python -m koala.data.demo out=<dir> n=<count> [resolution=64] [samples_per_shard=64] [seed=0]"
+                 " [world=demo|shapes]")
     paths = write_demo_shards(
         args["out"], int(args.get("n", 256)), int(args.get("resolution", 64)),
-        int(args.get("samples_per_shard", 64)), int(args.get("seed", 0)),
+        int(args.get("samples_per_shard", 64)), int(args.get("seed", 0)), args.get("world", "demo"),
     )  # fmt: skip
     print(f"wrote {len(paths)} shards to {args['out']}")
 

@@ -1,0 +1,79 @@
+"""`python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] [seed=0] [out=<dir>]`.
+
+Samples a fixed set of shapes-world prompts (image i seeded `seed + i`, the model's own preset), scores every
+picture against its caption (`koala.shapes.score`) and, given `compare`, the agreement of the two models' pictures
+of the same prompts and seeds. Writes `grid.png` (model row(s) above compare row(s)) and `scores.json` to `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
+
+from koala.generate import generate, make_grid
+from koala.inference import Preset
+from koala.shapes.score import agreement, caption_accuracy
+from koala.shapes.world import COLOURS, RESOLUTION, SHAPES, caption
+
+
+def eval_prompts(n: int = 36, seed: int = 0) -> list[str]:
+    """`n` distinct world captions in a fixed order: each run of 18 has every (shape, colour) pair once."""
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    random.Random(seed).shuffle(pairs)
+    rounds = [[caption(s, c, [b for b in COLOURS if b != c][(k + i) % (len(COLOURS) - 1)])
+               for i, (s, c) in enumerate(pairs)] for k in range(len(COLOURS) - 1)]  # fmt: skip
+    prompts = [p for r in rounds for p in r]
+    if not 0 < n <= len(prompts):
+        raise ValueError(f"n={n}: the shapes world has {len(prompts)} distinct captions")
+    return prompts[:n]
+
+
+def load_pipeline(folder: str | Path, unet: UNet2DConditionModel | None = None) -> StableDiffusionXLPipeline:
+    """A shapes pipeline in fp32 on CPU, optionally with another U-Net (e.g. a student) in place of its own."""
+    kwargs = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, use_safetensors=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe: StableDiffusionXLPipeline, prompts: list[str], preset: str | Preset = "v1", seed: int = 0,
+           batch_size: int = 16) -> list[Image.Image]:  # fmt: skip
+    """One picture per prompt at the world's resolution; picture i from its own generator seeded `seed + i`."""
+    return generate(pipe, prompts, preset, seeds=seed, height=RESOLUTION, width=RESOLUTION, batch_size=batch_size)
+
+
+def judge(images: list[Image.Image], prompts: list[str], reference: list[Image.Image] | None = None) -> dict:
+    """Caption accuracy (%) and, against reference pictures of the same prompts and seeds, PSNR and MAE."""
+    result = {"caption_accuracy": caption_accuracy(images, prompts), "n": len(images)}
+    if reference is not None:
+        result.update(agreement(images, reference))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: key=value arguments (model, compare, n, seed, preset, out)."""
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
+    unknown = set(args) - {"model", "compare", "n", "seed", "preset", "out"}
+    if "model" not in args or unknown:
+        sys.exit("usage: python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] [seed=0] "
+                 "[preset=v1] [out=<dir>]")  # fmt: skip
+    prompts, seed, preset = eval_prompts(int(args.get("n", 36))), int(args.get("seed", 0)), args.get("preset", "v1")
+    images = sample(load_pipeline(args["model"]), prompts, preset, seed)
+    reference = sample(load_pipeline(args["compare"]), prompts, preset, seed) if "compare" in args else None
+    result = judge(images, prompts, reference)
+    out = Path(args.get("out", f"samples/{Path(args['model']).resolve().name}-shapes"))
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(len(prompts), 10)
+    make_grid(images + (reference or []), cols=cols).save(out / "grid.png")
+    (out / "scores.json").write_text(json.dumps({**result, "prompts": prompts}, indent=1))
+    print(json.dumps(result), f"\nwrote {out / 'grid.png'} and {out / 'scores.json'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
