@@ -1,6 +1,7 @@
 """Mixed precision as real recipes use it: bf16 teacher and text encoders, fp32 student under bf16 autocast."""
 
 import numpy as np
+import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
@@ -10,6 +11,15 @@ from koala.distill.task import DistillationTask, LossWeights
 from koala.hydra_utils import compose_config
 from koala.sampling import SampleRenderer
 from koala.train import build_student_side, load_frozen
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerator() here sets process-wide state; later in-process runs choose their own mixed precision."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def recipe(tiny_pipeline_dir, *extra):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -73,7 +74,10 @@ class DistillationTask(nn.Module):
         dtype = next(self.teacher.parameters()).dtype
         # Outside any autocast the caller runs the student under: the teacher computes in its own dtype
         # (teacher.dtype), so an fp32 teacher stays fp32 beside a bf16-autocast student.
-        with torch.autocast(noisy.device.type, enabled=False):
+        no_autocast = (
+            torch.autocast(noisy.device.type, enabled=False) if noisy.device.type != "meta" else contextlib.nullcontext()
+        )  # (the meta device, used by the memory benchmark, has no autocast)
+        with no_autocast:
             return self.teacher(
                 noisy.to(dtype),
                 t,
