@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -60,6 +61,9 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
     run_dir = Path(cfg.output_dir)
     # Several processes and no GPU: accelerate only picks gloo (MULTI_CPU) when told cpu=True.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps its settings process-wide; a second run in the same process (a notebook, an in-process
+    # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=multi_cpu,
         mixed_precision=cfg.mixed_precision,
