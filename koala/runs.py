@@ -32,13 +32,13 @@ MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "data.path")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {dotted.key: leaf}."""
-    if not isinstance(tree, dict):
+    """Nested dicts -> {dotted.key: leaf}; an empty dict is a leaf."""
+    if not isinstance(tree, dict) or not tree:
         return {prefix: tree}
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        out.update(flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
-    return {k.rstrip("."): v for k, v in out.items()}
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

@@ -6,8 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tiny models: one thread avoids OpenMP threads spinning against each other on a shared 2-core machine (measured:
-# a tiny U-Net step 0.19 s with 1 thread vs 35 s with 2 under load). Subprocess tests inherit it.
+# Tiny models: one thread avoids OpenMP threads stalling each other on a busy 2-core machine (measured side by side
+# under the same load: the LoRA/ControlNet/single-file tests took 172 s with 2 threads, 29 s with 1). Subprocess
+# tests inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
