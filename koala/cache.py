@@ -24,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from koala.conditioning import SDXLConditioner
-from koala.config import TrainConfig, register_configs
+from koala.config.schema import TrainConfig, register_configs
 from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
-from koala.dtypes import DTYPES
+from koala.data.conditioning import SDXLConditioner
+from koala.devices import DTYPES
 
 
 @dataclass
@@ -151,7 +151,7 @@ def resolve_pipeline(teacher: DictConfig, rank: int) -> str:
     if not teacher.pipeline:
         raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
     if teacher.create_tiny and rank == 0 and not (Path(teacher.pipeline) / "model_index.json").exists():
-        from koala.tiny import write_tiny_pipeline
+        from koala.fixtures.tiny import write_tiny_pipeline
 
         write_tiny_pipeline(teacher.pipeline)
     return str(teacher.pipeline)

@@ -20,19 +20,19 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.agreement import held_out_inputs, relative_error
-from koala.build import make_student
-from koala.conditioning import SDXLConditioner
+from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.data.demo import ensure_demo_shards, write_demo_shards
-from koala.diffusion import build_noise_scheduler
+from koala.data.conditioning import SDXLConditioner
+from koala.evaluation.agreement import held_out_inputs, relative_error
 from koala.export import export_run
+from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 from koala.generate import make_grid
-from koala.hydra_utils import compose_config
-from koala.inference import preset_for_kind
+from koala.models.teacher import load_teacher
 from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
-from koala.teacher import load_teacher
-from koala.train import train
+from koala.ship.presets import preset_for_kind
+from koala.train.build import make_student
+from koala.train.diffusion import build_noise_scheduler
+from koala.train.loop import train
 
 PROMPTS = 24  # evaluation prompts (each shape-colour pair at least once), one seeded picture each
 GRID_COLUMNS = 12

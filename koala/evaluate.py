@@ -12,22 +12,21 @@ turns a metric's original pickled weights into safetensors once (torch.load with
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
 
+from koala.devices import multi_cpu
 from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
 from koala.evaluation.prompts import read_prompt_set
 from koala.evaluation.registry import MetricContext, build_metric, check_metrics
 from koala.evaluation.report import write_grids, write_report
 from koala.evaluation.weights import CONVERTERS
 from koala.generate import load_pipeline
-from koala.inference import get_preset
+from koala.ship.presets import get_preset
 
 
 @dataclass
@@ -105,7 +104,7 @@ def _distributed():
     """accelerate's process state; several processes and no GPU need cpu=True to get gloo (MULTI_CPU)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    return PartialState(cpu=multi_cpu())
 
 
 def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
@@ -164,7 +163,7 @@ ConfigStore.instance().store(name="koala_evaluate", node=EvaluateConfig)
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | Path:
     """CLI: compose `configs/evaluate.yaml` with key=value overrides, then convert or evaluate."""
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
     if cfg.convert:

@@ -27,11 +27,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from koala.checkpoint import find_checkpoint, step_of
-from koala.convert import diffusers_to_original
-from koala.inference import euler_scheduler, preset_for_kind
-from koala.model_card import write_model_card
-from koala.unets import count_parameters
+from koala.models.convert import diffusers_to_original
+from koala.models.unets import count_parameters
+from koala.ship.model_card import write_model_card
+from koala.ship.presets import euler_scheduler, preset_for_kind
+from koala.train.checkpoint import find_checkpoint, step_of
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
 
@@ -190,7 +190,7 @@ def export_run(
     """Export a run's checkpoint as a complete SDXL pipeline folder; returns the folder.
 
     `single_file` also writes `unet.safetensors`: the student U-Net alone in the original SDXL (SGM) key layout,
-    for ComfyUI-style loaders (koala.convert; the same conversion `koala.teacher` reads back).
+    for ComfyUI-style loaders (koala.models.convert; the same conversion `koala.models.teacher` reads back).
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -246,7 +246,7 @@ ConfigStore.instance().store(name="koala_export", node=ExportConfig)
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/export.yaml` with key=value overrides and export."""
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     cfg = compose_config("export", sys.argv[1:] if argv is None else argv)
     if not cfg.run_dir:

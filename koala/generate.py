@@ -20,8 +20,8 @@ from diffusers import StableDiffusionXLPipeline
 from hydra.core.config_store import ConfigStore
 from PIL import Image
 
-from koala.dtypes import DTYPES
-from koala.inference import Preset, euler_scheduler, get_preset
+from koala.devices import DTYPES, pick_device
+from koala.ship.presets import Preset, euler_scheduler, get_preset
 
 
 @dataclass
@@ -45,15 +45,10 @@ class GenerateConfig:
     out: Optional[str] = None  # default samples/<model folder name>-<preset>
 
 
-def pick_device(device: str | None) -> str:
-    """The requested device, else cuda when available, else cpu."""
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """A torch dtype by name; `auto` is fp16 on cuda and fp32 elsewhere."""
     if dtype == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
+        return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise KeyError(f"unknown dtype {dtype!r}; valid choices: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -201,7 +196,7 @@ ConfigStore.instance().store(name="koala_generate", node=GenerateConfig)
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     cfg = compose_config("generate", sys.argv[1:] if argv is None else argv)
     if not cfg.model or bool(cfg.prompt) == bool(cfg.prompts):

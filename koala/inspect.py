@@ -11,11 +11,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from koala.config import register_configs
+from koala.config.schema import register_configs
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import KINDS, STAGES, list_tap_points
-from koala.specs import student_spec, teacher_unet_config
-from koala.unets import (
+from koala.models.specs import student_spec, teacher_unet_config
+from koala.models.unets import (
     build_student,
     build_unet,
     count_parameters,

@@ -1,11 +1,11 @@
 """`python -m koala.lora lora=<sdxl_lora.safetensors> out=<student_lora.safetensors> (run_dir=<run> | unet=<spec>)`.
 
-Carries an SDXL LoRA over to a student through the weight-inheritance map (koala.inherit.module_map): every
+Carries an SDXL LoRA over to a student through the weight-inheritance map (koala.models.inherit.module_map): every
 student layer inherited from a teacher layer gets that layer's adapter; adapters on teacher layers the student
 dropped are reported with the share of the LoRA's weight-delta norm they held. Text-encoder adapters are kept
 as they are (students share SDXL's text encoders). The output is a diffusers / PEFT LoRA file that the exported
 student pipeline loads with stock `pipe.load_lora_weights(...)`; alpha is folded into the up weights, so the
-file needs no metadata. Input layouts: koala.lora_format.
+file needs no metadata. Input layouts: koala.ship.lora_format.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
-from koala.config import TeacherConfig, UNetConfig
-from koala.inherit import map_name, module_map
-from koala.lora_format import Adapter, parse_lora, read_safetensors, teacher_module_tables
-from koala.specs import run_plan, student_spec, teacher_unet_config
-from koala.unets import Plan, build_student, build_unet, resolve
+from koala.config.schema import TeacherConfig, UNetConfig
+from koala.models.inherit import map_name, module_map
+from koala.models.specs import run_plan, student_spec, teacher_unet_config
+from koala.models.unets import Plan, build_student, build_unet, resolve
+from koala.ship.lora_format import Adapter, parse_lora, read_safetensors, teacher_module_tables
 
 
 @dataclass
@@ -170,7 +170,7 @@ ConfigStore.instance().store(name="koala_lora", node=LoraRemapConfig)
 
 def main(argv: list[str] | None = None) -> RemapReport:
     """CLI: compose `configs/lora.yaml` with key=value overrides, remap and print the report."""
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     cfg = compose_config("lora", sys.argv[1:] if argv is None else argv)
     if not cfg.lora or not cfg.out:

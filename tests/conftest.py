@@ -18,7 +18,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny random SDXL pipeline saved as a diffusers folder (shared by the whole session: read-only)."""
-    from koala.tiny import write_tiny_pipeline
+    from koala.fixtures.tiny import write_tiny_pipeline
 
     return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from koala.checkpoint import seal_checkpoint
-from koala.hydra_utils import compose_config
-from koala.inherit import inherit_weights
-from koala.specs import student_spec, teacher_unet_config
-from koala.unets import build_student, resolve
+from koala.config.compose import compose_config
+from koala.models.inherit import inherit_weights
+from koala.models.specs import student_spec, teacher_unet_config
+from koala.models.unets import build_student, resolve
+from koala.train.checkpoint import seal_checkpoint
 
 
 def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10) -> Path:

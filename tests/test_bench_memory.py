@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from koala.bench.memory import Bf16Autocast, SavedBytes, main, measure_step
-from koala.unets import TINY_UNET_CONFIG
+from koala.models.unets import TINY_UNET_CONFIG
 
 
 def toy_count(bf16: bool) -> SavedBytes:

@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import load
 
 from koala.cache import build_cache
-from koala.conditioning import SDXLConditioner
+from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.data.demo import write_demo_shards
-from koala.hydra_utils import compose_config
+from koala.data.conditioning import SDXLConditioner
+from koala.fixtures.shards import write_demo_shards
 
 
 @pytest.fixture(scope="module")

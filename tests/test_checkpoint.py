@@ -14,8 +14,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from rundir import write_run_dir
 
-from koala.checkpoint import MANIFEST, CorruptCheckpoint, checkpoint_problems, find_checkpoint, save_checkpoint
 from koala.export import export_run
+from koala.train.checkpoint import MANIFEST, CorruptCheckpoint, checkpoint_problems, find_checkpoint, save_checkpoint
 
 DAMAGE = [  # (file, what is done to it, a word the problem names)
     ("unet/diffusion_pytorch_model.safetensors", "truncate", "bytes"),
@@ -79,7 +79,7 @@ def test_manifest_records_size_and_hash_of_every_file(written):
 @pytest.mark.parametrize("name,how,word", DAMAGE, ids=[f"{h}-{f}" for f, h, _ in DAMAGE])
 def test_damaged_latest_falls_back_and_named_one_fails(run, caplog, name, how, word):
     damage(run / "checkpoints" / "step-00000004" / name, how)
-    with caplog.at_level(logging.WARNING, logger="koala.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="koala.train.checkpoint"):
         assert find_checkpoint(run, "latest").name == "step-00000002"
     warning = caplog.text
     assert "step-00000004" in warning and name in warning and word in warning and "step-00000002" in warning

@@ -6,14 +6,14 @@ import sys
 import pytest
 from safetensors.torch import save_file
 
-from koala.checks import ConfigError, check_config
-from koala.hydra_utils import compose_config
+from koala.config.checks import ConfigError, check_config
+from koala.config.compose import compose_config
 
 
 def config(tmp_path, pipeline, *overrides):
     shards = tmp_path / "shards"
     if not shards.exists():
-        from koala.data.demo import write_demo_shards
+        from koala.fixtures.shards import write_demo_shards
 
         write_demo_shards(shards, n=4, resolution=32, samples_per_shard=2)
     return compose_config("train", [

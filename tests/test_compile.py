@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import unet_inputs
 
+from koala.config.compose import compose_config
 from koala.distill.pairing import pair_taps
 from koala.distill.taps import unwrap
 from koala.distill.task import DistillationTask, LossWeights
-from koala.hydra_utils import compose_config
-from koala.inherit import inherit_weights
-from koala.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec, resolve
+from koala.models.inherit import inherit_weights
+from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec, resolve
 
 
 def models():

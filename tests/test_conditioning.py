@@ -3,7 +3,7 @@
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from koala.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner
 
 PROMPTS = ["a red circle on a blue background", "", "a koala " * 40]  # the last one is truncated at 77 tokens
 
@@ -42,9 +42,9 @@ def test_batch_conditioning_and_cached_pass_through(tiny_pipeline_dir):
 
 def online_dropped_batch(tiny_pipeline_dir, tmp_path, mode):
     """A batch of the demo data with every caption dropped, and the conditioner of `mode`."""
+    from koala.config.compose import compose_config
     from koala.data import build_dataloader
-    from koala.data.demo import write_demo_shards
-    from koala.hydra_utils import compose_config
+    from koala.fixtures.shards import write_demo_shards
 
     write_demo_shards(tmp_path, n=4, resolution=32, samples_per_shard=4)
     cfg = compose_config("train", [f"data.path={tmp_path}/demo-00000.tar", "data.create_demo=false",

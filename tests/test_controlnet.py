@@ -1,13 +1,13 @@
-"""A stock SDXL ControlNet (tiny, built from the tiny teacher) driving students through koala.controlnet."""
+"""A stock SDXL ControlNet (tiny, built from the tiny teacher) driving students through koala.ship.controlnet."""
 
 import pytest
 import torch
 from conftest import unet_inputs
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
 
-from koala.controlnet import fit_controlnet, residual_sources
-from koala.inherit import inherit_weights
-from koala.unets import SPECS, build_student, resolve
+from koala.models.inherit import inherit_weights
+from koala.models.unets import SPECS, build_student, resolve
+from koala.ship.controlnet import fit_controlnet, residual_sources
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.config import DataConfig
+from koala.config.schema import DataConfig
 from koala.data import KINDS, SkipTally, build_dataloader
-from koala.data.demo import ensure_demo_shards, write_demo_shards
 from koala.data.samples import ImageCodec
+from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 
 
 def encode(size=(40, 48), fmt="PNG", colour=(200, 30, 30)) -> bytes:
@@ -133,7 +133,7 @@ def test_demo_shards_written_once_atomically(tmp_path):
 
 
 def test_demo_cli(tmp_path, capsys):
-    from koala.data.demo import main
+    from koala.fixtures.shards import main
 
     main([f"out={tmp_path}", "n=5", "resolution=16", "samples_per_shard=2"])
     assert len(list(tmp_path.glob("demo-*.tar"))) == 3 and "wrote 3 shards" in capsys.readouterr().out
@@ -153,7 +153,7 @@ def test_unknown_kind_names_the_valid_kinds(tmp_path):
 
 
 def test_presets_compose():
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     for preset in ("demo", "webdataset", "laion-pop", "hf", "folder", "cached"):
         cfg = compose_config("train", [f"data={preset}"])

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.config import DataConfig
+from koala.config.schema import DataConfig
 from koala.data import build_dataloader
 
 

@@ -9,12 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.config import DataConfig
+from koala.config.compose import compose_config
+from koala.config.schema import DataConfig
 from koala.data import build_dataloader
 from koala.data.buckets import SDXL_BUCKETS_1024, nearest_bucket, sdxl_buckets
-from koala.data.demo import write_demo_shards
 from koala.data.transforms import sdxl_transform
-from koala.hydra_utils import compose_config
+from koala.fixtures.shards import write_demo_shards
 
 RED = (255, 0, 0)
 

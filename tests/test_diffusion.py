@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from koala.diffusion import TimestepSampler, min_snr_weights, sample_noise, task_target, teacher_timesteps
 from koala.distill.losses import feature_loss, mse
-from koala.tiny import SDXL_SCHEDULER_CONFIG
+from koala.fixtures.tiny import SDXL_SCHEDULER_CONFIG
+from koala.train.diffusion import TimestepSampler, min_snr_weights, sample_noise, task_target, teacher_timesteps
 
 
 def test_teacher_schedule_is_lightnings_trailing_steps():
@@ -68,9 +68,9 @@ def test_loss_accepts_inference_mode_teacher_features():
 def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
     from diffusers import EulerDiscreteScheduler
 
-    from koala.hydra_utils import compose_config
-    from koala.inference import euler_scheduler, preset_for_kind
-    from koala.tiny import SDXL_SCHEDULER_CONFIG
+    from koala.config.compose import compose_config
+    from koala.fixtures.tiny import SDXL_SCHEDULER_CONFIG
+    from koala.ship.presets import euler_scheduler, preset_for_kind
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"])
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())

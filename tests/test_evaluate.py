@@ -16,16 +16,16 @@ from transformers import CLIPConfig, CLIPModel
 import koala.evaluate
 from koala.evaluate import main
 from koala.evaluation.inception import load_fid_inception, random_fid_inception_state
-from koala.evaluation.preference import hps_scorer, pickscore_scorer
-from koala.evaluation.registry import FrechetMetric, InceptionFeatures, Sample
-from koala.metrics import (
+from koala.evaluation.metrics import (
     MissingMetricWeights,
     check_clip_folder,
     feature_stats,
     frechet_distance,
     frechet_distance_of_features,
 )
-from koala.tiny import write_byte_tokenizer, write_tiny_pipeline
+from koala.evaluation.preference import hps_scorer, pickscore_scorer
+from koala.evaluation.registry import FrechetMetric, InceptionFeatures, Sample
+from koala.fixtures.tiny import write_byte_tokenizer, write_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

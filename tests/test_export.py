@@ -12,8 +12,8 @@ from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
 from safetensors.torch import load_file
 
-from koala.checkpoint import find_checkpoint
 from koala.export import export_run, main
+from koala.train.checkpoint import find_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_raw_weights_and_cli(run_dir, tmp_path):
 
 
 def test_single_file_export_reads_back_through_the_original_layout_loader(run_dir, tmp_path):
-    from koala.teacher import load_unet
+    from koala.models.teacher import load_unet
 
     out = main([f"run_dir={run_dir}", "single_file=true", "fp16=true", f"out={tmp_path / 'sf'}"])
     single = load_file(str(out / "unet.safetensors"))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from koala.generate import generate, load_pipeline, main, make_grid
-from koala.inference import get_preset, preset_for_kind
+from koala.ship.presets import get_preset, preset_for_kind
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from koala.config.compose import CONFIG_DIR, compose_config
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import list_tap_points
-from koala.hydra_utils import CONFIG_DIR, compose_config
-from koala.unets import (
+from koala.models.unets import (
     SDXL_UNET_CONFIG,
     TINY_UNET_CONFIG,
     build_student,
@@ -142,7 +142,7 @@ def dict_fields(node, prefix=""):
 
 
 def test_every_dict_option_holds_all_its_keys_in_every_preset():
-    from koala.config import TrainConfig
+    from koala.config.schema import TrainConfig
     from koala.distill.taps import KINDS, STAGES
 
     fields = dict_fields(OmegaConf.structured(TrainConfig))

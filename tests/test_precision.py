@@ -7,10 +7,10 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from koala.config.compose import compose_config
 from koala.distill.task import DistillationTask, LossWeights
-from koala.hydra_utils import compose_config
-from koala.sampling import SampleRenderer
-from koala.train import build_student_side, load_frozen
+from koala.train.loop import build_student_side, load_frozen
+from koala.train.sampling import SampleRenderer
 
 
 @pytest.fixture(autouse=True)

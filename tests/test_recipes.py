@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from koala.cache import build_cache
-from koala.data.demo import write_demo_shards
+from koala.config.compose import CONFIG_DIR, compose_config
 from koala.export import export_run
-from koala.hydra_utils import CONFIG_DIR, compose_config
-from koala.train import train
+from koala.fixtures.shards import write_demo_shards
+from koala.train.loop import train
 
 SHIPPED = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 TINY_SPEC = {"koala-700m": "tiny-700m", "koala-1b": "tiny-1b"}  # the same recipe at the tiny teacher's size

@@ -9,11 +9,11 @@ import torch
 from omegaconf import OmegaConf
 from test_train import read_metrics, tiny_overrides, unet_state
 
-import koala.train
-from koala.checkpoint import StopSignal
-from koala.checks import ConfigError
-from koala.hydra_utils import compose_config
-from koala.train import train
+import koala.train.loop
+from koala.config.checks import ConfigError
+from koala.config.compose import compose_config
+from koala.train.checkpoint import StopSignal
+from koala.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ class StopAtStep(StopSignal):
 def test_sigterm_at_an_unscheduled_step_resumes_bit_exactly(tmp_path, shared, monkeypatch):
     straight = run(tmp_path / "a", shared, max_steps=6, checkpoint_every=4)
     with monkeypatch.context() as m:
-        m.setattr(koala.train, "StopSignal", StopAtStep)
+        m.setattr(koala.train.loop, "StopSignal", StopAtStep)
         stopped = run(tmp_path / "b", shared, max_steps=6, checkpoint_every=4)
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["step-00000003"]
     resumed = run(tmp_path / "b", shared, max_steps=6, checkpoint_every=4, resume="latest")
@@ -92,7 +92,7 @@ def finished(tmp_path_factory, shared):
 )
 def test_resume_refuses_settings_that_define_the_run(finished, shared, override, changed, monkeypatch):
     loaded = []
-    monkeypatch.setattr(koala.train, "load_frozen", lambda *a: loaded.append(a))
+    monkeypatch.setattr(koala.train.loop, "load_frozen", lambda *a: loaded.append(a))
     key, value = override.split("=")
     overrides = tiny_overrides(finished.parent, shared, max_steps=8, resume="latest")
     cfg = compose_config("train", [o for o in overrides if not o.startswith(f"{key}=")] + [override])

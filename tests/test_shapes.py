@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.data.demo import ensure_demo_shards, write_demo_shards
-from koala.hydra_utils import compose_config
+from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 from koala.shapes.evaluate import eval_prompts
 from koala.shapes.score import agreement, caption_accuracy, read_scene, score
 from koala.shapes.world import COLOURS, SHAPES, all_captions, caption, draw_scene, parse_caption, render
@@ -95,8 +95,8 @@ def test_teacher_trainer_writes_a_loadable_sdxl_pipeline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
+    from koala.models.unets import SHAPES_UNET_CONFIG
     from koala.shapes.teacher import main
-    from koala.unets import SHAPES_UNET_CONFIG
 
     out = main([f"out={tmp_path / 'p'}", "vae_steps=2", "vae_batch=4", "scenes=8", "unet_steps=2", "unet_batch=4",
                 "warmup=1", "log_every=1", "save_every=1"])
@@ -117,9 +117,9 @@ TEACHER_MIN_ACCURACY = 75.0  # the shipped teacher: 83.3% (15 of 18) on these pr
 
 @pytest.mark.slow
 def test_shipped_teacher_draws_its_captions():
-    from koala.hydra_utils import compose_config
-    from koala.inference import preset_for_kind
+    from koala.config.compose import compose_config
     from koala.shapes.evaluate import judge, load_pipeline, sample
+    from koala.ship.presets import preset_for_kind
 
     cfg = compose_config("train", ["teacher=shapes"])
     prompts = eval_prompts(18)  # every (shape, colour) pair once

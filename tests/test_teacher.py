@@ -10,9 +10,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 
-from koala.convert import diffusers_to_original, is_original_layout
-from koala.teacher import load_teacher, load_unet
-from koala.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec
+from koala.models.convert import diffusers_to_original, is_original_layout
+from koala.models.teacher import load_teacher, load_unet
+from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec
 
 
 def teacher_cfg(**kw):
@@ -128,7 +128,7 @@ def test_sharded_unet_folder(tmp_path):
 
 
 def test_writing_the_tiny_teacher_leaves_the_global_rng_alone(tmp_path):
-    from koala.tiny import write_tiny_pipeline
+    from koala.fixtures.tiny import write_tiny_pipeline
 
     torch.manual_seed(5)
     expected = torch.rand(3)

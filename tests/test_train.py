@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from koala.hydra_utils import compose_config
-from koala.train import train
+from koala.config.compose import compose_config
+from koala.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,7 +186,7 @@ def test_a_source_that_skips_everything_ends_the_run_with_the_likely_cause(tmp_p
 
 @pytest.mark.slow
 def test_two_processes_with_finite_uneven_data_stop_together(tmp_path, shared):
-    from koala.data.demo import write_demo_shards
+    from koala.fixtures.shards import write_demo_shards
 
     write_demo_shards(tmp_path / "uneven", n=24, resolution=32, samples_per_shard=8)  # 3 shards on 2 ranks
     train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk

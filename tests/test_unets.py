@@ -8,8 +8,8 @@ import torch
 from conftest import unet_inputs
 from diffusers import UNet2DConditionModel
 
-from koala.inherit import inherit_weights, map_name, module_map, select_layers
-from koala.unets import (
+from koala.models.inherit import inherit_weights, map_name, module_map, select_layers
+from koala.models.unets import (
     SDXL_UNET_CONFIG,
     SPECS,
     TINY_UNET_CONFIG,

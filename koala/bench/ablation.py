@@ -19,11 +19,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from koala.config.compose import compose_config
 from koala.export import export_run
-from koala.hydra_utils import compose_config
-from koala.inference import preset_for_kind
 from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
-from koala.train import train
+from koala.ship.presets import preset_for_kind
+from koala.train.loop import train
 
 METRICS = (("caption_accuracy", "caption accuracy (%)"), ("psnr", "PSNR vs teacher (dB)"), ("mae", "MAE vs teacher"))
 

@@ -15,10 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from koala.cache import CacheWriter
-from koala.config import DataConfig
+from koala.config.schema import DataConfig
 from koala.data import build_dataloader
-from koala.data.demo import write_demo_shards
 from koala.data.shards import read_tar
+from koala.fixtures.shards import write_demo_shards
 
 BENCH_KEYS = {"n": 64, "resolution": 1024, "batch_size": 8, "workers": 0, "cache_dtype": "fp16"}
 SDXL_SHAPES = {"prompt_embeds": (77, 2048), "pooled_prompt_embeds": (1280,), "time_ids": (6,)}

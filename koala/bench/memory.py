@@ -29,10 +29,18 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
+from koala.config.compose import compose_config
 from koala.distill.pairing import pair_taps
 from koala.distill.task import DistillationTask, LossWeights
-from koala.hydra_utils import compose_config
-from koala.unets import SDXL_UNET_CONFIG, build_student, build_unet, count_parameters, get_spec, resolve, unet_inputs
+from koala.models.unets import (
+    SDXL_UNET_CONFIG,
+    build_student,
+    build_unet,
+    count_parameters,
+    get_spec,
+    resolve,
+    unet_inputs,
+)
 
 GiB = 2**30
 BF16_OPS = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention}

@@ -28,15 +28,15 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 
-from koala.build import make_optimizer
+from koala.config.compose import compose_config
 from koala.data import build_dataloader
+from koala.devices import DTYPES, pick_device
 from koala.distill.pairing import pair_taps
 from koala.distill.task import DistillationTask, LossWeights
-from koala.dtypes import DTYPES
-from koala.hydra_utils import compose_config
-from koala.inherit import inherit_weights
-from koala.specs import student_spec
-from koala.unets import ARCHS, build_student, build_unet, resolve
+from koala.models.inherit import inherit_weights
+from koala.models.specs import student_spec
+from koala.models.unets import ARCHS, build_student, build_unet, resolve
+from koala.train.build import make_optimizer
 
 
 @dataclass
@@ -84,13 +84,6 @@ def random_batch(config: dict, batch: int, latent: int, device, seed: int = 0) -
         "target": torch.randn(batch, 4, latent, latent, generator=g),
     }
     return {k: v.to(device) for k, v in x.items()}
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def data_seconds(data_cfg: Any, batch: int, n: int) -> list[float]:

@@ -18,9 +18,9 @@ from typing import Any, Optional
 import torch
 from hydra.core.config_store import ConfigStore
 
-from koala.dtypes import parse_dtype
-from koala.flops import forward_flops
-from koala.unets import ARCHS, build_unet, count_parameters, get_spec, student_config, unet_inputs
+from koala.bench.flops import forward_flops
+from koala.devices import parse_dtype, pick_device
+from koala.models.unets import ARCHS, build_unet, count_parameters, get_spec, student_config, unet_inputs
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Published latency (s/image) and peak memory (GB), RTX 4090, 1024 px, fp16 (KOALA.md section 5).
@@ -34,7 +34,7 @@ PAPER = {
 class BenchUNetConfig:
     """Settings of `python -m koala.bench unet`."""
 
-    arch: str = "sdxl"  # teacher U-Net config (koala.unets.ARCHS): sdxl | tiny
+    arch: str = "sdxl"  # teacher U-Net config (koala.models.unets.ARCHS): sdxl | tiny
     specs: list[str] = field(default_factory=lambda: ["sdxl", "koala-1b", "koala-700m", "ssd-1b", "vega"])
     resolution: int = 1024  # image px; latents are resolution / vae_scale
     vae_scale: int = 8
@@ -48,13 +48,13 @@ class BenchUNetConfig:
     out: Optional[str] = None  # default outputs/bench/unet-<arch>-<resolution>
 
 
-def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: str) -> tuple[float, Optional[float]]:
+def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: torch.device) -> tuple[float, Optional[float]]:
     """Median seconds per image of `steps` U-Net forwards (random weights) and peak GPU memory in GB."""
     dtype = parse_dtype(cfg.dtype)
     unet = build_unet(config, device=device).to(dtype).eval()
     batch = 2 if cfg.guidance > 1 else 1
     inputs = unet_inputs(config, cfg.resolution, batch, cfg.vae_scale, device=device, dtype=dtype)
-    cuda = device.startswith("cuda")
+    cuda = device.type == "cuda"
 
     def loop() -> float:
         if cuda:
@@ -85,7 +85,7 @@ def bench_rows(cfg: BenchUNetConfig) -> list[dict[str, Any]]:
     teacher_config = ARCHS[cfg.arch]
     names = ["sdxl"] + [s for s in cfg.specs if s != "sdxl"]  # the teacher (identity spec) comes first
     specs = {name: get_spec(name) for name in names}  # unknown names fail before any work
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     rows = []
     for name in names:
         config = student_config(teacher_config, specs[name])
@@ -150,7 +150,7 @@ def main(overrides: list[str]) -> list[dict[str, Any]]:
     """Compose `configs/bench_unet.yaml` with overrides, print the table, write markdown and JSON."""
     from omegaconf import OmegaConf
 
-    from koala.hydra_utils import compose_config
+    from koala.config.compose import compose_config
 
     cfg: BenchUNetConfig = OmegaConf.to_object(compose_config("bench_unet", overrides))
     rows = bench_rows(cfg)

@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 
 from koala.data.buckets import sdxl_buckets
 from koala.data.cached import CachedCodec, cached_raw
-from koala.data.demo import ensure_demo_shards
 from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset
 from koala.data.records import Raw, caption_from_sample, image_from_sample
 from koala.data.samples import ImageCodec
 from koala.data.shards import expand_shards, shard_order, shard_records
 from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
 from koala.data.transforms import background_rgb
+from koala.fixtures.shards import ensure_demo_shards
 
 __all__ = ["KINDS", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
 

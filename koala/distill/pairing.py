@@ -1,6 +1,6 @@
 """Which student tap is compared with which teacher tap, and a shape check before training.
 
-A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.unets.module_map`),
+A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.unets.module_map`),
 with the transformer-layer rule chosen by `distill.pairing` (first / uniform / last) rather than the init rule:
 student `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs with teacher
 `up_blocks.0.attentions.2.transformer_blocks.4.attn1` under "first". Shapes are checked by a forward pass on the
@@ -17,8 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
-from koala.inherit import map_name, module_map
-from koala.unets import LAYER_SELECTS, Plan, build_unet, unet_inputs
+from koala.models.inherit import map_name, module_map
+from koala.models.unets import LAYER_SELECTS, Plan, build_unet, unet_inputs
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from koala.metrics import ClipScorer
+from koala.evaluation.metrics import ClipScorer
 
 
 class PreferenceScorer(ClipScorer):

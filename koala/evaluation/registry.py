@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from koala.evaluation.metrics import ClipScorer, feature_stats, frechet_distance, frechet_distance_of_features
 from koala.evaluation.weights import check_clip_model, check_safetensors
-from koala.metrics import ClipScorer, feature_stats, frechet_distance, frechet_distance_of_features
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 

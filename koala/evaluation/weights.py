@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from koala.evaluation.metrics import CLIP_MEAN, CLIP_STD, MissingMetricWeights
 from koala.evaluation.open_clip_keys import OPEN_CLIP_VIT_H_14, open_clip_to_hf_clip
-from koala.metrics import CLIP_MEAN, CLIP_STD, MissingMetricWeights
 
 __all__ = ["MissingMetricWeights", "check_clip_model", "check_safetensors", "CONVERTERS"]
 

@@ -16,9 +16,9 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 from koala.generate import generate, make_grid
-from koala.inference import Preset
 from koala.shapes.score import agreement, caption_accuracy
 from koala.shapes.world import COLOURS, RESOLUTION, SHAPES, caption
+from koala.ship.presets import Preset
 
 
 def eval_prompts(n: int = 36, seed: int = 0) -> list[str]:

@@ -4,7 +4,7 @@ Three stages, all on pictures drawn by `koala.shapes.world` (fresh random scenes
   1. a small `AutoencoderKL` (64 px -> 16 x 16 x 4 latents) trained to reconstruct the world's pictures; its
      `scaling_factor` is set so the latents have unit standard deviation, as SDXL's is;
   2. the latents of `scenes` pictures are encoded once;
-  3. an SDXL-layout U-Net (`koala.unets.SHAPES_UNET_CONFIG`) and the two tiny CLIP text encoders of `koala.tiny`
+  3. an SDXL-layout U-Net (`koala.models.unets.SHAPES_UNET_CONFIG`) and the two tiny CLIP text encoders of `koala.fixtures.tiny`
      are trained together as a text-to-image epsilon-prediction model on SDXL's noise schedule (min-SNR weighted,
      constant learning rate after warm-up, EMA weights saved), with captions dropped to zero embeddings 10% of the
      time (what the SDXL pipeline feeds for an empty negative prompt), so classifier-free guidance works.
@@ -31,10 +31,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from koala.diffusion import min_snr_weights
+from koala.fixtures.tiny import build_tiny_pipeline
+from koala.models.unets import SHAPES_UNET_CONFIG
 from koala.shapes.world import RESOLUTION, draw_scene
-from koala.tiny import build_tiny_pipeline
-from koala.unets import SHAPES_UNET_CONFIG
+from koala.train.diffusion import min_snr_weights
 
 
 @dataclass

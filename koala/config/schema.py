@@ -19,8 +19,8 @@ class TeacherConfig:
     """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
 
     name: str = "tiny"
-    kind: str = "base"  # base | lightning | turbo: sampling preset (koala.inference), scheduler spacing
-    arch: str = "sdxl"  # built-in U-Net config (koala.unets.ARCHS) for meta-device inspection and single files
+    kind: str = "base"  # base | lightning | turbo: sampling preset (koala.ship.presets), scheduler spacing
+    arch: str = "sdxl"  # built-in U-Net config (koala.models.unets.ARCHS) for meta-device inspection and single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
@@ -31,7 +31,7 @@ class TeacherConfig:
 
 @dataclass
 class UNetConfig:
-    """A student spec: a registered name, optionally with fields overridden (see koala.unets.StudentSpec)."""
+    """A student spec: a registered name, optionally with fields overridden (see koala.models.unets.StudentSpec)."""
 
     name: str = "tiny-700m"
     encoder_keep: Optional[Any] = None

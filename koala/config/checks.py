@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.dtypes import DTYPES
+from koala.devices import DTYPES
 
 
 class ConfigError(ValueError):
@@ -64,13 +64,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def _choices() -> dict[str, tuple[str, ...]]:
     """key -> valid values (imported lazily: the tables live with the code that uses them)."""
-    from koala.conditioning import DROPOUT_MODES
     from koala.data import KINDS as DATA_KINDS
-    from koala.diffusion import TIMESTEP_SAMPLERS
+    from koala.data.conditioning import DROPOUT_MODES
     from koala.distill.losses import FEATURE_LOSSES
     from koala.distill.taps import SA_POINTS
-    from koala.inference import KIND_PRESETS
-    from koala.unets import LAYER_SELECTS
+    from koala.models.unets import LAYER_SELECTS
+    from koala.ship.presets import KIND_PRESETS
+    from koala.train.diffusion import TIMESTEP_SAMPLERS
 
     return {
         "teacher.kind": tuple(KIND_PRESETS),
@@ -122,7 +122,7 @@ def check_distill(d) -> None:
 
 
 def _refuse_pickle(key: str, path: str) -> None:
-    from koala.teacher import PICKLE_SUFFIXES
+    from koala.models.teacher import PICKLE_SUFFIXES
 
     if Path(path).suffix.lower() in PICKLE_SUFFIXES:
         raise ConfigError(f"{key}={path!r} is a pickle checkpoint, refused because loading it can run code; convert it "
@@ -155,7 +155,7 @@ def _size_multiple(t) -> int:
     vae_dir = Path(t.vae) if t.vae else Path(t.pipeline) / "vae"
     if (vae_dir / "config.json").is_file():
         vae_scale = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
-    from koala.specs import teacher_unet_config
+    from koala.models.specs import teacher_unet_config
 
     return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
 
@@ -201,8 +201,8 @@ def check_config(cfg) -> None:
     check_teacher_paths(cfg.teacher)
     check_data(cfg)
     # The student spec must fit the teacher: resolved on configs alone, no weights.
-    from koala.specs import student_spec, teacher_unet_config
-    from koala.unets import resolve
+    from koala.models.specs import student_spec, teacher_unet_config
+    from koala.models.unets import resolve
 
     try:
         resolve(teacher_unet_config(cfg.teacher), student_spec(cfg.unet))

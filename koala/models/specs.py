@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.unets import ARCHS, Plan, StudentSpec, resolve, spec_from_fields
+from koala.models.unets import ARCHS, Plan, StudentSpec, resolve, spec_from_fields
 
 SPEC_FIELDS = (
     "encoder_keep",

@@ -34,7 +34,7 @@ COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 TORCH_ARCHIVES = (".bin", ".pkl", ".pt", ".pth")  # torch.save zip archives (accelerate's optimizer, RNG states)
 
-log = logging.getLogger("koala.checkpoint")
+log = logging.getLogger("koala.train.checkpoint")
 
 
 class CorruptCheckpoint(RuntimeError):

@@ -27,10 +27,10 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
-from koala.convert import ORIGINAL_PREFIX, is_original_layout
-from koala.dtypes import parse_dtype
-from koala.specs import teacher_unet_config
-from koala.unets import SDXL_UNET_CONFIG
+from koala.devices import parse_dtype
+from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
+from koala.models.specs import teacher_unet_config
+from koala.models.unets import SDXL_UNET_CONFIG
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_NAME = "diffusion_pytorch_model"

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from koala.inherit import longest_prefix
+from koala.models.inherit import longest_prefix
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 

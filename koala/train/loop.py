@@ -1,4 +1,4 @@
-"""`python -m koala.train [experiment=...] [overrides]` / `accelerate launch -m koala.train ...`: KOALA distillation.
+"""The KOALA distillation run: `train(cfg)` (the command is `python -m koala.train`, koala/train/__main__.py).
 
 `train(cfg)` reads top to bottom: check the config, build the parts, resume, then loop: encode, noise, teacher and
 student forward, losses, backward, step, EMA, log, sample, checkpoint.
@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -24,24 +21,22 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from koala.build import make_optimizer, make_student
-from koala.checkpoint import StopSignal, read_state, save_checkpoint
-from koala.checks import ConfigError, check_config
-from koala.conditioning import SDXLConditioner
-from koala.config import register_configs
+from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
-from koala.data.demo import ensure_demo_shards
-from koala.data.stream import TooManySkips
-from koala.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
+from koala.data.conditioning import SDXLConditioner
+from koala.devices import DTYPES, multi_cpu
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
-from koala.dtypes import DTYPES
-from koala.rng import rng_preserved
-from koala.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
-from koala.sampling import SampleRenderer
-from koala.teacher import load_teacher
-from koala.tiny import write_tiny_pipeline
-from koala.tracking import MetricsLog, flat_hparams, resolve_trackers, write_rank_record
+from koala.fixtures.shards import ensure_demo_shards
+from koala.fixtures.tiny import write_tiny_pipeline
+from koala.models.teacher import load_teacher
+from koala.train.build import make_optimizer, make_student
+from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
+from koala.train.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
+from koala.train.rng import rng_preserved
+from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
+from koala.train.sampling import SampleRenderer
+from koala.train.tracking import MetricsLog, flat_hparams, resolve_trackers, write_rank_record
 
 log = logging.getLogger("koala.train")
 
@@ -59,13 +54,11 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
 def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
     """Accelerator, assets, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
-    # Several processes and no GPU: accelerate only picks gloo (MULTI_CPU) when told cpu=True.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     # accelerate keeps its settings process-wide; a second run in the same process (a notebook, an in-process
     # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
-        cpu=multi_cpu,
+        cpu=multi_cpu(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=resolve_trackers(cfg.report_to) or None,
@@ -265,28 +258,3 @@ def train(cfg: DictConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-register_configs()
-
-
-@hydra.main(version_base=None, config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.get().mode == RunMode.MULTIRUN:  # one run directory per sweep job: multirun/<name>/<overrides>
-        cfg.output_dir = HydraConfig.get().runtime.output_dir
-    try:
-        train(cfg)
-    except ConfigError as e:  # one clear message, no traceback: the config is wrong, not the code
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
-              file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

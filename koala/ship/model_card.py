@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.inference import preset_for_kind
+from koala.ship.presets import preset_for_kind
 
 
 def final_losses(metrics: list[dict[str, Any]]) -> dict[str, float]:

@@ -1,13 +1,13 @@
-"""Wiring at the edge: turn the (already checked, koala.checks) config into real objects."""
+"""Wiring at the edge: turn the (already checked, koala.config.checks) config into real objects."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from koala.inherit import InheritanceReport, inherit_weights
-from koala.specs import student_spec
-from koala.unets import Plan, build_student, resolve
+from koala.models.inherit import InheritanceReport, inherit_weights
+from koala.models.specs import student_spec
+from koala.models.unets import Plan, build_student, resolve
 
 
 def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:

@@ -17,10 +17,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.checkpoint import find_checkpoint, list_checkpoints, read_state
-from koala.checks import ConfigError
+from koala.config.checks import ConfigError
+from koala.train.checkpoint import find_checkpoint, list_checkpoints, read_state
 
-log = logging.getLogger("koala.runs")
+log = logging.getLogger("koala.train.runs")
 
 # Settings a resumed run may change. Paths may point to moved copies of the same files (a warning says so).
 MAY_CHANGE = (

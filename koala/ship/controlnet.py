@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from diffusers import ControlNetModel
 from diffusers.models.controlnets.controlnet import ControlNetOutput
 
-from koala.unets import Plan
+from koala.models.unets import Plan
 
 
 def residual_sources(plan: Plan) -> list[int]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from koala.unets import build_unet, unet_inputs
+from koala.models.unets import build_unet, unet_inputs
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from koala.generate import generate, make_grid
-from koala.inference import preset_for_kind
-from koala.rng import rng_preserved
+from koala.ship.presets import preset_for_kind
+from koala.train.rng import rng_preserved
 
 
 class SampleRenderer:

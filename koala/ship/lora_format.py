@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from koala.convert import diffusers_to_original
+from koala.models.convert import diffusers_to_original
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}

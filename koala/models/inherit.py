@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from koala.unets import LAYER_SELECTS, LayerSelect, Plan
+from koala.models.unets import LAYER_SELECTS, LayerSelect, Plan
 
 # ---------------------------------------------------------------------------------------------------------------
 

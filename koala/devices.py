@@ -1,0 +1,30 @@
+"""Devices and precisions by name: `pick_device` (`auto` / null: cuda when available) and the config's dtype names."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(name: str | None = "auto") -> torch.device:
+    """The named device; `auto` (or null): cuda when available, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def multi_cpu() -> bool:
+    """Several processes and no GPU: accelerate picks gloo (MULTI_CPU) only when told `cpu=True`."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`bf16` / `fp16` / `fp32` (or a torch.dtype) -> torch.dtype, naming the valid choices otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
