@@ -154,7 +154,7 @@ def asset_path(name: str) -> str:
     """Absolute path of a folder shipped in the package (koala/assets/<name>): the `${koala_asset:<name>}` resolver."""
     from pathlib import Path
 
-    return str(Path(__file__).resolve().parent / "assets" / name)
+    return str(Path(__file__).resolve().parents[1] / "assets" / name)
 
 
 def register_configs() -> None:
