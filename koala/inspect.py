@@ -14,13 +14,12 @@ from omegaconf import DictConfig
 from koala.config.schema import register_configs
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import KINDS, STAGES, list_tap_points
-from koala.models.specs import student_spec, teacher_unet_config
+from koala.models.specs import student_plan, teacher_unet_config
 from koala.models.unets import (
     build_student,
     build_unet,
     count_parameters,
     count_self_attention,
-    resolve,
     stage_rows,
 )
 
@@ -43,9 +42,8 @@ def format_stage_table(teacher, student) -> str:
 def build_meta_pair(teacher_cfg, unet_cfg):
     """Teacher and student on the meta device, with the resolved plan."""
     t_config = teacher_unet_config(teacher_cfg)
-    spec = student_spec(unet_cfg)
-    plan = resolve(t_config, spec)  # fail early with the reason
-    return plan, build_unet(t_config, device="meta"), build_student(t_config, spec, device="meta")
+    plan = student_plan(t_config, unet_cfg)  # fail early with the reason
+    return plan, build_unet(t_config, device="meta"), build_student(t_config, plan.spec, device="meta")
 
 
 def inspect_unets(teacher_cfg, unet_cfg, models=None) -> str:

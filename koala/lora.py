@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from koala.config.schema import TeacherConfig, UNetConfig
 from koala.models.inherit import map_name, module_map
-from koala.models.specs import run_plan, student_spec, teacher_unet_config
-from koala.models.unets import Plan, build_student, build_unet, resolve
+from koala.models.specs import config_plan, run_plan
+from koala.models.unets import Plan, build_student, build_unet
 from koala.ship.lora_format import Adapter, parse_lora, read_safetensors, teacher_module_tables
 
 
@@ -159,10 +159,7 @@ def remap_file(lora: str | Path, out: str | Path, teacher_config: dict, plan: Pl
 
 def _teacher_and_plan(cfg: DictConfig) -> tuple[dict, Plan]:
     """The teacher U-Net config and the student plan, from a run's config.yaml or from the composed groups."""
-    if cfg.run_dir:
-        return run_plan(cfg.run_dir)
-    teacher_config = teacher_unet_config(cfg.teacher)
-    return teacher_config, resolve(teacher_config, student_spec(cfg.unet))
+    return run_plan(cfg.run_dir) if cfg.run_dir else config_plan(cfg)
 
 
 ConfigStore.instance().store(name="koala_lora", node=LoraRemapConfig)

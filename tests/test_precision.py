@@ -9,7 +9,7 @@ from PIL import Image
 
 from koala.config.compose import compose_config
 from koala.distill.task import DistillationTask, LossWeights
-from koala.train.loop import build_student_side, load_frozen
+from koala.train.build import build_trainable, load_frozen
 from koala.train.sampling import SampleRenderer
 
 
@@ -32,7 +32,7 @@ def recipe(tiny_pipeline_dir, *extra):
 def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp_path):
     cfg = recipe(tiny_pipeline_dir)
     assert cfg.teacher.dtype == "bf16" and cfg.mixed_precision == "bf16"
-    conditioner, _, _, teacher = load_frozen(cfg, torch.device("cpu"))
+    conditioner, _, teacher = load_frozen(cfg, torch.device("cpu"))
     teacher.to(torch.bfloat16)
     student = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")  # fp32
     renderer = SampleRenderer(cfg, conditioner, Accelerator(cpu=True), tmp_path)
@@ -43,10 +43,10 @@ def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp
 
 def test_student_inherits_the_stored_precision_not_the_teacher_dtype(tiny_pipeline_dir):
     cfg = recipe(tiny_pipeline_dir)
-    _, _, _, teacher = load_frozen(cfg, torch.device("cpu"))
+    _, noising, teacher = load_frozen(cfg, torch.device("cpu"))
     stored = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").state_dict()
-    student, *_ = build_student_side(cfg, Accelerator(cpu=True), teacher, latent_size=16)
-    s = student.state_dict()
+    run = build_trainable(cfg, Accelerator(cpu=True), teacher, noising, latent_size=16)
+    s = run.student.state_dict()
     for name in ("conv_in.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
         assert s[name].dtype == torch.float32 and torch.equal(s[name], stored[name]), name  # not bf16-rounded
 

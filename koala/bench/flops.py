@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from koala.models.unets import build_unet, unet_inputs
+from koala.models.forward import random_inputs, unet_forward
+from koala.models.unets import build_unet
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ def forward_flops(
 ) -> FlopCount:
     """FLOPs of one forward of the U-Net `config` describes (or of `unet`, built from it on meta) on meta inputs."""
     unet = (unet if unet is not None else build_unet(config, device="meta")).eval()
-    inputs = unet_inputs(config, resolution, batch, vae_scale)
+    x = random_inputs(config, resolution, batch, vae_scale)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(**inputs)
+        unet_forward(unet, x["noisy"], x["t"], x)
     by_op = {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
     return FlopCount(int(counter.get_total_flops()), by_op)

@@ -30,17 +30,10 @@ from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
 from koala.config.compose import compose_config
-from koala.distill.pairing import pair_taps
-from koala.distill.task import DistillationTask, LossWeights
-from koala.models.unets import (
-    SDXL_UNET_CONFIG,
-    build_student,
-    build_unet,
-    count_parameters,
-    get_spec,
-    resolve,
-    unet_inputs,
-)
+from koala.models.forward import random_inputs
+from koala.models.teacher import freeze
+from koala.models.unets import SDXL_UNET_CONFIG, build_student, build_unet, count_parameters, get_spec, resolve
+from koala.train.build import make_task
 
 GiB = 2**30
 BF16_OPS = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention}
@@ -206,21 +199,17 @@ def measure_step(student_name: str, resolution: int, checkpointing: bool, distil
     """Run teacher + student + taps + losses of one batch-1 step on the meta device and count what it holds."""
     t_config = dict(teacher_config or SDXL_UNET_CONFIG)
     spec = get_spec(student_name)
-    teacher = build_unet(t_config, device="meta").to(torch.bfloat16 if bf16 else torch.float32).eval()
+    teacher = freeze(build_unet(t_config, device="meta").to(torch.bfloat16 if bf16 else torch.float32))
     student = build_student(t_config, spec, device="meta").train()
-    d = compose_config("train", [f"distill={distill}"]).distill
-    pairs = pair_taps(resolve(t_config, spec), d, student, teacher)
-    task = DistillationTask(student, teacher.requires_grad_(False), pairs,
-                            LossWeights(d.task_weight, d.out_weight, d.feat_weight), d.loss, d.sa_point)
+    cfg = compose_config("train", [f"distill={distill}"])
+    task = make_task(cfg, student, teacher, resolve(t_config, spec), latent_size=resolution // 8)
     counter, recompute = SavedBytes(exclude=student.parameters()), []
     if checkpointing:
         student.enable_gradient_checkpointing(counting_checkpoint(counter, recompute))
-    x = unet_inputs(t_config, resolution, batch=1)
-    cond = {"prompt_embeds": x["encoder_hidden_states"], "pooled_prompt_embeds": x["added_cond_kwargs"]["text_embeds"],
-            "time_ids": x["added_cond_kwargs"]["time_ids"]}
+    x = random_inputs(t_config, resolution, batch=1)
     autocast = Bf16Autocast(enabled=bf16, weight_copies=counter.weight_copies)
     with task, autocast, counter.hooks():
-        task(x["sample"], x["timestep"], cond, torch.empty_like(x["sample"]))
+        task(x["noisy"], x["t"], x, x["target"])
         held = SavedBytes()
         for f in task.teacher_taps.features.values():
             held.add(f)

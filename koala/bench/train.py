@@ -1,22 +1,24 @@
 """`python -m koala.bench train [bench.arch=medium] [bench.batch=2] [unet=tiny-700m] [bench.presets=[koala,lf,out]]`
 
-Measures, as medians over interleaved repetitions after warm-up, in one run:
+Times the trainer's own step (`koala.train.step.train_step`, built by `koala.train.build` as `koala.train` builds it:
+accelerate, autocast, taps, every loss, clipping, fused AdamW, LR schedule, EMA, logged terms), split into its parts,
+beside the two pieces of unavoidable work:
   teacher  - the teacher forward alone (inference mode, teacher dtype)
-  student  - the student forward + backward alone (bare: no taps, no KD losses)
-  step     - the full training step of each distill preset (taps, all losses, clip, optimizer, EMA), built the
-             way `koala.train` builds it (`make_optimizer`, diffusers `EMAModel`)
-and prints the overhead ratio = step / (teacher + student), the unavoidable work. Teacher weights are random
-(built from the built-in arch config) and the conditioning is synthetic with a cached batch's shapes, so no files
-are needed and data time is not part of the step; give a loader (`data=cached data.path=...`) to time it too.
-On a GPU: `bench.arch=sdxl bench.resolution=1024 mixed_precision=bf16 teacher.dtype=bf16` (KOALA-700M; add
-`unet=koala-1b` for KOALA-1B).
+  student  - the bare student forward + backward (no taps, no KD losses)
+and prints the overhead ratio = step / (teacher + student) and where the step's time goes. Medians over interleaved
+repetitions after warm-up, in one run. Teacher weights are random (the built-in arch config) and the conditioning
+is synthetic with a cached batch's shapes, so no files are needed and data time is not part of the step; give a
+loader (`data=cached data.path=...`) to time it too. On a GPU: `bench.arch=sdxl bench.resolution=1024
+mixed_precision=bf16 teacher.dtype=bf16` (KOALA-700M; add `unet=koala-1b` for KOALA-1B).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,19 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.training_utils import EMAModel
+from diffusers import DDPMScheduler
 from omegaconf import OmegaConf
 
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
 from koala.devices import DTYPES, pick_device
-from koala.distill.pairing import pair_taps
-from koala.distill.task import DistillationTask, LossWeights
-from koala.models.inherit import inherit_weights
-from koala.models.specs import student_spec
-from koala.models.unets import ARCHS, build_student, build_unet, resolve
-from koala.train.build import make_optimizer
+from koala.distill.losses import mse
+from koala.models.forward import random_inputs, unet_forward
+from koala.models.teacher import freeze
+from koala.models.unets import ARCHS, SDXL_SCHEDULER_CONFIG, build_unet
+from koala.timing import PartTimer
+from koala.train.build import build_trainable, make_accelerator, make_noising, make_task
+from koala.train.step import Trainable, train_step
+from koala.train.tracking import MetricsLog
+
+# The parts of one step, in the order it runs them (koala.train.step and DistillationTask.forward name them)
+PARTS = ("noise", "teacher forward", "student forward", "losses", "backward", "clip", "optimizer", "ema", "logging")
 
 
 @dataclass
@@ -50,40 +56,20 @@ class BenchTrain:
     warmup: int = 3
     device: str = "auto"
     presets: list[str] = field(default_factory=lambda: ["koala", "lf", "out"])
-    compile: bool = False  # torch.compile student and teacher (as `compile=true` does in koala.train)
     threads: int = 0  # CPU threads (0: torch's default); 1 on a shared machine, where a preempted OpenMP thread
     # stalls every parallel op (measured 10-25x slower steps at 2 threads on 2 busy cores)
     out: str = "outputs/bench/train"
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for queued GPU work so wall time covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+@dataclass
+class Bench:
+    """What the measurements run: one trainable per preset (sharing the student), the batch, the timer."""
 
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Wall seconds of one call of `fn`, GPU work included."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def random_batch(config: dict, batch: int, latent: int, device, seed: int = 0) -> dict:
-    """A cached-conditioning-shaped batch for this U-Net config."""
-    g = torch.Generator().manual_seed(seed)
-    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    x = {
-        "noisy": torch.randn(batch, 4, latent, latent, generator=g),
-        "t": torch.randint(0, 1000, (batch,), generator=g),
-        "prompt_embeds": torch.randn(batch, 77, config["cross_attention_dim"], generator=g),
-        "pooled_prompt_embeds": torch.randn(batch, pooled, generator=g),
-        "time_ids": torch.tensor([[latent * 8, latent * 8, 0, 0, latent * 8, latent * 8]] * batch, dtype=torch.float),
-        "target": torch.randn(batch, 4, latent, latent, generator=g),
-    }
-    return {k: v.to(device) for k, v in x.items()}
+    runs: dict[str, Trainable]
+    x: dict[str, torch.Tensor]  # random inputs: noisy, t, target and the conditioning keys
+    cond: dict[str, torch.Tensor]  # what the data path hands the step: latents + conditioning
+    metrics: MetricsLog
+    timer: PartTimer
 
 
 def data_seconds(data_cfg: Any, batch: int, n: int) -> list[float]:
@@ -98,98 +84,93 @@ def data_seconds(data_cfg: Any, batch: int, n: int) -> list[float]:
     return times
 
 
-def build_models(bench: BenchTrain, cfg: Any, device: torch.device):
-    """Random teacher of `bench.arch` in its dtype (frozen, eval) and the student inherited from it (fp32, train)."""
-    t_config = dict(ARCHS[bench.arch])
-    teacher = build_unet(t_config, device=device).to(DTYPES[cfg.teacher.dtype]).eval().requires_grad_(False)
-    spec = student_spec(cfg.unet)
-    plan = resolve(t_config, spec)
-    student = build_student(t_config, spec, device=device)
-    inherit_weights(student, teacher, plan)
-    student.float().train().requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    return t_config, teacher, student, plan
-
-
-def step_functions(bench: BenchTrain, cfgs: dict, device: torch.device) -> tuple[dict[str, Callable], dict]:
-    """Closures for every timed measurement (teacher, student, step/<preset>) and the pair count per preset."""
+def build_bench(bench: BenchTrain, cfgs: dict, device: torch.device, log_dir: Path) -> Bench:
+    """A random teacher of `bench.arch`, then the student and its parts exactly as koala.train builds them."""
     cfg = next(iter(cfgs.values()))
-    t_config, teacher, student, plan = build_models(bench, cfg, device)
-    opt = make_optimizer(cfg.optim, student.parameters())  # as koala.train builds it (fused AdamW)
-    ema = None
-    if cfg.ema:
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config, foreach=True)
-        ema.to(device)
-    x = random_batch(t_config, bench.batch, bench.resolution // 8, device)
-    cond = {k: x[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    if bench.compile:  # each preset adds and removes its own hooks: guard on them so each gets its own graph
-        torch._dynamo.config.skip_nnmodule_hook_guards = False
-    run_student = torch.compile(student) if bench.compile else student
-    run_teacher = torch.compile(teacher) if bench.compile else teacher
-    tasks = {}
-    for name, c in cfgs.items():
-        pairs = pair_taps(plan, c.distill, student, teacher)
-        w = LossWeights(c.distill.task_weight, c.distill.out_weight, c.distill.feat_weight)
-        tasks[name] = DistillationTask(run_student, run_teacher, pairs, w, c.distill.loss, c.distill.sa_point)
+    t_config = dict(ARCHS[bench.arch])
+    teacher = freeze(build_unet(t_config, device=device))  # "stored" fp32: the student inherits, then it is cast
+    accelerator = make_accelerator(cfg)
+    noising = make_noising(cfg, DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
+    latent = bench.resolution // 8
+    first = build_trainable(cfg, accelerator, teacher, noising, latent)
+    teacher.to(device, DTYPES[cfg.teacher.dtype])
+    bare = accelerator.unwrap_model(first.student)
+    runs = {}
+    for name, c in cfgs.items():  # every preset drives the same student, optimizer and EMA with its own taps
+        runs[name] = dataclasses.replace(
+            first, task=make_task(c, bare, teacher, first.plan, latent).running(first.student)
+        )
+    x = random_inputs(
+        t_config, bench.resolution, bench.batch, device=device, generator=torch.Generator().manual_seed(0)
+    )
+    cond = {"latents": x["noisy"], **{k: x[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}}
+    return Bench(runs, x, cond, MetricsLog(accelerator, log_dir / "metrics.jsonl"), PartTimer(device))
+
+
+def measurements(b: Bench) -> dict[str, Callable[[], dict[str, float]]]:
+    """Closures for every timed measurement (teacher, student, step/<preset>), each returning its parts' seconds."""
+    run, x = next(iter(b.runs.values())), b.x
+
+    def parts(fn: Callable[[], None]) -> dict[str, float]:
+        b.timer.seconds.clear()
+        fn()
+        return dict(b.timer.seconds)
 
     def teacher_only() -> None:
-        tasks[bench.presets[0]].teacher_forward(x["noisy"], x["t"], cond)
+        with b.timer("total"):
+            run.task.teacher_forward(x["noisy"], x["t"], b.cond)
 
-    def student_only() -> None:
-        with autocast:
-            out = run_student(x["noisy"], x["t"], encoder_hidden_states=cond["prompt_embeds"],
-                              added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"],
-                                                 "time_ids": cond["time_ids"]})
-        (out.sample.float() - x["target"]).pow(2).mean().backward()
-        student.zero_grad(set_to_none=True)
+    def student_only() -> None:  # the bare student: no taps entered, one MSE
+        with b.timer("total"):
+            with run.accelerator.autocast():
+                loss = mse(unet_forward(run.student, x["noisy"], x["t"], b.cond), x["target"])
+            run.accelerator.backward(loss)
+            run.optimizer.zero_grad(set_to_none=True)
 
-    def full_step(task: DistillationTask) -> Callable[[], None]:
+    def full_step(r: Trainable) -> Callable[[], None]:
         def fn() -> None:
-            with task:  # hooks of this preset only (every preset shares one student)
-                with autocast:
-                    losses = task(x["noisy"], x["t"], cond, x["target"])
-                losses["loss"].backward()
-                if cfg.optim.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(student.parameters())
+            with r.task:  # hooks of this preset only (every preset shares one student)
+                with b.timer("total"):
+                    train_step(r, b.cond, b.metrics, b.timer)
 
         return fn
 
-    fns = {"teacher": teacher_only, "student": student_only, **{f"step/{n}": full_step(t) for n, t in tasks.items()}}
-    return fns, {n: len(t.pairs) for n, t in tasks.items()}
+    fns = {"teacher": teacher_only, "student": student_only, **{f"step/{n}": full_step(r) for n, r in b.runs.items()}}
+    return {k: (lambda fn=fn: parts(fn)) for k, fn in fns.items()}
 
 
-def measure(fns: dict[str, Callable], bench: BenchTrain, device: torch.device) -> tuple[dict, dict]:
-    """Median seconds per measurement, interleaved round by round, and the CUDA peak memory (GiB) of each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def measure(fns: dict[str, Callable[[], dict[str, float]]], bench: BenchTrain, device: torch.device):
+    """Median seconds per measurement and per part, interleaved round by round, and CUDA peak memory (GiB)."""
+    times: dict[str, list[dict[str, float]]] = {k: [] for k in fns}
     peaks: dict[str, float] = {}
     for i in range(bench.warmup + bench.steps):
         for k, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = _timed(fn, device)
+            seconds = fn()
             if i >= bench.warmup:
                 times[k].append(seconds)
             if device.type == "cuda":
                 peaks[k] = max(peaks.get(k, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
-    return {k: statistics.median(v) for k, v in times.items()}, peaks
+    med = {k: statistics.median(r["total"] for r in v) for k, v in times.items()}
+    split = {
+        k: {p: statistics.median(r.get(p, 0.0) for r in v) for p in PARTS}
+        for k, v in times.items()
+        if k.startswith("step/")
+    }
+    return med, split, peaks
 
 
 def run(bench: BenchTrain, train_overrides: list[str]) -> dict:
-    """Build teacher and student once, then time the three measurements per distill preset, interleaved."""
+    """Build teacher and student once, then time the measurements of every distill preset, interleaved."""
     device = pick_device(bench.device)
     if device.type == "cpu" and bench.threads > 0:
         torch.set_num_threads(bench.threads)
     cfgs = {p: compose_config("train", [f"distill={p}", *train_overrides]) for p in bench.presets}
     cfg = next(iter(cfgs.values()))
-    fns, pairs = step_functions(bench, cfgs, device)
-    med, peaks = measure(fns, bench, device)
+    with tempfile.TemporaryDirectory() as log_dir:
+        b = build_bench(bench, cfgs, device, Path(log_dir))
+        med, split, peaks = measure(measurements(b), bench, device)
     real_data = any(o.startswith("data") for o in train_overrides)
     data_s = statistics.median(data_seconds(cfg.data, bench.batch, bench.steps)) if real_data else None
     base = med["teacher"] + med["student"]
@@ -198,20 +179,24 @@ def run(bench: BenchTrain, train_overrides: list[str]) -> dict:
         "threads": torch.get_num_threads(),
         "arch": bench.arch, "student": cfg.unet.name, "resolution": bench.resolution, "batch": bench.batch,
         "teacher_dtype": cfg.teacher.dtype, "mixed_precision": cfg.mixed_precision, "steps": bench.steps,
-        "warmup": bench.warmup, "compile": bench.compile, "gradient_checkpointing": cfg.gradient_checkpointing,
+        "warmup": bench.warmup, "compile": cfg.compile, "gradient_checkpointing": cfg.gradient_checkpointing,
         "optimizer": "AdamW8bit" if cfg.optim.use_8bit else "AdamW", "ema": cfg.ema,
         "median_s": med,
-        "overhead": {n: med[f"step/{n}"] / base for n in pairs},
-        "pairs": pairs,
+        "parts_s": split,
+        "overhead": {n: med[f"step/{n}"] / base for n in b.runs},
+        # the tapped student's forward + losses + backward beyond the bare student's forward + backward
+        "taps_and_feature_losses_s": {n: s["student forward"] + s["losses"] + s["backward"] - med["student"]
+                                      for n, s in ((n, split[f"step/{n}"]) for n in b.runs)},
+        "pairs": {n: len(r.task.pairs) for n, r in b.runs.items()},
         "data": {"source": cfg.data.kind if real_data else "synthetic (cached-shaped, not part of the step)",
                  "median_s": data_s},
         "peak_memory_gb": peaks or {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
         "peak_memory_kind": "cuda max allocated per measurement" if peaks else "process peak RSS",
-    }
+    }  # fmt: skip
 
 
 def to_markdown(r: dict) -> str:
-    """The result as a markdown table."""
+    """The result as two markdown tables: the overhead ratio per preset, and the step split by part."""
     mem = r["peak_memory_gb"]
     lines = [
         f"Step time, {r['arch']} teacher -> {r['student']}, {r['resolution']} px, batch {r['batch']}, {r['device']} "
@@ -231,9 +216,31 @@ def to_markdown(r: dict) -> str:
     lines.append(row("student", "student forward + backward"))
     for n, o in r["overhead"].items():
         lines.append(row(f"step/{n}", f"full step, distill={n}", f"{o:.3f}", str(r["pairs"][n])))
+    presets = list(r["overhead"])
+    lines += [
+        "",
+        "Where the step's time goes (median s per part):",
+        "",
+        "| part | " + " | ".join(f"distill={n}" for n in presets) + " |",
+        "|---|" + "---|" * len(presets),
+    ]
+    for part in PARTS:
+        lines.append(f"| {part} | " + " | ".join(f"{r['parts_s'][f'step/{n}'][part]:.4f}" for n in presets) + " |")
+    lines.append(
+        "| taps + feature losses (tapped fwd + losses + bwd - bare fwd + bwd) | "
+        + " | ".join(f"{r['taps_and_feature_losses_s'][n]:+.4f}" for n in presets)
+        + " |"
+    )
+    lines.append("| whole step | " + " | ".join(f"{r['median_s'][f'step/{n}']:.4f}" for n in presets) + " |")
     d = r["data"]
-    lines.append("\ndata: " + (f"{d['source']} loader, median {d['median_s']:.4f} s per batch" if d["median_s"]
-                               is not None else d["source"]))
+    lines.append(
+        "\ndata: "
+        + (
+            f"{d['source']} loader, median {d['median_s']:.4f} s per batch"
+            if d["median_s"] is not None
+            else d["source"]
+        )
+    )
     if "process" in mem:
         lines.append(f"peak memory (process peak RSS): {mem['process']:.2f} GiB")
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from hydra.core.config_store import ConfigStore
 
 from koala.bench.flops import forward_flops
 from koala.devices import parse_dtype, pick_device
-from koala.models.unets import ARCHS, build_unet, count_parameters, get_spec, student_config, unet_inputs
+from koala.models.forward import random_inputs, unet_forward
+from koala.models.unets import ARCHS, build_unet, count_parameters, get_spec, student_config
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Published latency (s/image) and peak memory (GB), RTX 4090, 1024 px, fp16 (KOALA.md section 5).
@@ -53,7 +54,7 @@ def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: torch.dev
     dtype = parse_dtype(cfg.dtype)
     unet = build_unet(config, device=device).to(dtype).eval()
     batch = 2 if cfg.guidance > 1 else 1
-    inputs = unet_inputs(config, cfg.resolution, batch, cfg.vae_scale, device=device, dtype=dtype)
+    x = random_inputs(config, cfg.resolution, batch, cfg.vae_scale, device=device, dtype=dtype)
     cuda = device.type == "cuda"
 
     def loop() -> float:
@@ -62,7 +63,7 @@ def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: torch.dev
         start = time.perf_counter()
         with torch.inference_mode():
             for _ in range(cfg.steps):
-                unet(**inputs)
+                unet_forward(unet, x["noisy"], x["t"], x)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -201,10 +201,9 @@ def check_config(cfg) -> None:
     check_teacher_paths(cfg.teacher)
     check_data(cfg)
     # The student spec must fit the teacher: resolved on configs alone, no weights.
-    from koala.models.specs import student_spec, teacher_unet_config
-    from koala.models.unets import resolve
+    from koala.models.specs import config_plan
 
     try:
-        resolve(teacher_unet_config(cfg.teacher), student_spec(cfg.unet))
+        config_plan(cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"unet={cfg.unet.name}: {e}") from e

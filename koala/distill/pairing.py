@@ -17,8 +17,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
+from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
-from koala.models.unets import LAYER_SELECTS, Plan, build_unet, unet_inputs
+from koala.models.unets import LAYER_SELECTS, Plan, build_unet
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def record_shapes(unet: torch.nn.Module, points: list[TapPoint], sample_size: in
     if next(model.parameters()).device.type != "meta":
         model = build_unet(config, device="meta")
     with torch.no_grad(), FeatureTaps(model, points, detach=True, sa_point=sa_point) as taps:
-        model(**unet_inputs(config, sample_size, batch_size, vae_scale=1))  # latent = sample_size
+        x = random_inputs(config, sample_size, batch_size, vae_scale=1,  # latent = sample_size
+                          dtype=next(model.parameters()).dtype)
+        unet_forward(model, x["noisy"], x["t"], x)
     return {name: tuple(f.shape) for name, f in taps.features.items()}
 
 

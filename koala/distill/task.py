@@ -7,11 +7,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from koala.distill.losses import feature_loss, mse
 from koala.distill.pairing import TapPair
 from koala.distill.taps import FeatureTaps
+from koala.models.forward import unet_forward
+from koala.timing import Timer, no_timer
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class DistillationTask(nn.Module):
         self.pairs = pairs
         self.weights = weights
         self.feature_kind = feature_kind
+        self.sa_point = sa_point
         need_feats = weights.feat > 0 and bool(pairs)
         self.student_taps = FeatureTaps(student, [p.student for p in pairs] if need_feats else [], sa_point=sa_point)
         self.teacher_taps = FeatureTaps(
@@ -53,6 +56,10 @@ class DistillationTask(nn.Module):
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
+
+    def running(self, student: nn.Module) -> DistillationTask:
+        """The same pairs and weights on `student` as wrapped for training (DDP, FSDP, `torch.compile`)."""
+        return DistillationTask(student, self.teacher, self.pairs, self.weights, self.feature_kind, self.sa_point)
 
     def __enter__(self) -> DistillationTask:
         self.student_taps.__enter__()
@@ -69,7 +76,7 @@ class DistillationTask(nn.Module):
         return self
 
     @torch.inference_mode()
-    def teacher_forward(self, noisy, t, cond: dict) -> torch.Tensor:
+    def teacher_forward(self, noisy: Tensor, t: Tensor, cond: dict) -> Tensor:
         """The teacher's prediction (features land in `teacher_taps`); no graph, teacher's own dtype."""
         dtype = next(self.teacher.parameters()).dtype
         # Outside any autocast the caller runs the student under: the teacher computes in its own dtype
@@ -78,26 +85,25 @@ class DistillationTask(nn.Module):
             torch.autocast(noisy.device.type, enabled=False) if noisy.device.type != "meta" else contextlib.nullcontext()
         )  # (the meta device, used by the memory benchmark, has no autocast)
         with no_autocast:
-            return self.teacher(
-                noisy.to(dtype),
-                t,
-                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"].to(dtype),
-                                   "time_ids": cond["time_ids"].to(dtype)},
-            ).sample
+            return unet_forward(self.teacher, noisy, t, cond, dtype=dtype)
 
-    def forward(self, noisy, t, cond: dict, target: torch.Tensor, sample_weights=None) -> dict[str, torch.Tensor]:
-        """All loss terms for one batch. `cond`: prompt_embeds, pooled_prompt_embeds, time_ids."""
+    def forward(
+        self, noisy: Tensor, t: Tensor, cond: dict, target: Tensor, sample_weights: Tensor | None = None,
+        timer: Timer = no_timer,
+    ) -> dict[str, Tensor]:
+        """All loss terms for one batch (`cond`: koala.models.forward.COND_KEYS); `timer` names each part."""
         self.student_taps.reset()
         self.teacher_taps.reset()
-        eps_t = self.teacher_forward(noisy, t, cond) if self.need_teacher else None
-        eps_s = self.student(
-            noisy,
-            t,
-            encoder_hidden_states=cond["prompt_embeds"],
-            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]},
-        ).sample
-        losses: dict[str, torch.Tensor] = {"task": mse(eps_s, target, sample_weights)}
+        with timer("teacher forward"):
+            eps_t = self.teacher_forward(noisy, t, cond) if self.need_teacher else None
+        with timer("student forward"):
+            eps_s = unet_forward(self.student, noisy, t, cond)
+        with timer("losses"):
+            return self.losses(eps_s, eps_t, target, sample_weights)
+
+    def losses(self, eps_s: Tensor, eps_t: Tensor | None, target: Tensor, sample_weights=None) -> dict[str, Tensor]:
+        """Task, output-KD and feature-KD terms and their weighted sum `loss` (the taps hold this step's features)."""
+        losses: dict[str, Tensor] = {"task": mse(eps_s, target, sample_weights)}
         if eps_t is not None:
             losses["out"] = mse(eps_s, eps_t)
         if self.student_taps.points:
@@ -110,11 +116,11 @@ class DistillationTask(nn.Module):
         losses["loss"] = total
         return losses
 
-    def feature_losses(self) -> dict[str, torch.Tensor]:
+    def feature_losses(self) -> dict[str, Tensor]:
         """Weighted sum over paired taps, plus one logged term per kind and per stage."""
         s_feats, t_feats = self.student_taps.features, self.teacher_taps.features
-        by_kind: dict[str, torch.Tensor] = defaultdict(float)
-        by_stage: dict[str, torch.Tensor] = defaultdict(float)
+        by_kind: dict[str, Tensor] = defaultdict(float)
+        by_stage: dict[str, Tensor] = defaultdict(float)
         total = 0.0
         for p in self.pairs:
             term = feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_kind)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from koala.models.forward import unet_forward
+
 
 @torch.no_grad()
 def held_out_inputs(conditioner, batches, noise_scheduler, seed: int = 1234) -> list[dict]:
@@ -28,11 +30,7 @@ def held_out_inputs(conditioner, batches, noise_scheduler, seed: int = 1234) -> 
 
 @torch.no_grad()
 def _predict(unet, x: dict) -> torch.Tensor:
-    dtype = next(unet.parameters()).dtype
-    return unet(
-        x["noisy"].to(dtype), x["t"], encoder_hidden_states=x["prompt_embeds"].to(dtype),
-        added_cond_kwargs={"text_embeds": x["pooled_prompt_embeds"].to(dtype), "time_ids": x["time_ids"].to(dtype)},
-    ).sample.float()
+    return unet_forward(unet, x["noisy"], x["t"], x, dtype=next(unet.parameters()).dtype).float()
 
 
 @torch.no_grad()

@@ -37,14 +37,23 @@ def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
     return dict(ARCHS[teacher_cfg.arch])
 
 
+def student_plan(teacher_config: dict[str, Any], unet_cfg: Any) -> Plan:
+    """The resolved plan of the student a `unet` section describes, on the given teacher U-Net config."""
+    return resolve(teacher_config, student_spec(unet_cfg))
+
+
+def config_plan(cfg: Any) -> tuple[dict[str, Any], Plan]:
+    """The teacher U-Net config and the resolved student plan of a config's `teacher` and `unet` sections."""
+    teacher_config = teacher_unet_config(cfg.teacher)
+    return teacher_config, student_plan(teacher_config, cfg.unet)
+
+
 def run_plan(run_dir: str | Path) -> tuple[dict[str, Any], Plan]:
     """The teacher U-Net config and the resolved student plan of a run, from its saved config.yaml."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"run_dir={str(run_dir)!r} has no config.yaml: not a koala run directory")
-    cfg = OmegaConf.load(path)
-    teacher_config = teacher_unet_config(cfg.teacher)
-    return teacher_config, resolve(teacher_config, student_spec(cfg.unet))
+    return config_plan(OmegaConf.load(path))
 
 
 def _plain(v: Any) -> Any:

@@ -65,6 +65,23 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "transformer_layers_per_block": [1, 2, 4],
 }
 
+# SDXL-Base-1.0's scheduler config (scheduler/scheduler_config.json): the training noise schedule of SDXL teachers
+SDXL_SCHEDULER_CONFIG = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
 # A medium SDXL-shaped U-Net for CPU step-time benchmarks: big enough that convolutions and attention, not Python
 # overhead, dominate a step (head dim 64 as in SDXL), small enough for two CPU cores.
 MEDIUM_UNET_CONFIG: dict[str, Any] = {
@@ -388,25 +405,3 @@ def stage_rows(unet: UNet2DConditionModel) -> list[dict[str, Any]]:
             },
         )
     return rows
-
-
-TIME_IDS = 6  # SDXL micro-conditioning: original h, w, crop top, left, target h, w
-
-
-def unet_inputs(
-    config: dict[str, Any], resolution: int, batch: int = 1, vae_scale: int = 8, text_len: int = 77, device="meta",
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, Any]:
-    """Random SDXL U-Net inputs for images of `resolution` px (latents `resolution / vae_scale`)."""
-    latent = resolution // vae_scale
-    pooled = config["projection_class_embeddings_input_dim"] - TIME_IDS * config["addition_time_embed_dim"]
-    with torch.device(device):
-        return {
-            "sample": torch.randn(batch, config["in_channels"], latent, latent, dtype=dtype),
-            "timestep": torch.full((batch,), 500),
-            "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
-                "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype),
-            },
-        }

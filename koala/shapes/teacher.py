@@ -32,6 +32,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from koala.fixtures.tiny import build_tiny_pipeline
+from koala.models.forward import unet_forward
 from koala.models.unets import SHAPES_UNET_CONFIG
 from koala.shapes.world import RESOLUTION, draw_scene
 from koala.train.diffusion import min_snr_weights
@@ -169,8 +170,8 @@ def train_unet(cfg: TeacherTrainConfig, pipe: StableDiffusionXLPipeline, latents
         prompt_embeds, pooled = encode_text(pipe, [captions[i] for i in idx])
         keep = (torch.rand(len(idx), generator=g) >= cfg.caption_dropout).float()
         prompt_embeds, pooled = prompt_embeds * keep[:, None, None], pooled * keep[:, None]
-        pred = unet(noisy, t, encoder_hidden_states=prompt_embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(len(idx), -1)}).sample
+        cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "time_ids": time_ids.expand(len(idx), -1)}
+        pred = unet_forward(unet, noisy, t, cond)
         w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         loss.backward()

@@ -1,24 +1,85 @@
-"""Wiring at the edge: turn the (already checked, koala.config.checks) config into real objects."""
+"""Wiring at the edge: turn the (already checked, koala.config.checks) config into real objects.
+
+The training loop and `koala.bench train` build their parts here, so both run the same student, task, optimizer,
+schedule and EMA.
+"""
 
 from __future__ import annotations
 
-import torch
-from diffusers import UNet2DConditionModel
+import logging
+from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from koala.data.conditioning import SDXLConditioner
+from koala.devices import DTYPES, multi_cpu
+from koala.distill.pairing import check_pair_shapes, pair_taps
+from koala.distill.task import DistillationTask, LossWeights
 from koala.models.inherit import InheritanceReport, inherit_weights
-from koala.models.specs import student_spec
-from koala.models.unets import Plan, build_student, resolve
+from koala.models.specs import student_plan
+from koala.models.teacher import load_teacher
+from koala.models.unets import Plan, build_student
+from koala.train.diffusion import TimestepSampler, build_noise_scheduler
+from koala.train.step import Noising, Trainable
+from koala.train.tracking import resolve_trackers
+
+log = logging.getLogger("koala.train")
+
+
+def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
+    """The run's Accelerator: mixed precision, accumulation, trackers (with a run folder); gloo for CPU processes."""
+    # accelerate keeps its settings process-wide; a second run in the same process (a notebook, an in-process
+    # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(
+        cpu=multi_cpu(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=(resolve_trackers(cfg.report_to) or None) if project_dir is not None else None,
+        project_dir=None if project_dir is None else str(project_dir),
+    )
+
+
+def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner, Noising, UNet2DConditionModel]:
+    """Conditioner (text encoders + VAE), how latents are noised, and the teacher in its stored precision."""
+    conditioner = SDXLConditioner.from_pretrained(
+        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
+        caption_dropout_mode=cfg.data.caption_dropout_mode,
+    )  # fmt: skip
+    teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
+    return conditioner, make_noising(cfg, build_noise_scheduler(cfg.teacher.pipeline)), teacher
+
+
+def make_noising(cfg, scheduler) -> Noising:
+    """Timestep sampling, noise offset and Min-SNR around the teacher's noise schedule."""
+    sample_t = TimestepSampler(
+        cfg.timesteps, scheduler.config.num_train_timesteps, cfg.teacher.steps, cfg.timestep_jitter
+    )
+    return Noising(scheduler, sample_t, cfg.noise_offset, cfg.snr_gamma)
 
 
 def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:
     """The student U-Net, built from the loaded teacher's config and initialised from its weights."""
-    spec = student_spec(cfg.unet)
     config = dict(teacher.config)
-    plan = resolve(config, spec)
-    student = build_student(config, spec).to(teacher.device)
+    plan = student_plan(config, cfg.unet)
+    student = build_student(config, plan.spec).to(teacher.device)
     report = inherit_weights(student, teacher, plan)
     student.train().requires_grad_(True)  # fp32 master weights: build_unet builds in fp32
     return student, plan, report
+
+
+def make_task(cfg, student, teacher: UNet2DConditionModel, plan: Plan, latent_size: int) -> DistillationTask:
+    """The distillation task of `cfg.distill`: its tap pairs (shapes checked on meta) and loss weights."""
+    d = cfg.distill
+    pairs = pair_taps(plan, d, student, teacher)
+    check_pair_shapes(pairs, student, teacher, sample_size=latent_size, sa_point=d.sa_point)
+    weights = LossWeights(d.task_weight, d.out_weight, d.feat_weight)
+    return DistillationTask(student, teacher, pairs, weights, feature_kind=d.loss, sa_point=d.sa_point)
 
 
 def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
@@ -32,3 +93,42 @@ def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
         return bnb.optim.AdamW8bit(params, **kwargs)
     # fused: one kernel for all tensors instead of a Python loop over them (measured: -0.07 of the CPU step ratio)
     return torch.optim.AdamW(params, **kwargs, fused=True)
+
+
+def make_ema(cfg, student: UNet2DConditionModel) -> EMAModel | None:
+    """diffusers' EMA of the student (foreach), initialised from the inherited weights; None when `ema=false`."""
+    if not cfg.ema:
+        return None
+    return EMAModel(
+        student.parameters(),
+        decay=cfg.ema_decay,
+        model_cls=UNet2DConditionModel,
+        model_config=student.config,
+        foreach=True,
+    )
+
+
+def build_trainable(
+    cfg, accelerator: Accelerator, teacher: UNet2DConditionModel, noising: Noising, latent_size: int
+) -> Trainable:
+    """Student (inherited from the teacher), its task, EMA, optimizer and LR schedule, prepared by accelerate."""
+    student, plan, report = make_student(cfg, teacher)
+    log.info("student %s: %s", cfg.unet.name, report.summary().splitlines()[0])
+    task = make_task(cfg, student, teacher, plan, latent_size)
+    log.info("distilling %d feature pairs (distill=%s)", len(task.pairs), cfg.distill.name)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    student.to(accelerator.device)
+    ema = make_ema(cfg, student)
+    optimizer = make_optimizer(cfg.optim, student.parameters())
+    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
+        cfg.optim.scheduler,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.max_steps * accelerator.num_processes,
+    )
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if cfg.compile:
+        student = torch.compile(student)
+    task = task.running(student)  # the prepared (wrapped, compiled) student, tapped as the bare one was paired
+    return Trainable(accelerator, task, student, optimizer, lr_scheduler, ema, noising, cfg.optim.max_grad_norm, plan)

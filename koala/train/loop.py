@@ -13,30 +13,24 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
-from koala.data.conditioning import SDXLConditioner
-from koala.devices import DTYPES, multi_cpu
-from koala.distill.pairing import check_pair_shapes, pair_taps
-from koala.distill.task import DistillationTask, LossWeights
+from koala.devices import DTYPES
 from koala.fixtures.shards import ensure_demo_shards
 from koala.fixtures.tiny import write_tiny_pipeline
-from koala.models.teacher import load_teacher
-from koala.train.build import make_optimizer, make_student
+from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
-from koala.train.diffusion import TimestepSampler, build_noise_scheduler, min_snr_weights, sample_noise, task_target
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
-from koala.train.tracking import MetricsLog, flat_hparams, resolve_trackers, write_rank_record
+from koala.train.step import Trainable, train_step
+from koala.train.tracking import MetricsLog, flat_hparams, write_rank_record
 
 log = logging.getLogger("koala.train")
 
@@ -54,16 +48,7 @@ def prepare_assets(cfg, accelerator: Accelerator) -> None:
 def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
     """Accelerator, assets, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
-    # accelerate keeps its settings process-wide; a second run in the same process (a notebook, an in-process
-    # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        cpu=multi_cpu(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
-        log_with=resolve_trackers(cfg.report_to) or None,
-        project_dir=str(run_dir),
-    )
+    accelerator = make_accelerator(cfg, project_dir=run_dir)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
@@ -72,46 +57,6 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
     prepare_assets(cfg, accelerator)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     return accelerator, run_dir
-
-
-def load_frozen(cfg: DictConfig, device: torch.device):
-    """Conditioner (text encoders + VAE), noise schedule, timestep sampler and the teacher in its stored precision."""
-    conditioner = SDXLConditioner.from_pretrained(
-        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
-        caption_dropout_mode=cfg.data.caption_dropout_mode,
-    )  # fmt: skip
-    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline)
-    sample_t = TimestepSampler(cfg.timesteps, noise_scheduler.config.num_train_timesteps, cfg.teacher.steps,
-                               cfg.timestep_jitter)
-    teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
-    return conditioner, noise_scheduler, sample_t, teacher
-
-
-def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, latent_size: int):
-    """Student (inherited from the teacher), its tap pairs, EMA, optimizer and LR schedule, prepared."""
-    student, plan, report = make_student(cfg, teacher)
-    log.info("student %s: %s", cfg.unet.name, report.summary().splitlines()[0])
-    pairs = pair_taps(plan, cfg.distill, student, teacher)
-    check_pair_shapes(pairs, student, teacher, sample_size=latent_size, sa_point=cfg.distill.sa_point)
-    log.info("distilling %d feature pairs (distill=%s)", len(pairs), cfg.distill.name)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.to(accelerator.device)
-    ema = None
-    if cfg.ema:  # initialised from the inherited weights
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config, foreach=True)
-    optimizer = make_optimizer(cfg.optim, student.parameters())
-    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
-        cfg.optim.scheduler,
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_steps * accelerator.num_processes,
-    )
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    if cfg.compile:
-        student = torch.compile(student)
-    return student, pairs, ema, optimizer, lr_scheduler
 
 
 def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
@@ -123,18 +68,18 @@ def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def resume(cfg: DictConfig, accelerator: Accelerator, ckpt: Path | None, ema, optimizer, lr_scheduler) -> int:
+def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
     """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
     if ckpt is None:
         return 0
-    accelerator.load_state(str(ckpt / "accelerate"))
+    run.accelerator.load_state(str(ckpt / "accelerate"))
     with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
-        if ema is not None:
-            ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+        if run.ema is not None:
+            run.ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
     state = read_state(ckpt)
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
-        set_base_lr(optimizer, lr_scheduler, cfg.optim.lr)
+        set_base_lr(run.optimizer, run.lr_scheduler, cfg.optim.lr)
         log.warning("resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr,
                     cfg.optim.lr)
     log.info("resumed from %s at step %d", ckpt, state["step"])
@@ -163,27 +108,21 @@ def train(cfg: DictConfig) -> Path:
     device = accelerator.device
 
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
-    conditioner, noise_scheduler, sample_t, teacher = load_frozen(cfg, device)
-    student, pairs, ema, optimizer, lr_scheduler = build_student_side(
-        cfg, accelerator, teacher, latent_size=cfg.data.resolution // conditioner.vae_scale_factor
-    )
+    conditioner, noising, teacher = load_frozen(cfg, device)
+    run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
-    step = resume(cfg, accelerator, ckpt, ema, optimizer, lr_scheduler)
-    if ema is not None:
-        ema.to(device)
+    step = resume(cfg, run, ckpt)
+    if run.ema is not None:
+        run.ema.to(device)
     # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
     # passed to accelerator.prepare, which would re-split or dispatch it.
     loader = build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
                               world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum,
                               final_tally=True)
-    task = DistillationTask(
-        student, teacher, pairs,
-        LossWeights(cfg.distill.task_weight, cfg.distill.out_weight, cfg.distill.feat_weight),
-        feature_kind=cfg.distill.loss, sa_point=cfg.distill.sa_point,
-    )  # fmt: skip
+    config = OmegaConf.to_container(cfg, resolve=True)
     if accelerator.is_main_process:
         trim_metrics(run_dir / "metrics.jsonl", step)
-        accelerator.init_trackers("koala", config=flat_hparams(OmegaConf.to_container(cfg, resolve=True)),
+        accelerator.init_trackers("koala", config=flat_hparams(config),
                                   init_kwargs={"wandb": {"dir": str(run_dir)}})  # wandb/ in the run, not the cwd
     metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
@@ -192,52 +131,34 @@ def train(cfg: DictConfig) -> Path:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
     last, saved, seen_keys = {}, step, []
     finite = not cfg.data.resampled and cfg.data.epochs is not None
-    config = OmegaConf.to_container(cfg, resolve=True)
 
     def checkpoint() -> None:
         with rng_preserved():  # writing (EMA's save builds a random model) consumes no training randomness
-            save_checkpoint(accelerator, run_dir, step, student, ema, {"last": last, "config": config},
+            save_checkpoint(accelerator, run_dir, step, run.student, run.ema, {"last": last, "config": config},
                             keep=cfg.keep_checkpoints)
 
     def log_point() -> dict:
         skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
-        return metrics.flush(step, {"lr": lr_scheduler.get_last_lr()[0], **skips})
+        return metrics.flush(step, {"lr": run.lr_scheduler.get_last_lr()[0], **skips})
 
-    with task, StopSignal() as stop:
-        task.train()
+    with run.task, StopSignal() as stop:
+        run.task.train()
         for batch in every_rank_batches(skipped.batches(loader), accelerator, finite):
             if step >= cfg.max_steps:
                 break
             if cfg.record_ranks:
                 seen_keys += list(batch["keys"])
-            with accelerator.accumulate(student):
-                cond = conditioner(batch)  # VAE latents + text embeddings (or the cached ones), no grad
-                latents = cond["latents"].to(device)
-                noise = sample_noise(latents, cfg.noise_offset)
-                t = sample_t(latents.shape[0], device)
-                noisy = noise_scheduler.add_noise(latents, noise, t)
-                target = task_target(noise_scheduler, latents, noise, t)
-                snr_w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
-                with accelerator.autocast():  # the student's compute; the teacher runs in its own dtype
-                    losses = task(noisy, t, cond, target, sample_weights=snr_w)
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            metrics.add(losses, latents.shape[0])
+            cond = conditioner(batch)  # VAE latents + text embeddings (or the cached ones), no grad
+            train_step(run, cond, metrics)  # losses, backward, clip, optimizer, schedule, EMA, logged terms
             if not accelerator.sync_gradients:
                 continue  # a micro-step of gradient accumulation
             step += 1
             bar.update(1)
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(student).parameters())
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 last = log_point()
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                renderer.render_student(accelerator.unwrap_model(student), step)
+                renderer.render_student(accelerator.unwrap_model(run.student), step)
             if stop.agreed(accelerator):
                 log.warning("stop requested: writing a checkpoint at step %d before exiting", step)
                 checkpoint()
@@ -252,7 +173,7 @@ def train(cfg: DictConfig) -> Path:
         checkpoint()
     bar.close()
     if cfg.record_ranks:
-        write_rank_record(accelerator, run_dir, seen_keys, accelerator.unwrap_model(student))
+        write_rank_record(accelerator, run_dir, seen_keys, accelerator.unwrap_model(run.student))
     # Every rank waits here before the process group goes (end_training destroys it): without this barrier gloo
     # aborted at exit in about 1 of 6 two-process runs.
     accelerator.wait_for_everyone()
