@@ -25,7 +25,8 @@ from koala.data import build_dataloader
 from koala.data.conditioning import SDXLConditioner
 from koala.evaluation.agreement import held_out_inputs, relative_error
 from koala.export import export_run
-from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
+from koala.fixtures import DATASETS, ensure_fixtures
+from koala.fixtures.shards import write_demo_shards
 from koala.generate import make_grid
 from koala.models.teacher import load_teacher
 from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
@@ -41,9 +42,9 @@ GRID_COLUMNS = 12
 def held_out_batches(cfg, out_dir: Path, n: int = 32) -> list[dict]:
     """Captioned images the student never trains on (another seed of the generator), as online batches."""
     shards = write_demo_shards(out_dir, n, cfg.data.resolution, samples_per_shard=n, seed=999,
-                               world=cfg.data.demo_world)  # fmt: skip
-    data = OmegaConf.merge(cfg.data, {"path": shards[0], "resampled": False, "epochs": 1, "create_demo": False,
-                                      "caption_dropout": 0.0, "random_flip": False, "num_workers": 0})
+                               world=DATASETS[cfg.data.name][0])  # fmt: skip
+    data = OmegaConf.merge(cfg.data, {"path": shards[0], "resampled": False, "epochs": 1, "caption_dropout": 0.0,
+                                      "random_flip": False, "num_workers": 0})
     return list(build_dataloader(data, batch_size=8, seed=0))
 
 
@@ -95,14 +96,15 @@ def quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None, prompts: int = PROMPTS) -> dict:
-    """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts."""
+def main(argv: list[str] | None = None, prompts: int = PROMPTS, samples: int | None = None) -> dict:
+    """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts, writing
+    `samples` training pictures when the shards are missing (default: the data preset's)."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     quiet()
     cfg = compose_config("train", ["experiment=demo", *(sys.argv[1:] if argv is None else argv)])
     run_dir, teacher_dir = Path(cfg.output_dir), Path(cfg.teacher.pipeline)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_demo_shards(cfg.data.path, cfg.data.demo_samples, cfg.data.resolution, world=cfg.data.demo_world)
+    ensure_fixtures(cfg, samples)  # the shapes-world shards (the teacher ships in the package)
     prompts, preset = eval_prompts(prompts), preset_for_kind(cfg.teacher.kind)
 
     print(f"== sampling the teacher and the inherited student ({len(prompts)} prompts, seeds 0-{len(prompts) - 1})")

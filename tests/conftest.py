@@ -24,6 +24,16 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def shared(tiny_pipeline_dir):
+    """The fixtures folder of the tiny runs: the tiny teacher (tiny-sdxl/) and 64 demo samples at 32 px in 4 shards
+    (demo-shards/demo-0000{0..3}.tar), both read-only."""
+    from koala.fixtures.shards import ensure_demo_shards
+
+    ensure_demo_shards(str(tiny_pipeline_dir.parent / "demo-shards" / "demo-{00000..00003}.tar"), 64, 32)
+    return tiny_pipeline_dir.parent
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher(tiny_pipeline_dir):
     from diffusers import UNet2DConditionModel
 

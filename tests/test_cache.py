@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load
 
-from koala.cache import build_cache
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
+from koala.data.cache_writer import build_cache
 from koala.data.conditioning import SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 
@@ -23,8 +23,8 @@ def cache_setup(tmp_path_factory, tiny_pipeline_dir):
     write_demo_shards(root / "shards", n=10, resolution=32, samples_per_shard=5)
     shards = f"{root}/shards/demo-{{00000..00001}}.tar"
     cfg = compose_config("cache", [
-        f"data.path='{shards}'", "data.create_demo=false", "data.resolution=32", "data.random_flip=true",
-        "data.center_crop=false", f"teacher.pipeline={tiny_pipeline_dir}", "teacher.create_tiny=false",
+        f"data.path='{shards}'", "data.resolution=32", "data.random_flip=true",
+        "data.center_crop=false", f"teacher.pipeline={tiny_pipeline_dir}",
         f"cache.out={root}/latents", "cache.dtype=fp32", "cache.batch_size=4", "cache.samples_per_shard=4",
     ])  # fmt: skip
     return cfg, build_cache(cfg)
@@ -95,8 +95,8 @@ def hostile_cache(tmp_path_factory, tiny_pipeline_dir):
                         info.size = len(data)
                         tar.addfile(info, io.BytesIO(data))
     cfg = compose_config("cache", [
-        f"data.path='{root}/src-{{0..1}}.tar'", "data.create_demo=false", "data.resolution=32", "data.num_workers=2",
-        f"teacher.pipeline={tiny_pipeline_dir}", "teacher.create_tiny=false", f"cache.out={root}/latents",
+        f"data.path='{root}/src-{{0..1}}.tar'", "data.resolution=32", "data.num_workers=2",
+        f"teacher.pipeline={tiny_pipeline_dir}", f"cache.out={root}/latents",
         "cache.dtype=fp16", "cache.batch_size=2",
     ])  # fmt: skip
     return cfg, build_cache(cfg)

@@ -17,7 +17,7 @@ def config(tmp_path, pipeline, *overrides):
 
         write_demo_shards(shards, n=4, resolution=32, samples_per_shard=2)
     return compose_config("train", [
-        f"teacher.pipeline={pipeline}", "teacher.create_tiny=false", "data.create_demo=false",
+        f"teacher.pipeline={pipeline}",
         f"data.path='{shards}/demo-{{00000..00001}}.tar'", "data.resolution=32", f"output_dir={tmp_path / 'run'}",
         *overrides,
     ])  # fmt: skip

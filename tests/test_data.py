@@ -11,6 +11,8 @@ import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
+from koala.config.checks import check_config
+from koala.config.compose import compose_config
 from koala.config.schema import DataConfig
 from koala.data import KINDS, SkipTally, build_dataloader
 from koala.data.samples import ImageCodec
@@ -126,17 +128,20 @@ def test_demo_shards_written_once_atomically(tmp_path):
     assert ensure_demo_shards(pattern, n=9, resolution=32) == paths
     assert [p.stat().st_mtime_ns for p in map(__import__("pathlib").Path, paths)] == stamps
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["demo-00000.tar", "demo-00001.tar", "demo-00002.tar"]
-    cfg = data_cfg(pattern, create_demo=True, demo_samples=9)
+    cfg = data_cfg(pattern)
     batches = read_all(cfg)
     assert sum(len(b["keys"]) for b in batches) == 9
     assert all(" on " in c and c.endswith("background") for b in batches for c in b["captions"])
 
 
-def test_demo_cli(tmp_path, capsys):
-    from koala.fixtures.shards import main
+def test_fixtures_cli_writes_the_teacher_and_the_shards(tmp_path, capsys):
+    from koala.fixtures.__main__ import main
 
-    main([f"out={tmp_path}", "n=5", "resolution=16", "samples_per_shard=2"])
-    assert len(list(tmp_path.glob("demo-*.tar"))) == 3 and "wrote 3 shards" in capsys.readouterr().out
+    written = main([f"teacher={tmp_path}/tiny", f"shards='{tmp_path}/d/demo-{{0..2}}.tar'", "n=5", "resolution=16"])
+    assert len(list((tmp_path / "d").glob("demo-*.tar"))) == 3 and (tmp_path / "tiny" / "model_index.json").is_file()
+    assert capsys.readouterr().out.split() == written
+    cfg = compose_config("train", [f"teacher.pipeline={tmp_path}/tiny", f"data.path='{tmp_path}/d/demo-{{0..2}}.tar'"])
+    check_config(cfg)  # the trainer reads what the fixtures wrote
 
 
 def test_skip_tally_sums_latest_counts_per_worker():

@@ -9,8 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.cache import build_cache
 from koala.config.compose import CONFIG_DIR, compose_config
+from koala.data.cache_writer import build_cache
 from koala.export import export_run
 from koala.fixtures.shards import write_demo_shards
 from koala.train.loop import train
@@ -26,8 +26,8 @@ def assets(tmp_path_factory, tiny_pipeline_dir):
     write_demo_shards(root / "shards", n=24, resolution=32, samples_per_shard=8)
     shards = f"{root}/shards/demo-{{00000..00002}}.tar"
     cache = compose_config("cache", [
-        f"data.path='{shards}'", "data.create_demo=false", "data.resolution=32", f"teacher.pipeline={tiny_pipeline_dir}",
-        "teacher.create_tiny=false", f"cache.out={root}/cache", "cache.batch_size=8",
+        f"data.path='{shards}'", "data.resolution=32", f"teacher.pipeline={tiny_pipeline_dir}",
+        f"cache.out={root}/cache", "cache.batch_size=8",
     ])  # fmt: skip
     build_cache(cache)
     return {"pipeline": tiny_pipeline_dir, "shards": shards, "cache": root / "cache"}
@@ -38,8 +38,8 @@ def shrunk(name: str, assets: dict, out: Path) -> list[str]:
     cfg = compose_config("train", [f"experiment={name}"])
     data_path = assets["cache"] if cfg.data.kind == "cached" else assets["shards"]
     overrides = {
-        "teacher.pipeline": assets["pipeline"], "teacher.arch": "tiny", "teacher.create_tiny": "false",
-        "data.path": f"'{data_path}'", "data.create_demo": "false", "data.resolution": 32, "data.min_size": 0,
+        "teacher.pipeline": assets["pipeline"], "teacher.arch": "tiny",
+        "data.path": f"'{data_path}'", "data.resolution": 32, "data.min_size": 0,
         "batch_size": 2, "max_steps": 1, "log_every": 1, "checkpoint_every": 1, "sample_every": 1,
         "sample_steps": 2, "data.num_workers": 2,
         "output_dir": out,

@@ -16,11 +16,6 @@ from koala.train.checkpoint import StopSignal
 from koala.train.loop import train
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("shared")
-
-
 def run(tmp, shared, **kw):
     return train(compose_config("train", tiny_overrides(tmp, shared, **kw)))
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
+from koala.fixtures import ensure_fixtures, fixture_command
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 from koala.shapes.evaluate import eval_prompts
 from koala.shapes.score import agreement, caption_accuracy, read_scene, score
@@ -80,14 +81,15 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
     two = write_demo_shards(tmp_path / "b", 24, samples_per_shard=8, seed=5, world="shapes")
     assert [members(p) for p in one] == [members(p) for p in two]  # same samples (tar headers carry mtimes)
     cfg = compose_config("train", ["data=shapes", f"data.path='{tmp_path}/c/shapes-{{00000..00002}}.tar'",
-                                   "data.demo_samples=24", "data.resampled=false", "data.shuffle=false"])
-    assert cfg.data.create_demo and cfg.data.demo_world == "shapes"
-    batches = list(build_dataloader(cfg.data, batch_size=8, seed=0))  # writes the shards on first use
+                                   "data.resampled=false", "data.shuffle=false"])
+    assert "world=shapes" in fixture_command(cfg)
+    ensure_fixtures(cfg, samples=24)
+    batches = list(build_dataloader(cfg.data, batch_size=8, seed=0))
     pixels = [b["pixel_values"] for b in batches]
     captions = [c for b in batches for c in b["captions"]]
     images = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for t in pixels for p in t]
     assert len(images) == 24 and caption_accuracy(images, captions) == 100.0
-    with pytest.raises(ValueError, match="demo_world 'moon'.*demo, shapes"):
+    with pytest.raises(ValueError, match="world 'moon'.*demo, shapes"):
         ensure_demo_shards(str(tmp_path / "d" / "x-{00000..00001}.tar"), 4, 64, world="moon")
 
 
@@ -132,7 +134,7 @@ def test_demo_student_improves_on_both_figures(tmp_path):
     from koala.demo import main
 
     summary = main([f"output_dir={tmp_path / 'run'}", "max_steps=80", "checkpoint_every=80", "report_to=[]",
-                    f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "data.demo_samples=512"], prompts=12)
+                    f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", ], prompts=12, samples=512)
     before, after = (summary["results"][f"student {w} distillation"] for w in ("before", "after"))
     assert after["caption_accuracy"] > before["caption_accuracy"]
     assert after["psnr"] > before["psnr"] and after["eps_rel_error"] < before["eps_rel_error"]
@@ -145,7 +147,7 @@ def test_ablation_command_writes_table_and_plot_and_resumes(tmp_path):
     from koala.bench.ablation import main
 
     args = [f"bench.out={tmp_path / 'abl'}", "bench.presets=[out,koala]", "bench.seeds=1", "bench.steps=2",
-            "bench.prompts=2", f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "data.demo_samples=64",
+            "bench.prompts=2", f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "bench.samples=64",
             "batch_size=2"]
     result = main(args)
     assert [(r["preset"], r["seed"], r["steps"]) for r in result["runs"]] == [("out", 0, 2), ("koala", 0, 2)]

@@ -24,7 +24,6 @@ def tiny_overrides(tmp: Path, shared: Path, **extra) -> list[str]:
         "data": "demo",
         "teacher.pipeline": str(shared / "tiny-sdxl"),
         "data.path": f"'{shared / 'demo-shards' / 'demo-{00000..00003}.tar'}'",  # quoted: braces are grammar
-        "data.demo_samples": 64,
         "data.resolution": 32,
         "output_dir": str(tmp / "run"),
         "batch_size": 2,
@@ -37,10 +36,6 @@ def tiny_overrides(tmp: Path, shared: Path, **extra) -> list[str]:
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    return tmp_path_factory.mktemp("shared")
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -103,7 +98,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, shared):
     ],
 )
 def test_bad_config_fails_before_loading_models(override, message, tmp_path):
-    extra = ["teacher.create_tiny=false"] + ([] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"])
+    extra = [] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"]
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}", *extra],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
@@ -123,7 +118,6 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_process_launch_agrees_on_weights_and_splits_data(tmp_path, shared):
-    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -157,7 +151,6 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
     import signal
     import time
 
-    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
     args = tiny_overrides(tmp_path, shared, max_steps=100000, checkpoint_every=100000)
     proc = subprocess.Popen([sys.executable, "-m", "koala.train", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -175,7 +168,6 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
 
 @pytest.mark.slow
 def test_a_source_that_skips_everything_ends_the_run_with_the_likely_cause(tmp_path, shared):
-    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
     args = tiny_overrides(tmp_path, shared, **{"data.caption_key": "json.llava_captoin", "data.num_workers": 1})
     res = subprocess.run([sys.executable, "-m", "koala.train", *args], capture_output=True, text=True, cwd=tmp_path,
                          timeout=300)  # a hard limit: the regression was a silent endless loop
@@ -189,7 +181,6 @@ def test_two_processes_with_finite_uneven_data_stop_together(tmp_path, shared):
     from koala.fixtures.shards import write_demo_shards
 
     write_demo_shards(tmp_path / "uneven", n=24, resolution=32, samples_per_shard=8)  # 3 shards on 2 ranks
-    train(compose_config("train", tiny_overrides(tmp_path / "warm", shared, max_steps=1)))  # assets on disk
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

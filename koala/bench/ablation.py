@@ -16,11 +16,13 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
 from koala.config.compose import compose_config
 from koala.export import export_run
+from koala.fixtures import ensure_fixtures
 from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
 from koala.ship.presets import preset_for_kind
 from koala.train.loop import train
@@ -36,6 +38,7 @@ class BenchAblation:
     seeds: int = 3  # training seeds 0 .. seeds-1 per preset
     steps: int = 300  # distillation steps of every run (the demo itself runs 500)
     prompts: int = 24  # evaluation prompts, one picture each (seeds 0 .. prompts-1)
+    samples: Optional[int] = None  # shapes-world training pictures written when the shards are missing (null: 2048)
     out: str = "outputs/ablation"
 
 
@@ -105,6 +108,7 @@ def main(overrides: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides]
     cfg = compose_config("train", base)  # fails on a bad override before any model is loaded
+    ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
     prompts = eval_prompts(bench.prompts)
     teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
     teacher = judge(teacher_pictures, prompts)

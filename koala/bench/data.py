@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from koala.cache import CacheWriter
 from koala.config.schema import DataConfig
 from koala.data import build_dataloader
+from koala.data.cache_writer import CacheWriter
 from koala.data.shards import read_tar
 from koala.fixtures.shards import write_demo_shards
 

@@ -129,18 +129,26 @@ def _refuse_pickle(key: str, path: str) -> None:
                           "to .safetensors (safetensors.torch.save_file) and pass that")
 
 
-def check_teacher_paths(t) -> None:
+def _fixture_hint(cfg) -> str:
+    """For the tiny teacher and the generated data sets: how to write them."""
+    from koala.fixtures import fixture_command
+
+    command = fixture_command(cfg)
+    return f" (a generated fixture: write it with `{command}`)" if command else ""
+
+
+def check_teacher_paths(cfg) -> None:
     """The teacher's folders and files exist and are not pickles."""
+    t = cfg.teacher
     if not t.pipeline:
         raise ConfigError("teacher.pipeline is required: a local diffusers SDXL folder (text encoders, VAE, scheduler)")
     _refuse_pickle("teacher.pipeline", t.pipeline)
-    if not t.create_tiny:
-        p = Path(t.pipeline)
-        if p.is_file():
-            raise ConfigError(f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
-                              "(a single U-Net file goes in teacher.unet)")
-        if not p.is_dir():
-            raise ConfigError(f"teacher.pipeline={t.pipeline!r} does not exist")
+    p = Path(t.pipeline)
+    if p.is_file():
+        raise ConfigError(f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
+                          "(a single U-Net file goes in teacher.unet)")
+    if not p.is_dir():
+        raise ConfigError(f"teacher.pipeline={t.pipeline!r} does not exist{_fixture_hint(cfg)}")
     for key in ("unet", "vae"):
         path = t[key]
         if path:
@@ -178,7 +186,7 @@ def check_data(cfg) -> None:
         _fail("data.background", data.background, "a colour name or '#rrggbb'")
     if not data.path:
         raise ConfigError(f"data.path is required for data.kind={data.kind}")
-    if data.create_demo or "://" in data.path or data.path.startswith("pipe:"):
+    if "://" in data.path or data.path.startswith("pipe:"):
         return
     if data.kind in ("webdataset", "cached"):
         from koala.data.shards import expand_shards
@@ -189,7 +197,7 @@ def check_data(cfg) -> None:
             shards = []
         missing = [s for s in shards if not Path(s).exists()]
         if not shards or len(missing) == len(shards):
-            raise ConfigError(f"data.path={data.path!r} matches no shard on disk")
+            raise ConfigError(f"data.path={data.path!r} matches no shard on disk{_fixture_hint(cfg)}")
     elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
         raise ConfigError(f"data.path={data.path!r} does not exist")
 
@@ -198,7 +206,7 @@ def check_config(cfg) -> None:
     """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
     check_values(cfg)
     check_distill(cfg.distill)
-    check_teacher_paths(cfg.teacher)
+    check_teacher_paths(cfg)
     check_data(cfg)
     # The student spec must fit the teacher: resolved on configs alone, no weights.
     from koala.models.specs import config_plan

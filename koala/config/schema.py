@@ -25,7 +25,6 @@ class TeacherConfig:
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
     dtype: str = "bf16"  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
-    create_tiny: bool = False  # write the tiny random SDXL pipeline to `pipeline` when it is missing
     steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step): timesteps=teacher_schedule
 
 
@@ -96,9 +95,6 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards: samples held (undecoded) for shuffling, per worker
     resampled: bool = True  # infinite stream: shards drawn with replacement; hf/folder: epochs forever
     epochs: Optional[int] = 1  # passes over the data when not resampled; null = forever
-    create_demo: bool = False  # write the generated demo shards to `path` when missing
-    demo_samples: int = 64
-    demo_world: str = "demo"  # demo | shapes: which generated world create_demo writes (koala/data/demo.py)
 
 
 @dataclass

@@ -25,7 +25,6 @@ from koala.data.samples import ImageCodec
 from koala.data.shards import expand_shards, shard_order, shard_records
 from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
 from koala.data.transforms import background_rgb
-from koala.fixtures.shards import ensure_demo_shards
 
 __all__ = ["KINDS", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
 
@@ -102,8 +101,6 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
     if not cfg.path:
         raise ValueError(f"data.path is required for data.kind={cfg.kind}")
     if cfg.kind == "webdataset":
-        if cfg.create_demo:
-            ensure_demo_shards(cfg.path, cfg.demo_samples, cfg.resolution, world=cfg.get("demo_world", "demo"))
         return ShardReader(expand_shards(cfg.path), _webdataset_raw(cfg), cfg, seed), _image_codec(cfg)
     if cfg.kind == "cached":
         return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), CachedCodec(cfg.caption_dropout)

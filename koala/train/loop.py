@@ -22,8 +22,6 @@ from tqdm.auto import tqdm
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.devices import DTYPES
-from koala.fixtures.shards import ensure_demo_shards
-from koala.fixtures.tiny import write_tiny_pipeline
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
 from koala.train.rng import rng_preserved
@@ -35,18 +33,8 @@ from koala.train.tracking import MetricsLog, flat_hparams, write_rank_record
 log = logging.getLogger("koala.train")
 
 
-def prepare_assets(cfg, accelerator: Accelerator) -> None:
-    """Write the tiny teacher and the demo shards when the config asks for them (rank 0; the others wait)."""
-    if accelerator.is_main_process:
-        if cfg.teacher.create_tiny:
-            write_tiny_pipeline(cfg.teacher.pipeline)
-        if cfg.data.create_demo:
-            ensure_demo_shards(cfg.data.path, cfg.data.demo_samples, cfg.data.resolution, world=cfg.data.demo_world)
-    accelerator.wait_for_everyone()
-
-
 def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
-    """Accelerator, assets, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
+    """Accelerator, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, project_dir=run_dir)
     if accelerator.is_main_process:
@@ -54,7 +42,6 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
         if not resuming:
             keep_old_metrics(run_dir / "metrics.jsonl")
         record_config(run_dir, cfg)
-    prepare_assets(cfg, accelerator)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     return accelerator, run_dir
 

@@ -1,0 +1,136 @@
+"""Writing the conditioning cache: the SDXL conditioning of a dataset, computed once (`python -m koala.cache`).
+
+Every rank (accelerate / torch.distributed) encodes its share of the data with the frozen VAE and text encoders and
+writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached; member names are clean
+relative paths, the source key is kept in each sample's metadata); rank 0 adds the
+empty-prompt embeddings (for caption dropout at training time) and `info.json`. Crops and flips are drawn once,
+here, and recorded; caption dropout is left to training. Train from the result with `data=cached data.path=<out>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from koala.data import SkipTally, build_dataloader
+from koala.data.cached import EMPTY_PROMPT, encode_sample
+from koala.data.conditioning import SDXLConditioner
+from koala.devices import DTYPES
+
+EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
+
+
+def member_stem(key: str) -> str:
+    """A source key as a tar member stem: a relative path without empty, `.` or `..` parts, and without dots (webdataset
+    splits a member name at its first dot), e.g. `/data/a.b/c` -> `data/a_b/c`, `../../x` -> `x`."""
+    parts = [part.replace(".", "_") for part in re.split(r"[/\\]+", key) if part not in ("", ".", "..")]
+    return "/".join(parts) or "sample"
+
+
+class CacheWriter:
+    """Writes cached samples into `<out>/<rank>-<n>.tar` shards, each renamed into place once complete."""
+
+    def __init__(self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype) -> None:
+        self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
+        self.shard, self.count, self.sink, self.total = 0, 0, None, 0
+        self.names: set[str] = set()  # member stems of the current shard: two samples never share one
+        out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Append one sample (its source key kept in the metadata); starts a new shard every `samples_per_shard`."""
+        if self.sink is None:
+            self.path = self.out / f"{self.rank:03d}-{self.shard:05d}.tar"
+            self.sink = wds.TarWriter(str(self.path) + ".tmp")
+            self.names = set()
+        stored = {k: v.detach().to("cpu", EXACT.get(k, self.dtype)) for k, v in tensors.items()}
+        stem, n = member_stem(key), 1
+        while stem in self.names:
+            stem, n = f"{member_stem(key)}_{n}", n + 1
+        self.names.add(stem)
+        self.sink.write({"__key__": stem, "safetensors": encode_sample(stored, {"key": key, **meta})})
+        self.count, self.total = self.count + 1, self.total + 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the current shard (rename `.tmp` into place)."""
+        if self.sink is not None:
+            self.sink.close()
+            os.replace(str(self.path) + ".tmp", self.path)
+            self.sink, self.count, self.shard = None, 0, self.shard + 1
+
+
+def cache_data_config(data: DictConfig) -> DictConfig:
+    """The data config to cache from: one pass over everything, unshuffled, captions kept."""
+    data = OmegaConf.merge(data, {"resampled": False, "epochs": 1, "shuffle": False, "caption_dropout": 0.0})
+    if data.kind == "cached":
+        raise ValueError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
+    return data
+
+
+def write_batch(writer: CacheWriter, batch: dict, cond: dict[str, torch.Tensor]) -> None:
+    """Split one encoded batch into per-sample cache entries with their crop, flip and caption."""
+    for i, key in enumerate(batch["keys"]):
+        meta = {
+            "caption": batch["captions"][i],
+            "original_size": batch["original_size"][i].tolist(),
+            "crop_top_left": batch["crop_top_left"][i].tolist(),
+            "target_size": batch["target_size"][i].tolist(),
+            "flipped": bool(batch["flipped"][i]),
+        }
+        writer.add(key, {k: v[i] for k, v in cond.items()}, meta)
+
+
+def build_cache(cfg: DictConfig) -> Path:
+    """Encode this rank's share of `cfg.data` with `cfg.teacher`'s VAE and text encoders into `cfg.cache.out`."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
+    pipeline = resolve_pipeline(cfg.teacher)
+    state.wait_for_everyone()
+    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
+    conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
+    out = Path(cfg.cache.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        empty, pooled = conditioner.encode_prompts([""])
+        save_file({"prompt_embeds": empty[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()},
+                  str(out / EMPTY_PROMPT))  # fmt: skip
+    loader = build_dataloader(
+        cache_data_config(cfg.data), batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world
+    )
+    writer = CacheWriter(out, rank, cfg.cache.samples_per_shard, DTYPES[cfg.cache.dtype])
+    skipped = SkipTally()  # each worker's batches carry its own cumulative counts: summed over workers
+    with tqdm(desc=f"caching to {out}", unit="img", disable=rank != 0) as bar:
+        for batch in loader:
+            write_batch(writer, batch, conditioner(batch))
+            skipped.update(batch)
+            bar.update(len(batch["keys"]))
+    writer.close()
+    info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
+    (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
+    state.wait_for_everyone()
+    return out
+
+
+def resolve_pipeline(teacher: DictConfig) -> str:
+    """The teacher's diffusers folder."""
+    if not teacher.pipeline:
+        raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
+    if not (Path(teacher.pipeline) / "model_index.json").is_file():
+        raise ValueError(f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)")
+    return str(teacher.pipeline)
+
+
