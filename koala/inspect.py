@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from koala.config.schema import register_configs
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import KINDS, STAGES, list_tap_points
-from koala.models.specs import student_plan, teacher_unet_config
+from koala.models.plans import student_plan, teacher_unet_config
 from koala.models.unets import (
     build_student,
     build_unet,

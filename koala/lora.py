@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from koala.config.schema import TeacherConfig, UNetConfig
 from koala.models.inherit import map_name, module_map
-from koala.models.specs import config_plan, run_plan
+from koala.models.plans import config_plan, run_plan
 from koala.models.unets import Plan, build_student, build_unet
 from koala.ship.lora_format import Adapter, parse_lora, read_safetensors, teacher_module_tables
 

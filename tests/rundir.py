@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from koala.config.compose import compose_config
 from koala.models.inherit import inherit_weights
-from koala.models.specs import student_spec, teacher_unet_config
+from koala.models.plans import student_spec, teacher_unet_config
 from koala.models.unets import build_student, resolve
 from koala.train.checkpoint import seal_checkpoint
 

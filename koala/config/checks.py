@@ -163,7 +163,7 @@ def _size_multiple(t) -> int:
     vae_dir = Path(t.vae) if t.vae else Path(t.pipeline) / "vae"
     if (vae_dir / "config.json").is_file():
         vae_scale = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
-    from koala.models.specs import teacher_unet_config
+    from koala.models.plans import teacher_unet_config
 
     return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
 
@@ -209,7 +209,7 @@ def check_config(cfg) -> None:
     check_teacher_paths(cfg)
     check_data(cfg)
     # The student spec must fit the teacher: resolved on configs alone, no weights.
-    from koala.models.specs import config_plan
+    from koala.models.plans import config_plan
 
     try:
         config_plan(cfg)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from koala.devices import parse_dtype
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
-from koala.models.specs import teacher_unet_config
+from koala.models.plans import teacher_unet_config
 from koala.models.unets import SDXL_UNET_CONFIG
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")

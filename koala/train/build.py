@@ -21,7 +21,7 @@ from koala.devices import DTYPES, multi_cpu
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
 from koala.models.inherit import InheritanceReport, inherit_weights
-from koala.models.specs import student_plan
+from koala.models.plans import student_plan
 from koala.models.teacher import load_teacher
 from koala.models.unets import Plan, build_student
 from koala.train.diffusion import TimestepSampler, build_noise_scheduler

@@ -1,4 +1,4 @@
-"""Resolve the `teacher` and `unet` config sections into U-Net configs and a student spec (no weights)."""
+"""Student plans from configs: the `teacher` and `unet` sections (or a run's saved config) -> U-Net configs, spec, plan."""
 
 from __future__ import annotations
 
