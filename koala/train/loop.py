@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -63,6 +64,7 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=resolve_trackers(cfg.report_to) or None,
         project_dir=str(run_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],  # at first init
     )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
