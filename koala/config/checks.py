@@ -42,6 +42,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "noise_offset": _at_least(0.0),
     "snr_gamma": _positive_or_null(),
     "timestep_jitter": _at_least(0),
+    "dist_timeout_s": _at_least(1),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": _at_least(0.0),
     "optim.eps": (lambda v: v > 0, "a number > 0"),

@@ -144,6 +144,11 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
     compile: bool = False
     record_ranks: bool = False  # each rank writes ranks/rank<N>.json: sample keys seen + a digest of its weights
+    # Seconds a rank waits in a collective (all-reduce, barrier) before failing: bounds the hang when another rank
+    # stops responding. A rank that dies is noticed at once by gloo; NCCL may only notice through this timeout
+    # (torch's default is 600 s for NCCL, 1800 s for gloo). Leave room for work one rank does alone: rank 0
+    # writing a checkpoint and rendering sample grids while the others wait.
+    dist_timeout_s: int = 600
 
 
 def asset_path(name: str) -> str:

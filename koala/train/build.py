@@ -7,11 +7,13 @@ schedule and EMA.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -42,6 +44,7 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=(resolve_trackers(cfg.report_to) or None) if project_dir is not None else None,
         project_dir=None if project_dir is None else str(project_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],  # at first init
     )
 
 
