@@ -96,7 +96,7 @@ class DistillationTask(nn.Module):
             t,
             encoder_hidden_states=cond["prompt_embeds"],
             added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]},
-        ).sample
+        ).sample.float()  # fp32 once, as accelerate hands it back under DDP: the gradients of both terms sum in fp32
         losses: dict[str, torch.Tensor] = {"task": mse(eps_s, target, sample_weights)}
         if eps_t is not None:
             losses["out"] = mse(eps_s, eps_t)

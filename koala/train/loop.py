@@ -36,6 +36,7 @@ from koala.train.diffusion import TimestepSampler, build_noise_scheduler, min_sn
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
+from koala.train.sharding import accelerator_kwargs, plain_student, shard_like
 from koala.train.tracking import MetricsLog, flat_hparams, resolve_trackers, write_rank_record
 
 log = logging.getLogger("koala.train")
@@ -63,6 +64,7 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
         gradient_accumulation_steps=cfg.grad_accum,
         log_with=resolve_trackers(cfg.report_to) or None,
         project_dir=str(run_dir),
+        **accelerator_kwargs(),  # FSDP2 when the launch config asks for it (koala/train/sharding.py)
     )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,7 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
             keep_old_metrics(run_dir / "metrics.jsonl")
         record_config(run_dir, cfg)
     prepare_assets(cfg, accelerator)
-    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
+    set_seed(cfg.seed)  # the same on every rank while the student is built: FSDP2 shards each rank's own copy
     return accelerator, run_dir
 
 
@@ -97,10 +99,6 @@ def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, laten
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(accelerator.device)
-    ema = None
-    if cfg.ema:  # initialised from the inherited weights
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                       model_config=student.config, foreach=True)
     optimizer = make_optimizer(cfg.optim, student.parameters())
     lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         cfg.optim.scheduler,
@@ -109,6 +107,11 @@ def build_student_side(cfg: DictConfig, accelerator: Accelerator, teacher, laten
         num_training_steps=cfg.max_steps * accelerator.num_processes,
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    ema = None
+    if cfg.ema:  # initialised from the inherited weights; over the prepared parameters: sharded under FSDP
+        bare = accelerator.unwrap_model(student)
+        ema = EMAModel(bare.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
+                       model_config=bare.config, foreach=True)
     if cfg.compile:
         student = torch.compile(student)
     return student, pairs, ema, optimizer, lr_scheduler
@@ -130,7 +133,9 @@ def resume(cfg: DictConfig, accelerator: Accelerator, ckpt: Path | None, ema, op
     accelerator.load_state(str(ckpt / "accelerate"))
     with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
         if ema is not None:
-            ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+            saved = EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict()
+            saved["shadow_params"] = shard_like(saved["shadow_params"], ema.shadow_params)
+            ema.load_state_dict(saved)
     state = read_state(ckpt)
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
@@ -167,6 +172,7 @@ def train(cfg: DictConfig) -> Path:
     student, pairs, ema, optimizer, lr_scheduler = build_student_side(
         cfg, accelerator, teacher, latent_size=cfg.data.resolution // conditioner.vae_scale_factor
     )
+    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step = resume(cfg, accelerator, ckpt, ema, optimizer, lr_scheduler)
     if ema is not None:
@@ -236,8 +242,10 @@ def train(cfg: DictConfig) -> Path:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 last = log_point()
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-            if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                renderer.render_student(accelerator.unwrap_model(student), step)
+            if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                unet = plain_student(accelerator, student)  # every rank: a gather under FSDP
+                if renderer is not None:
+                    renderer.render_student(unet.to(device), step)
             if stop.agreed(accelerator):
                 log.warning("stop requested: writing a checkpoint at step %d before exiting", step)
                 checkpoint()
