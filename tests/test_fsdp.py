@@ -162,3 +162,19 @@ def test_uneven_finite_data_stops_every_sharded_rank_together(runs):
     done = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
     assert done == [f"step-{s:08d}" for s in range(1, STEPS + 1)]
     assert (run / "samples" / f"student-{STEPS:08d}.png").is_file()  # sampling gathers the sharded student
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [({"FSDP_VERSION": "1"}, "fsdp_version: 2"),
+     ({"FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "fsdp_cpu_ram_efficient_loading must be false")],
+)  # fmt: skip
+def test_fsdp_settings_koala_cannot_train_with_are_refused(env, message, monkeypatch):
+    from koala.train.sharding import accelerator_kwargs
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        accelerator_kwargs()

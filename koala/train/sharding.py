@@ -85,9 +85,9 @@ def plain_student(accelerator: Accelerator, student: nn.Module) -> UNet2DConditi
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        copy = UNet2DConditionModel.from_config(model.config)
-    copy.load_state_dict(state, strict=True, assign=True)
-    return copy.train(model.training)
+        whole = UNet2DConditionModel.from_config(model.config)
+    whole.load_state_dict(state, strict=True, assign=True)
+    return whole.train(model.training)
 
 
 def gathered_ema(accelerator: Accelerator, ema):
@@ -97,8 +97,12 @@ def gathered_ema(accelerator: Accelerator, ema):
         return ema
     import copy
 
-    shadows = [full_tensor(s).cpu() for s in ema.shadow_params]
-    if not accelerator.is_main_process:
+    keep, shadows = accelerator.is_main_process, []
+    for shadow in ema.shadow_params:
+        whole = full_tensor(shadow)  # every rank takes part in each gather; only the main process keeps a copy
+        if keep:
+            shadows.append(whole.cpu())
+    if not keep:
         return None
     full = copy.copy(ema)
     full.shadow_params = shadows
