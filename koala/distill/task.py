@@ -97,7 +97,8 @@ class DistillationTask(nn.Module):
         with timer("teacher forward"):
             eps_t = self.teacher_forward(noisy, t, cond) if self.need_teacher else None
         with timer("student forward"):
-            eps_s = unet_forward(self.student, noisy, t, cond)
+            # fp32 once, as accelerate hands it back under DDP: the gradients of both terms sum in fp32
+            eps_s = unet_forward(self.student, noisy, t, cond).float()
         with timer("losses"):
             return self.losses(eps_s, eps_t, target, sample_weights)
 

@@ -27,6 +27,7 @@ from koala.models.plans import student_plan
 from koala.models.teacher import load_teacher
 from koala.models.unets import Plan, build_student
 from koala.train.diffusion import TimestepSampler, build_noise_scheduler
+from koala.train.sharding import accelerator_kwargs
 from koala.train.step import Noising, Trainable
 from koala.train.tracking import resolve_trackers
 
@@ -45,6 +46,7 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
         log_with=(resolve_trackers(cfg.report_to) or None) if project_dir is not None else None,
         project_dir=None if project_dir is None else str(project_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],  # at first init
+        **accelerator_kwargs(),  # FSDP2 when the launch config asks for it (koala/train/sharding.py)
     )
 
 
@@ -122,7 +124,6 @@ def build_trainable(
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.to(accelerator.device)
-    ema = make_ema(cfg, student)
     optimizer = make_optimizer(cfg.optim, student.parameters())
     lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         cfg.optim.scheduler,
@@ -131,6 +132,7 @@ def build_trainable(
         num_training_steps=cfg.max_steps * accelerator.num_processes,
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    ema = make_ema(cfg, accelerator.unwrap_model(student))  # over the prepared parameters: sharded under FSDP
     if cfg.compile:
         student = torch.compile(student)
     task = task.running(student)  # the prepared (wrapped, compiled) student, tapped as the bare one was paired

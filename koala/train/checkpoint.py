@@ -3,9 +3,10 @@
 Layout of one checkpoint (complete iff `COMPLETE` exists; the folder is renamed into place only after it is):
 
     checkpoints/step-00000100/
-        accelerate/    optimizer, LR schedule, RNG states (accelerator.save_state; models as safetensors)
-        unet/          the student, a diffusers UNet2DConditionModel folder
-        unet_ema/      the EMA student (diffusers EMAModel.save_pretrained), when EMA is on
+        accelerate/    optimizer, LR schedule, RNG states (accelerator.save_state; models as safetensors; under FSDP
+                       the student and optimizer as torch.distributed.checkpoint shards, one file per rank)
+        unet/          the student, a diffusers UNet2DConditionModel folder (whole, also under FSDP)
+        unet_ema/      the EMA student (diffusers EMAModel.save_pretrained), when EMA is on (whole)
         state.json     {"step": 100, ...}
         manifest.json  size and sha256 of every file above, written once they are all on disk (fsynced)
         COMPLETE
@@ -216,18 +217,22 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, student, ema, state: dict, keep: int) -> Path:
-    """Write a checkpoint from every rank (accelerate needs all of them); only the main process publishes it."""
+    """Write a checkpoint from every rank (accelerate and FSDP's gathers need all of them); only the main process
+    publishes it."""
+    from koala.train.sharding import gathered_ema, plain_student
+
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.save_state(str(tmp / "accelerate"))  # under FSDP: every rank writes its own shards
     accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the main process seals the folder
+    unet, full_ema = plain_student(accelerator, student), gathered_ema(accelerator, ema)  # whole, on the main process
     if accelerator.is_main_process:
-        accelerator.unwrap_model(student).save_pretrained(tmp / "unet")
-        if ema is not None:
-            ema.save_pretrained(tmp / "unet_ema")
+        unet.save_pretrained(tmp / "unet")
+        if full_ema is not None:
+            full_ema.save_pretrained(tmp / "unet_ema")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
         seal_checkpoint(tmp)
         if final.exists():

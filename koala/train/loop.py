@@ -27,6 +27,7 @@ from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
+from koala.train.sharding import plain_student, shard_like
 from koala.train.step import Trainable, train_step
 from koala.train.tracking import MetricsLog, flat_hparams, write_rank_record
 
@@ -42,7 +43,7 @@ def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
         if not resuming:
             keep_old_metrics(run_dir / "metrics.jsonl")
         record_config(run_dir, cfg)
-    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
+    set_seed(cfg.seed)  # the same on every rank while the student is built: FSDP2 shards each rank's own copy
     return accelerator, run_dir
 
 
@@ -62,7 +63,9 @@ def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
     run.accelerator.load_state(str(ckpt / "accelerate"))
     with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
         if run.ema is not None:
-            run.ema.load_state_dict(EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict())
+            saved = EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict()
+            saved["shadow_params"] = shard_like(saved["shadow_params"], run.ema.shadow_params)  # FSDP: this rank's
+            run.ema.load_state_dict(saved)
     state = read_state(ckpt)
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
@@ -97,6 +100,7 @@ def train(cfg: DictConfig) -> Path:
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
     conditioner, noising, teacher = load_frozen(cfg, device)
     run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
+    set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step = resume(cfg, run, ckpt)
     if run.ema is not None:
@@ -144,8 +148,10 @@ def train(cfg: DictConfig) -> Path:
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 last = log_point()
                 bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-            if renderer is not None and cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                renderer.render_student(accelerator.unwrap_model(run.student), step)
+            if cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                unet = plain_student(accelerator, run.student)  # every rank: a gather under FSDP
+                if renderer is not None:
+                    renderer.render_student(unet.to(device), step)
             if stop.agreed(accelerator):
                 log.warning("stop requested: writing a checkpoint at step %d before exiting", step)
                 checkpoint()

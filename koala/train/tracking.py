@@ -72,13 +72,16 @@ class MetricsLog:
 
 
 def write_rank_record(accelerator, run_dir: Path, keys: list[str], model: torch.nn.Module) -> None:
-    """Per-rank evidence for multi-process checks: which samples this rank saw and a digest of its weights."""
+    """Per-rank evidence for multi-process checks: which samples this rank saw and a digest of its weights (whole
+    weights as this rank gathers them, when they are sharded; every rank must call it)."""
     import hashlib
+
+    from koala.train.sharding import full_tensor
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(full_tensor(tensor).detach().cpu().contiguous().numpy().tobytes())
     out = run_dir / "ranks"
     out.mkdir(parents=True, exist_ok=True)
     record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "keys": keys,
