@@ -12,7 +12,7 @@ from safetensors.torch import load
 
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.data.cache_writer import build_cache
+from koala.cache import build_cache  # the command registers its schema (koala_cache)
 from koala.data.conditioning import SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from koala.config.compose import CONFIG_DIR, compose_config
-from koala.data.cache_writer import build_cache
+from koala.cache import build_cache  # the command registers its schema (koala_cache)
 from koala.export import export_run
 from koala.fixtures.shards import write_demo_shards
 from koala.train.loop import train
