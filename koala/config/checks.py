@@ -208,11 +208,11 @@ def check_config(cfg) -> None:
     check_values(cfg)
     check_distill(cfg.distill)
     check_teacher_paths(cfg)
-    check_data(cfg)
-    # The student spec must fit the teacher: resolved on configs alone, no weights.
+    # The student spec must fit the teacher: resolved on configs alone (the teacher folder's config.json), no weights.
     from koala.models.plans import config_plan
 
     try:
         config_plan(cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"unet={cfg.unet.name}: {e}") from e
+    check_data(cfg)
