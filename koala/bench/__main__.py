@@ -1,4 +1,4 @@
-"""`python -m koala.bench {unet,data,train,memory,ablation} [hydra overrides...]`: benchmarks that print numbers.
+"""`python -m koala.bench {unet,data,train,memory,gpu,ablation} [hydra overrides...]`: benchmarks that print numbers.
 
 Each subcommand lives in its own module with `main(overrides: list[str]) -> None`.
 """
@@ -13,6 +13,7 @@ COMMANDS = {
     "data": "koala.bench.data",  # samples/s reading + decoding + transforming, vs reading the cache
     "train": "koala.bench.train",  # step time: teacher fwd, student fwd+bwd, full step; overhead ratio
     "memory": "koala.bench.memory",  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
+    "gpu": "koala.bench.gpu",  # the GPU report: samples/s, TFLOP/s, MFU, peak memory over recipes x compile x ckpt
     "ablation": "koala.bench.ablation",  # distill presets x seeds on the shapes teacher: caption accuracy, agreement
 }
 
