@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load
 
+from koala.cache import build_cache  # the command registers its schema (koala_cache)
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.cache import build_cache  # the command registers its schema (koala_cache)
 from koala.data.conditioning import SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 

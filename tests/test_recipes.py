@@ -9,8 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.config.compose import CONFIG_DIR, compose_config
 from koala.cache import build_cache  # the command registers its schema (koala_cache)
+from koala.config.compose import CONFIG_DIR, compose_config
 from koala.export import export_run
 from koala.fixtures.shards import write_demo_shards
 from koala.train.loop import train

@@ -35,7 +35,7 @@ from koala.bench.memory import conditioning_params
 from koala.bench.train import BenchTrain, build_bench, measure
 from koala.config.compose import compose_config
 from koala.devices import pick_device
-from koala.models.specs import student_plan
+from koala.models.plans import student_plan
 from koala.models.unets import ARCHS, build_unet, student_config
 from koala.train.step import Trainable, train_step
 
