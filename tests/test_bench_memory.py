@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -54,3 +55,21 @@ def test_budget_for_koala_700m(tmp_path, capsys):
     assert r["total_lean"] < r["total_plain"] and r["activations_ckpt"] < r["activations_plain"]
     assert {row["label"] for row in r["rows"]} == {"measured", "estimated"}
     assert "| **total** |" in capsys.readouterr().out
+
+
+def test_adamw8bit_state_layout_is_what_bitsandbytes_allocates():
+    bnb = pytest.importorskip("bitsandbytes")
+    from koala.bench.memory import adamw8bit_bytes
+    from koala.models.unets import ARCHS, build_unet
+
+    model = build_unet(dict(ARCHS["tiny"]))
+    opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    storages = {}  # unique storages: every parameter's state shares the two 256-entry quantization maps
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    assert sum(storages.values()) == adamw8bit_bytes(model) + 2 * 256 * 4

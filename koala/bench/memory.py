@@ -11,8 +11,9 @@ storage. The meta run matches a GPU bf16 run in two ways the meta device would n
 - Attention runs as flash / memory-efficient SDPA does on a GPU (`FlashSDPA`): it saves q, k, v, the output and a
   fp32 logsumexp (B, heads, N), never the (N x N) probabilities of the math path the meta device would take.
 
-Rows are labelled *measured* (exact meta-device counts, or exact parameter counts times a dtype's bytes) or
-*estimated* (bitsandbytes' 8-bit state layout, and the transient-peak allowance).
+Rows are labelled *measured* (exact meta-device counts, exact parameter counts times a dtype's bytes, or
+bitsandbytes' 8-bit state layout, which tests/test_bench_memory.py checks against a real AdamW8bit step) or
+*estimated* (the transient-peak allowance and the CUDA context).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def budget_rows(student_name: str, resolution: int, cond: dict[str, int], p_teac
         Row("student weights (fp32)", "measured", 4 * p, 4 * p),
         Row("student gradients (fp32)", "measured", 4 * p, 4 * p),
         Row("optimizer state, AdamW (fp32 moments)", "measured", 8 * p, 0),
-        Row("optimizer state, bitsandbytes AdamW8bit", "estimated", 0, adamw8bit_bytes(student)),
+        Row("optimizer state, bitsandbytes AdamW8bit", "measured", 0, adamw8bit_bytes(student)),
         Row("EMA (fp32 on GPU (a) / off or offloaded (b))", "measured", 4 * p, 0),
         # Autocast caches every cast weight until it exits (after the loss), checkpointing or not.
         Row("bf16 weight copies cached by autocast", "measured", full.weight_copies, ckpt.weight_copies),
@@ -332,7 +333,8 @@ GPU), bf16 teacher, fp32 student under bf16 autocast, AdamW fp32, EMA fp32 on th
 (b) 24 GB recipe: cached conditioning (no VAE / text encoders), bf16 teacher, gradient checkpointing, bitsandbytes
 AdamW8bit, EMA off (the trainer keeps EMA on the GPU; it has no offload). Both distil distill={distill}.
 measured = exact meta-device counts (parameters x dtype bytes; bytes saved for backward under emulated bf16 autocast
-with GPU-style SDPA). estimated = bitsandbytes' state layout (not installed here) and the transient allowance."""
+with GPU-style SDPA; AdamW8bit's state layout, checked against bitsandbytes). estimated = the transient allowance
+and the CUDA context."""
 
 
 def main(overrides: list[str]) -> list[dict]:
