@@ -7,13 +7,14 @@ from the result with `data=cached data.path=<out>`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from koala.config.schema import TrainConfig, register_configs
+from koala.config.compose import run_command
+from koala.config.schema import TrainConfig
 from koala.data.cache_writer import build_cache
+from koala.devices import DType
 
 
 @dataclass
@@ -23,7 +24,7 @@ class CacheConfig:
     out: str = ".cache/koala/latents/${data.name}-${teacher.name}"
     batch_size: int = 8  # samples encoded together
     samples_per_shard: int = 1000
-    dtype: str = "fp16"  # storage precision of the cached tensors: fp32 | fp16 | bf16
+    dtype: DType = DType.fp16  # storage precision of the cached tensors: fp32 | fp16 | bf16
     device: str = "auto"  # auto (this rank's accelerator, else cpu) | cpu | cuda:N
 
 
@@ -32,14 +33,17 @@ class CacheJobConfig(TrainConfig):
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
-ConfigStore.instance().store(name="koala_cache", node=CacheJobConfig)
+def write_cache(cfg: DictConfig) -> Path:
+    """Write the cache a composed config describes and say where."""
+    out = build_cache(cfg)
+    print(f"cache written to {out}")
+    return out
 
 
-@hydra.main(config_path="../configs", config_name="cache", version_base=None)
-def main(cfg: DictConfig) -> None:
-    print(f"cache written to {build_cache(cfg)}")
+def main(argv: list[str] | None = None) -> Path:
+    """CLI: compose `configs/cache.yaml` with the overrides and write the cache."""
+    return run_command("cache", write_cache, argv)
 
 
 if __name__ == "__main__":
-    register_configs()
     main()

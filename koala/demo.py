@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from koala.config.compose import compose_config
+from koala.config.compose import run_command
 from koala.data import build_dataloader
 from koala.data.conditioning import SDXLConditioner
 from koala.evaluation.agreement import held_out_inputs, relative_error
@@ -96,12 +96,10 @@ def quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None, prompts: int = PROMPTS, samples: int | None = None) -> dict:
-    """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts, writing
-    `samples` training pictures when the shards are missing (default: the data preset's)."""
+def run_demo(cfg: DictConfig, prompts: int = PROMPTS, samples: int | None = None) -> dict:
+    """Sample and score teacher and inherited student, distil, export, and score the student, on a composed config."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     quiet()
-    cfg = compose_config("train", ["experiment=demo", *(sys.argv[1:] if argv is None else argv)])
     run_dir, teacher_dir = Path(cfg.output_dir), Path(cfg.teacher.pipeline)
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_fixtures(cfg, samples)  # the shapes-world shards (the teacher ships in the package)
@@ -149,6 +147,13 @@ koala demo finished in {summary['minutes']:.1f} min ({summary['cpu_minutes']:.1f
 
 The distilled student reaches {reached:.0f}% of the teacher's caption accuracy. Real runs: see README.md.""")
     return summary
+
+
+def main(argv: list[str] | None = None, prompts: int = PROMPTS, samples: int | None = None) -> dict:
+    """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts, writing
+    `samples` training pictures when the shards are missing (default: the data preset's)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return run_command("train", lambda cfg: run_demo(cfg, prompts, samples), ["experiment=demo", *argv])
 
 
 if __name__ == "__main__":

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import os
+from enum import auto
 
 import torch
 
+from koala.config.choice import Choice
+
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DType = Choice("DType", list(DTYPES))  # teacher.dtype, cache.dtype, ...: a key of DTYPES
+
+
+class MixedPrecision(Choice):
+    """accelerate's `mixed_precision`: autocast of the student's forward."""
+
+    no = auto()
+    fp16 = auto()
+    bf16 = auto()
 
 
 def pick_device(name: str | None = "auto") -> torch.device:
@@ -23,8 +35,4 @@ def multi_cpu() -> bool:
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """`bf16` / `fp16` / `fp32` (or a torch.dtype) -> torch.dtype, naming the valid choices otherwise."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return dtype if isinstance(dtype, torch.dtype) else DTYPES[DType(dtype)]

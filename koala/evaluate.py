@@ -12,21 +12,19 @@ turns a metric's original pickled weights into safetensors once (torch.load with
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
+from koala.config.compose import run_command
 from koala.devices import multi_cpu
 from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
 from koala.evaluation.prompts import read_prompt_set
-from koala.evaluation.registry import MetricContext, build_metric, check_metrics
+from koala.evaluation.registry import MetricContext, MetricName, build_metric, check_metrics
 from koala.evaluation.report import write_grids, write_report
-from koala.evaluation.weights import CONVERTERS
-from koala.generate import load_pipeline
-from koala.ship.presets import get_preset
+from koala.evaluation.weights import CONVERTERS, Converter
+from koala.generate import PipelineDType, load_pipeline
+from koala.ship.presets import PresetName, get_preset
 
 
 @dataclass
@@ -36,7 +34,7 @@ class ProtocolConfig:
     name: str = "custom"
     prompts: Optional[str] = None  # prompt file (.txt/.json/.csv) or folder of per-style files; supplied by the user
     reference: Optional[str] = None  # real images (folder) or their FID statistics (.npz with mu, sigma)
-    metrics: list[str] = field(default_factory=lambda: ["clip_score"])  # names in koala.evaluation.registry.METRICS
+    metrics: list[MetricName] = field(default_factory=lambda: [MetricName.clip_score])  # koala.evaluation.registry.METRICS
     fid_size: Optional[int] = None  # squash generated and reference images to this size before FID (BK-SDM: 256)
     height: Optional[int] = None  # sampling size (null: the pipeline's default, 1024 for SDXL)
     width: Optional[int] = None
@@ -57,20 +55,22 @@ class EvaluateConfig:
     """Settings of `python -m koala.evaluate`; sampling settings as in koala.generate."""
 
     models: Any = None  # name -> local diffusers SDXL pipeline folder: models={student: ..}
-    presets: Any = None  # name -> sampling preset where not `preset`: presets={teacher: ..}
+    # name -> sampling preset where not `preset`: presets={teacher: ..}; untyped (a typed dict takes no new keys
+    # from an override in struct mode), so check_inputs checks the names
+    presets: Any = None
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     limit: Optional[int] = None  # first N prompts only (smoke runs)
-    preset: str = "v1"
+    preset: PresetName = PresetName.v1
     seed: int = 0  # prompt i gets seed + i
     steps: Optional[int] = None
     guidance: Optional[float] = None
     batch_size: int = 1
     device: Optional[str] = None  # default: this rank's accelerator device
-    dtype: str = "auto"
+    dtype: PipelineDType = PipelineDType.auto
     grid: int = 8  # images per model in the grids
     out: Optional[str] = None  # default <run>/eval/<protocol.name> for a model <run>/export, else eval/<protocol.name>
-    convert: Optional[str] = None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
+    convert: Optional[Converter] = None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
     src: Optional[str] = None  # convert: the original file or folder
     tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
 
@@ -149,7 +149,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 
 def convert(cfg: Any) -> Path:
     """One-time conversion of a metric's original (pickled) weights to safetensors."""
-    if cfg.convert not in CONVERTERS or not cfg.src or not cfg.out:
+    if not cfg.src or not cfg.out:
         raise SystemExit(f"usage: python -m koala.evaluate convert=<{'|'.join(CONVERTERS)}> src=<original> "
                          "out=<target> [tokenizer=<CLIP tokenizer folder>]")
     kwargs = {"tokenizer": cfg.tokenizer} if cfg.convert != "inception" else {}
@@ -158,17 +158,14 @@ def convert(cfg: Any) -> Path:
     return path
 
 
-ConfigStore.instance().store(name="koala_evaluate", node=EvaluateConfig)
+def evaluate_command(cfg: Any) -> dict[str, Any] | Path:
+    """Convert weights or evaluate, as a composed `evaluate` config asks."""
+    return convert(cfg) if cfg.convert else evaluate(cfg)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | Path:
     """CLI: compose `configs/evaluate.yaml` with key=value overrides, then convert or evaluate."""
-    from koala.config.compose import compose_config
-
-    cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
-    if cfg.convert:
-        return convert(cfg)
-    return evaluate(cfg)
+    return run_command("evaluate", evaluate_command, argv)
 
 
 if __name__ == "__main__":

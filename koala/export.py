@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any, Optional
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from koala.config.compose import run_command
 from koala.models.convert import diffusers_to_original
 from koala.models.unets import count_parameters
 from koala.ship.model_card import write_model_card
@@ -241,20 +240,19 @@ def _write_export(
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
 
 
-ConfigStore.instance().store(name="koala_export", node=ExportConfig)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """CLI: compose `configs/export.yaml` with key=value overrides and export."""
-    from koala.config.compose import compose_config
-
-    cfg = compose_config("export", sys.argv[1:] if argv is None else argv)
+def export_command(cfg: DictConfig) -> Path:
+    """Export the run a composed `export` config names."""
     if not cfg.run_dir:
         raise SystemExit("usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]")
     out = export_run(cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16,
                      single_file=cfg.single_file)
     print(f"exported {cfg.run_dir} -> {out}")
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI: compose `configs/export.yaml` with key=value overrides and export."""
+    return run_command("export", export_command, argv)
 
 
 if __name__ == "__main__":

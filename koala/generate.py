@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,14 @@ from typing import Optional
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from hydra.core.config_store import ConfigStore
 from PIL import Image
 
-from koala.devices import DTYPES, pick_device
-from koala.ship.presets import Preset, euler_scheduler, get_preset
+from koala.config.choice import Choice
+from koala.config.compose import run_command
+from koala.devices import DTYPES, parse_dtype, pick_device
+from koala.ship.presets import Preset, PresetName, euler_scheduler, get_preset
+
+PipelineDType = Choice("PipelineDType", ["auto", *DTYPES])  # auto: fp16 on cuda, fp32 elsewhere
 
 
 @dataclass
@@ -31,11 +33,11 @@ class GenerateConfig:
     model: Optional[str] = None  # a diffusers SDXL pipeline folder (e.g. <run>/export)
     prompt: Optional[str] = None
     prompts: Optional[str] = None  # a text file: one prompt per line (blank lines and # comments skipped)
-    preset: str = "v1"  # v1 | lightning | turbo
+    preset: PresetName = PresetName.v1  # v1 | lightning | turbo
     seed: int = 0  # image i gets seed + i
     negative_prompt: Optional[str] = None
     batch_size: int = 1
-    dtype: str = "auto"  # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
+    dtype: PipelineDType = PipelineDType.auto  # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16
     device: Optional[str] = None  # default: cuda when available
     steps: Optional[int] = None
     guidance: Optional[float] = None
@@ -49,9 +51,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """A torch dtype by name; `auto` is fp16 on cuda and fp32 elsewhere."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise KeyError(f"unknown dtype {dtype!r}; valid choices: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return parse_dtype(dtype)
 
 
 def load_pipeline(model: str | Path, device: str | None = None, dtype: str = "auto") -> StableDiffusionXLPipeline:
@@ -191,14 +191,8 @@ def save_images(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Se
     return out
 
 
-ConfigStore.instance().store(name="koala_generate", node=GenerateConfig)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
-    from koala.config.compose import compose_config
-
-    cfg = compose_config("generate", sys.argv[1:] if argv is None else argv)
+def generate_command(cfg: GenerateConfig) -> Path:
+    """Sample what a composed `generate` config asks for and write the images."""
     if not cfg.model or bool(cfg.prompt) == bool(cfg.prompts):
         raise SystemExit('usage: python -m koala.generate model=<pipeline folder> (prompt="..." | prompts=<file>) [...]')
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
@@ -210,6 +204,11 @@ def main(argv: list[str] | None = None) -> Path:
     save_images(images, prompts, seeds, out, cfg.cols)
     print(f"wrote {len(images)} images and grid.png to {out}")
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
+    return run_command("generate", generate_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
-"""`python -m koala.inspect unet=<spec> [teacher=<teacher>] [distill=<preset>] [+list_taps=true]`.
+"""`python -m koala.inspect unet=<spec> [teacher=<teacher>] [distill=<preset>] [list_taps=true]`.
 
 Prints the per-stage structure and exact parameter counts of teacher and student, the feature pairs the `distill`
-preset will distil (counts per stage and kind, shapes at `data.resolution`), and with `+list_taps=true` every tap
+preset will distil (counts per stage and kind, shapes at `data.resolution`), and with `list_taps=true` every tap
 point of both models. Teacher and student are built on the meta device, so full-size SDXL needs no weights and
 almost no memory.
 """
 
 from __future__ import annotations
 
-import hydra
+from dataclasses import dataclass
+
 from omegaconf import DictConfig
 
-from koala.config.schema import register_configs
+from koala.config.compose import run_command
+from koala.config.schema import TrainConfig
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
-from koala.distill.taps import KINDS, STAGES, list_tap_points
+from koala.distill.taps import Stage, TapKind, list_tap_points
 from koala.models.plans import student_plan, teacher_unet_config
 from koala.models.unets import (
     build_student,
@@ -73,7 +75,7 @@ def format_tap_points(unet, title: str) -> str:
 def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg, resolution: int) -> str:
     """The distilled pairs: a count table per stage and kind, then one line per pair with its shape."""
     counts = pair_counts(pairs)
-    kinds = [k for k in KINDS if any(kk == k for _, kk in counts)]
+    kinds = [k for k in TapKind if any(kk == k for _, kk in counts)]
     lines = [
         f"distill: {distill_cfg.name}   kinds {list(distill_cfg.kinds)}   stages {list(distill_cfg.stages)}   "
         f"pairing {distill_cfg.pairing}   sa_point {distill_cfg.sa_point}   {len(pairs)} pairs at {resolution} px "
@@ -82,7 +84,7 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     if not pairs:
         return "\n".join(lines + ["  no feature pairs (output / task loss only)"])
     lines.append(f"  {'stage':<8} " + " ".join(f"{k:>5}" for k in kinds) + f" {'total':>6}")
-    for stage in [s for s in STAGES if s in distill_cfg.stages]:
+    for stage in [s for s in Stage if s in distill_cfg.stages]:
         row = [counts.get((stage, k), 0) for k in kinds]
         lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
     lines.append("")
@@ -105,12 +107,23 @@ def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_ta
     return "\n".join(out)
 
 
-register_configs()
+@dataclass
+class InspectConfig(TrainConfig):
+    """Settings of `python -m koala.inspect` (configs/inspect.yaml): the train groups, plus"""
+
+    list_taps: bool = False  # also list every tap point of both models
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="inspect")
-def main(cfg: DictConfig) -> None:
-    print(inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, bool(cfg.get("list_taps", False))))
+def inspect_config(cfg: DictConfig) -> str:
+    """The inspection of a composed config, printed."""
+    text = inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, cfg.list_taps)
+    print(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    """CLI: compose `configs/inspect.yaml` with the overrides and print the inspection."""
+    return run_command("inspect", inspect_config, argv)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,15 @@ file needs no metadata. Input layouts: koala.ship.lora_format.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 
+from koala.config.compose import run_command
 from koala.config.schema import TeacherConfig, UNetConfig
 from koala.models.inherit import map_name, module_map
 from koala.models.plans import config_plan, run_plan
@@ -162,14 +161,8 @@ def _teacher_and_plan(cfg: DictConfig) -> tuple[dict, Plan]:
     return run_plan(cfg.run_dir) if cfg.run_dir else config_plan(cfg)
 
 
-ConfigStore.instance().store(name="koala_lora", node=LoraRemapConfig)
-
-
-def main(argv: list[str] | None = None) -> RemapReport:
-    """CLI: compose `configs/lora.yaml` with key=value overrides, remap and print the report."""
-    from koala.config.compose import compose_config
-
-    cfg = compose_config("lora", sys.argv[1:] if argv is None else argv)
+def lora_command(cfg: DictConfig) -> RemapReport:
+    """Remap the LoRA a composed `lora` config names and print the report."""
     if not cfg.lora or not cfg.out:
         raise SystemExit("usage: python -m koala.lora lora=<sdxl_lora.safetensors> out=<student.safetensors> "
                          "(run_dir=<run> | unet=<spec> [teacher.pipeline=<sdxl folder>])")
@@ -177,6 +170,11 @@ def main(argv: list[str] | None = None) -> RemapReport:
     report = remap_file(cfg.lora, cfg.out, teacher_config, plan)
     print(f"{cfg.lora} -> {cfg.out} (student {plan.spec.name})\n{report.summary()}")
     return report
+
+
+def main(argv: list[str] | None = None) -> RemapReport:
+    """CLI: compose `configs/lora.yaml` with key=value overrides, remap and print the report."""
+    return run_command("lora", lora_command, argv)
 
 
 if __name__ == "__main__":

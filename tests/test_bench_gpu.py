@@ -36,7 +36,7 @@ def test_the_default_grid_covers_students_recipes_checkpointing_and_compile(caps
     assert all(r["teacher_dtype"] == "bf16" and r["mixed_precision"] == "bf16" for r in rows)
     out = capsys.readouterr().out
     assert "**PLANNED**" in out and "experiment=koala-700m-24gb unet=tiny-1b" in out
-    assert COMMANDS["gpu"] == "koala.bench.gpu"
+    assert COMMANDS["gpu"] is gpu.main
 
 
 def test_tiny_run_times_the_trainers_step_and_writes_the_report(tmp_path, capsys):

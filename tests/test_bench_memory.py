@@ -48,7 +48,7 @@ def test_checkpointing_reduces_saved_bytes_of_a_tiny_unet():
 
 
 def test_budget_for_koala_700m(tmp_path, capsys):
-    results = main(["unet=koala-700m", "resolutions=[256]", f"out={tmp_path}"])
+    results = main(["bench.unets=[koala-700m]", "bench.resolutions=[256]", f"bench.out={tmp_path}"])
     saved = json.loads((tmp_path / "memory.json").read_text())
     assert saved["results"][0]["unet"] == "koala-700m" and results[0]["max_batch_lean"] >= 1
     r = saved["results"][0]

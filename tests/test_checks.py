@@ -1,13 +1,17 @@
-"""Bad values fail before any model loads, in one line naming the key, the value and what is allowed."""
+"""Bad values fail before any model loads, in one line naming the key, the value and what is allowed: a bad choice
+at compose time (the schema's types), a bad range or path in `check_config`."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from koala.config.checks import ConfigError, check_config
-from koala.config.compose import compose_config
+from koala.config.choice import Choice
+from koala.config.compose import COMPOSE_ERRORS, compose_config, error_line, schemas
 
 
 def config(tmp_path, pipeline, *overrides):
@@ -37,12 +41,6 @@ def config(tmp_path, pipeline, *overrides):
         ("data.resolution=33", "data.resolution=33 is not allowed: expected a positive multiple of 8"),
         ("data.resolution=0", "data.resolution=0"),
         ("data.resolution=36", "data.resolution=36 is not allowed: expected a positive multiple of 64"),  # buckets
-        ("data.caption_dropout_mode=blank", "one of zeros, empty"),
-        ("mixed_precision=bf32", "one of no, fp16, bf16"),
-        ("teacher.kind=lightening", "one of base, lightning, turbo"),
-        ("distill.kinds=[sa,xa]", "a list of sa, ca, ffn, lf, rb"),
-        ("distill.stages=[middle]", "a list of encoder, mid, decoder"),
-        ("optim.scheduler=cosine2", "optim.scheduler='cosine2'"),
         ("data.max_consecutive_skips=0", "data.max_consecutive_skips=0"),
     ],
 )
@@ -80,3 +78,114 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, tiny_pipeline_dir):
     assert "error: batch_size=0 is not allowed" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout and "torchvision" not in res.stderr + res.stdout
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing ran (Hydra alone made the folder for its log)
+
+
+# (config, override, what the one-line error must say): every choice field of every command, composed through Hydra
+BAD_CHOICES = [
+    ("train", "distill.loss=mse2", "distill.loss=mse2: Invalid value 'mse2', expected one of [mse, normalized]"),
+    ("train", "teacher.kind=lightening", "Invalid value 'lightening', expected one of [base, lightning, turbo]"),
+    ("train", "mixed_precision=fp8", "expected one of [no, fp16, bf16]"),
+    ("train", "teacher.dtype=int8", "expected one of [bf16, fp16, fp32]"),
+    ("train", "teacher.arch=sd15", "expected one of [sdxl, tiny, medium, shapes]"),
+    ("train", "data.kind=lmdb", "expected one of [webdataset, hf, folder, cached]"),
+    ("train", "data.hf_format=zip", "expected one of [auto, disk, parquet, imagefolder]"),
+    ("train", "data.caption_dropout_mode=blank", "expected one of [zeros, empty]"),
+    ("train", "timesteps=trailing", "expected one of [uniform, teacher_schedule]"),
+    ("train", "distill.sa_point=attn2", "expected one of [attn1, residual]"),
+    ("train", "distill.pairing=middle", "expected one of [first, uniform, last]"),
+    ("train", "unet.layer_select=middle", "expected one of [first, uniform, last]"),
+    ("train", "unet.mid=half", "expected one of [keep, resnet, none]"),
+    ("train", "distill.kinds=[sa,xa]", "Invalid value 'xa', expected one of [sa, ca, ffn, lf, rb]"),
+    ("train", "distill.stages=[middle]", "Invalid value 'middle', expected one of [encoder, mid, decoder]"),
+    ("train", "distill.kind_weights={xa: 2.0}", "Key 'xa' is incompatible with the enum type 'TapKind', valid: [sa, ca"),
+    ("train", "distill.stage_weights={decodr: 2.0}", "Key 'decodr' is incompatible with the enum type 'Stage', valid"),
+    ("train", "optim.scheduler=cosine2", "expected one of [linear, cosine, cosine_with_restarts"),
+    ("train", "report_to=[tensorbord]", "expected one of [tensorboard, wandb]"),
+    ("train", "teacher=lightening", "Could not find 'teacher/lightening'; Available options in 'teacher': sdxl-base"),
+    ("cache", "cache.dtype=int8", "expected one of [bf16, fp16, fp32]"),
+    ("generate", "preset=fast", "expected one of [v1, lightning, turbo]"),
+    ("generate", "dtype=fp8", "expected one of [auto, bf16, fp16, fp32]"),
+    ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, pickscore, clip]"),
+    ("evaluate", "protocol.metrics=[fid,imagereward]", "expected one of [fid, fd_clip, clip_score, hps, pickscore]"),
+    ("fixtures", "world=moon", "expected one of [demo, shapes]"),
+    ("bench_unet", "bench.arch=sd15", "expected one of [sdxl, tiny, medium, shapes]"),
+    ("bench_train", "bench.arch=large", "expected one of [sdxl, tiny, medium, shapes]"),
+    ("bench_data", "bench.cache_dtype=fp8", "expected one of [bf16, fp16, fp32]"),
+]
+
+
+@pytest.mark.parametrize("config,override,message", BAD_CHOICES)
+def test_bad_choices_fail_at_compose_time_naming_the_choices(config, override, message):
+    with pytest.raises(COMPOSE_ERRORS) as err:
+        compose_config(config, [override])
+    line = error_line(err.value)
+    assert message in line and "\n" not in line, line
+
+
+def test_choices_read_and_write_as_their_names():
+    """A choice is its name as a string everywhere a config goes: comparisons, messages, json, YAML, a saved
+    config.yaml read back (what a resume compares), dict keys."""
+    from koala.train.runs import config_changes
+
+    schemas()  # imports every module that defines a choice
+    for choice in Choice.__subclasses__():
+        assert [m.name for m in choice] == [m.value for m in choice], choice
+    cfg = compose_config("train", ["distill=sa+lf", "distill.loss=normalized", "mixed_precision=bf16",
+                                   "distill.kind_weights={lf: 0.5}", "report_to=[wandb]"])  # fmt: skip
+    loss = cfg.distill.loss
+    assert loss == "normalized" and str(loss) == f"{loss}" == "normalized" and repr(loss) == "'normalized'"
+    assert {"normalized": 1}[loss] == 1 and cfg.distill.kind_weights["lf"] == 0.5
+    assert f"{cfg.distill.kinds}" == "['sa', 'lf']" and f"{cfg.mixed_precision:>5}" == " bf16"
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert json.loads(json.dumps(container))["distill"]["kind_weights"]["lf"] == 0.5
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    assert "loss: normalized" in text and "  lf: 0.5" in text and "- wandb" in text
+    saved = OmegaConf.to_container(OmegaConf.create(text))
+    assert config_changes(saved, container) == {} and config_changes(json.loads(json.dumps(container)), container) == {}
+    assert OmegaConf.to_yaml(OmegaConf.merge(compose_config("train"), OmegaConf.create(text))) == text  # read back
+
+
+def test_a_plain_string_is_converted_or_refused_naming_the_choices():
+    from koala.distill.losses import FeatureLoss
+
+    assert FeatureLoss("mse") is FeatureLoss.mse
+    with pytest.raises(ValueError, match="'mse2' is not a valid FeatureLoss: expected one of mse, normalized"):
+        FeatureLoss("mse2")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("distill.loss=mse2", "error: distill.loss=mse2: Invalid value 'mse2', expected one of [mse, normalized]"),
+    ("teacher.kind=lightening", "error: teacher.kind=lightening: Invalid value 'lightening', expected one of [base,"),
+])  # fmt: skip
+def test_cli_reports_a_bad_choice_in_one_line_before_any_model_loads(override, message, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith(message), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr + res.stdout
+    assert not (tmp_path / "run").exists()  # composition failed: nothing was made, no model was loaded
+
+
+def test_every_command_reports_a_bad_config_in_one_line(capsys):
+    from koala.generate import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["model=nowhere", "prompt=a koala", "preset=fast"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
+
+
+def test_every_command_config_composes_and_only_register_configs_registers():
+    from koala.config.compose import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {f"koala_{n}" for n in names} == set(schemas())  # one schema per command config, and back
+    for name in names:
+        compose_config(name)
+    code = ("import koala.train.loop, koala.export, koala.generate, koala.evaluate, koala.lora, koala.cache, "
+            "koala.inspect, koala.demo, koala.bench.__main__, koala.fixtures.__main__, koala.shapes.evaluate, "
+            "koala.shapes.teacher\n"
+            "from hydra.core.config_store import ConfigStore\n"
+            "print(sorted(ConfigStore.instance().repo))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "koala" not in out, out  # importing a command registers nothing

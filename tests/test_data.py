@@ -14,7 +14,7 @@ from PIL import Image
 from koala.config.checks import check_config
 from koala.config.compose import compose_config
 from koala.config.schema import DataConfig
-from koala.data import KINDS, SkipTally, build_dataloader
+from koala.data import DataKind, SkipTally, build_dataloader
 from koala.data.samples import ImageCodec
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 
@@ -137,7 +137,7 @@ def test_demo_shards_written_once_atomically(tmp_path):
 def test_fixtures_cli_writes_the_teacher_and_the_shards(tmp_path, capsys):
     from koala.fixtures.__main__ import main
 
-    written = main([f"teacher={tmp_path}/tiny", f"shards='{tmp_path}/d/demo-{{0..2}}.tar'", "n=5", "resolution=16"])
+    written = main([f"pipeline={tmp_path}/tiny", f"shards='{tmp_path}/d/demo-{{0..2}}.tar'", "n=5", "resolution=16"])
     assert len(list((tmp_path / "d").glob("demo-*.tar"))) == 3 and (tmp_path / "tiny" / "model_index.json").is_file()
     assert capsys.readouterr().out.split() == written
     cfg = compose_config("train", [f"teacher.pipeline={tmp_path}/tiny", f"data.path='{tmp_path}/d/demo-{{0..2}}.tar'"])
@@ -153,8 +153,10 @@ def test_skip_tally_sums_latest_counts_per_worker():
 
 
 def test_unknown_kind_names_the_valid_kinds(tmp_path):
-    with pytest.raises(ValueError, match=", ".join(KINDS)):
+    with pytest.raises(ValueError, match=", ".join(DataKind)):  # the schema refuses it
         read_all(data_cfg(tmp_path, kind="lmdb"))
+    with pytest.raises(ValueError, match=", ".join(DataKind)):  # and so does the loader given a plain config
+        read_all(OmegaConf.create({**OmegaConf.to_container(data_cfg(tmp_path)), "kind": "lmdb"}))
 
 
 def test_presets_compose():
@@ -162,14 +164,14 @@ def test_presets_compose():
 
     for preset in ("demo", "webdataset", "laion-pop", "hf", "folder", "cached"):
         cfg = compose_config("train", [f"data={preset}"])
-        assert cfg.data.kind in KINDS
+        assert cfg.data.kind in list(DataKind)
     assert compose_config("train", ["data=laion-pop"]).data.caption_key == "json.llava_caption"
 
 
 def test_data_bench_prints_side_by_side_rates(capsys):
     from koala.bench.data import main
 
-    main(["n=4", "resolution=32", "batch_size=2"])
+    main(["bench.n=4", "bench.resolution=32", "bench.batch_size=2"])
     out = capsys.readouterr().out
     assert "read + decode + SDXL transform" in out and "read cached latents" in out
 

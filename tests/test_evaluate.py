@@ -368,5 +368,5 @@ def test_registry_metrics_score_image_files(tiny_clip, tmp_path):
     assert 0 <= row["clip_score"] <= 100
     assert row["hps"] == pytest.approx((2 * row["hps/x"] + row["hps/y"]) / 3)
     assert {"fid", "fd_clip", "clip_score", "hps", "pickscore"} <= set(METRICS)
-    with pytest.raises(KeyError, match="unknown metric 'imagereward'; valid choices: fid, fd_clip"):
+    with pytest.raises(ValueError, match="'imagereward' is not a valid MetricName: expected one of fid, fd_clip"):
         check_metrics(["imagereward"], _ns(), protocol)

@@ -119,7 +119,7 @@ def test_unmatched_taps_and_shape_mismatch_are_errors():
 
 def test_inspect_lists_pairs_and_taps():
     out = subprocess.run(
-        [sys.executable, "-m", "koala.inspect", "teacher=tiny", "unet=tiny-1b", "distill=ca", "+list_taps=true",
+        [sys.executable, "-m", "koala.inspect", "teacher=tiny", "unet=tiny-1b", "distill=ca", "list_taps=true",
          "data.resolution=64"],
         capture_output=True, text=True, check=True,
     ).stdout
@@ -143,13 +143,13 @@ def dict_fields(node, prefix=""):
 
 def test_every_dict_option_holds_all_its_keys_in_every_preset():
     from koala.config.schema import TrainConfig
-    from koala.distill.taps import KINDS, STAGES
+    from koala.distill.taps import Stage, TapKind
 
     fields = dict_fields(OmegaConf.structured(TrainConfig))
     assert fields == ["distill.kind_weights", "distill.stage_weights"]
     for yaml in (CONFIG_DIR / "distill").glob("*.yaml"):
         cfg = compose_config("train", [f"distill={yaml.stem}"])
-        assert set(cfg.distill.kind_weights) == set(KINDS) and set(cfg.distill.stage_weights) == set(STAGES), yaml
+        assert set(cfg.distill.kind_weights) == set(TapKind) and set(cfg.distill.stage_weights) == set(Stage), yaml
     with pytest.raises(Exception, match="decodr"):
         compose_config("train", ["distill.stage_weights={decodr: 2.0}"])
 

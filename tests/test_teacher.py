@@ -103,7 +103,7 @@ def test_folder_with_only_pickle_weights_points_to_safetensors(tmp_path, tiny_pi
 def test_missing_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-unet"):
         load_unet(tmp_path / "no-such-unet")
-    with pytest.raises(ValueError, match="valid choices: bf16, fp16, fp32"):
+    with pytest.raises(ValueError, match="expected one of bf16, fp16, fp32"):
         load_unet(tmp_path, dtype="fp8")
 
 

@@ -1,20 +1,22 @@
-"""`python -m koala.bench {unet,data,train,memory,gpu,ablation} [hydra overrides...]`: benchmarks that print numbers.
+"""`python -m koala.bench {unet,data,train,memory,gpu,ablation} [overrides...]`: benchmarks that print numbers.
 
-Each subcommand lives in its own module with `main(overrides: list[str]) -> None`.
+Each subcommand is a module whose `main(argv)` composes its own config (`configs/bench_<name>.yaml`: its settings
+as `bench.<key>=...`, beside the train groups where it trains) with `koala.config.compose.run_command`.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 
+from koala.bench import ablation, data, gpu, memory, train, unet
+
 COMMANDS = {
-    "unet": "koala.bench.unet",  # parameters, checkpoint size, FLOPs, latency and memory per spec
-    "data": "koala.bench.data",  # samples/s reading + decoding + transforming, vs reading the cache
-    "train": "koala.bench.train",  # step time: teacher fwd, student fwd+bwd, full step; overhead ratio
-    "memory": "koala.bench.memory",  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
-    "gpu": "koala.bench.gpu",  # the GPU report: samples/s, TFLOP/s, MFU, peak memory over recipes x compile x ckpt
-    "ablation": "koala.bench.ablation",  # distill presets x seeds on the shapes teacher: caption accuracy, agreement
+    "unet": unet.main,  # parameters, checkpoint size, FLOPs, latency and memory per spec
+    "data": data.main,  # samples/s reading + decoding + transforming, vs reading the cache
+    "train": train.main,  # step time: teacher fwd, student fwd+bwd, full step; overhead ratio
+    "memory": memory.main,  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
+    "gpu": gpu.main,  # the GPU report: samples/s, TFLOP/s, MFU, peak memory over recipes x compile x ckpt
+    "ablation": ablation.main,  # distill presets x seeds on the shapes teacher: caption accuracy, agreement
 }
 
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         sys.exit(f"usage: python -m koala.bench {{{','.join(COMMANDS)}}} [key=value ...]")
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

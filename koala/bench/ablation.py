@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from koala.config.compose import compose_config
+from koala.bench import train_overrides
+from koala.config.compose import compose_config, run_command
+from koala.config.schema import TrainConfig
 from koala.export import export_run
 from koala.fixtures import ensure_fixtures
 from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
@@ -40,6 +42,13 @@ class BenchAblation:
     prompts: int = 24  # evaluation prompts, one picture each (seeds 0 .. prompts-1)
     samples: Optional[int] = None  # shapes-world training pictures written when the shards are missing (null: 2048)
     out: str = "outputs/ablation"
+
+
+@dataclass
+class BenchAblationJob(TrainConfig):
+    """The schema of configs/bench_ablation.yaml: the train groups (as `experiment=demo` sets them), plus `bench`."""
+
+    bench: BenchAblation = field(default_factory=BenchAblation)
 
 
 def run_one(overrides: list[str], prompts: list[str], teacher_pictures: list) -> dict:
@@ -100,14 +109,13 @@ def bar_plot(summary: dict, teacher: dict, out: Path) -> Path:
     return out
 
 
-def main(overrides: list[str]) -> dict:
-    bench_args = [o.removeprefix("bench.") for o in overrides if o.startswith("bench.")]
-    bench = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchAblation), OmegaConf.from_dotlist(bench_args)))
-    train_overrides = [o for o in overrides if not o.startswith("bench.")]
+def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
+    """Run (or continue) the sweep a composed `bench_ablation` config (from the command line `argv`) describes."""
+    bench: BenchAblation = OmegaConf.to_object(job.bench)
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides]
-    cfg = compose_config("train", base)  # fails on a bad override before any model is loaded
+    base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides(argv)]
+    cfg = compose_config("train", base)
     ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
     prompts = eval_prompts(bench.prompts)
     teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
@@ -133,3 +141,8 @@ def main(overrides: list[str]) -> dict:
     print(f"{md}\n\n{len(runs)} runs of {bench.steps} steps, {minutes:.1f} min of training, export and sampling; "
           f"wrote {out / 'ablation.md'} and {plot}")  # fmt: skip
     return {"teacher": teacher, "summary": summary, "runs": runs}
+
+
+def main(argv: list[str]) -> dict:
+    """CLI: compose `configs/bench_ablation.yaml` with `argv` and run the sweep."""
+    return run_command("bench_ablation", lambda cfg: bench_ablation(cfg, argv), argv)

@@ -27,16 +27,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from koala.bench import train_overrides
 from koala.bench.flops import StepFlops, train_step_flops
 from koala.bench.gpu_report import device_peak, environment, table, to_markdown
 from koala.bench.memory import conditioning_params
 from koala.bench.train import BenchTrain, build_bench, measure
-from koala.config.compose import compose_config
+from koala.config.choice import Choice
+from koala.config.compose import compose_config, run_command
+from koala.config.schema import TrainConfig
 from koala.devices import pick_device
 from koala.models.plans import student_plan
-from koala.models.unets import ARCHS, build_unet, student_config
+from koala.models.unets import ARCHS, Arch, build_unet, student_config
 from koala.train.step import Trainable, train_step
 
 GiB = 2**30
@@ -47,6 +50,8 @@ SIZES = {
     "full": {"arch": "sdxl", "resolution": 1024, "warmup": 3, "steps": 5, "compile_backend": "inductor"},
     "tiny": {"arch": "tiny", "resolution": 64, "batch": 1, "warmup": 1, "steps": 1, "compile_backend": "aot_eager"},
 }
+Recipe = Choice("Recipe", list(RECIPES))  # an entry of bench.recipes: a key of RECIPES
+Size = Choice("Size", ["auto", *SIZES])  # bench.size: auto (full on CUDA, else tiny) or a key of SIZES
 
 
 @dataclass
@@ -54,13 +59,13 @@ class BenchGPU:
     """Settings of `python -m koala.bench gpu` (`bench.<key>=...`; other `key=value` go to every configuration)."""
 
     device: str = "auto"
-    size: str = "auto"  # full | tiny | auto: full on CUDA, else tiny (tiny teacher, tiny-700m / tiny-1b, 64 px)
+    size: Size = Size.auto  # full | tiny | auto: full on CUDA, else tiny (tiny teacher, tiny-700m / tiny-1b, 64 px)
     students: list[str] = field(default_factory=lambda: ["koala-700m", "koala-1b"])  # tiny size: tiny-700m / -1b
-    recipes: list[str] = field(default_factory=lambda: ["plain", "24gb"])
+    recipes: list[Recipe] = field(default_factory=lambda: list(Recipe))
     compile: list[bool] = field(default_factory=lambda: [False, True])
     checkpointing: list[bool] = field(default_factory=lambda: [False, True])  # the plain recipe's axis
     distill: str = "koala"
-    arch: Optional[str] = None  # teacher U-Net architecture (random weights); None: the size's (sdxl / tiny)
+    arch: Optional[Arch] = None  # teacher U-Net architecture (random weights); None: the size's (sdxl / tiny)
     resolution: Optional[int] = None  # px; None: 1024 / 64
     batch: Optional[int] = None  # per device; None: the recipe's batch_size (full) / 1 (tiny)
     warmup: Optional[int] = None  # steps before timing (compilation happens here); None: 3 / 1
@@ -94,9 +99,7 @@ class Case:
 
 def resolve_settings(s: BenchGPU, device: torch.device) -> BenchGPU:
     """Fill the unset settings from the size (auto: full on CUDA, tiny elsewhere)."""
-    size = s.size if s.size != "auto" else ("full" if device.type == "cuda" else "tiny")
-    if size not in SIZES:
-        raise ValueError(f"bench.size={s.size!r}; valid choices: auto, {', '.join(SIZES)}")
+    size = Size(s.size) if s.size != "auto" else Size("full" if device.type == "cuda" else "tiny")
     filled = {k: v for k, v in SIZES[size].items() if getattr(s, k) is None}
     return dataclasses.replace(s, size=size, **filled)
 
@@ -107,8 +110,6 @@ def plan(s: BenchGPU) -> list[Case]:
     for student in s.students:
         unet = TINY_STUDENTS.get(student, student) if s.size == "tiny" else student
         for recipe in s.recipes:
-            if recipe not in RECIPES:
-                raise ValueError(f"bench.recipes has {recipe!r}; valid choices: {', '.join(RECIPES)}")
             for ckpt in s.checkpointing if recipe == "plain" else [True]:
                 cases += [Case(student, unet, recipe, c, ckpt) for c in s.compile]
     return cases
@@ -262,11 +263,24 @@ def run(s: BenchGPU, extra: list[str]) -> dict[str, Any]:
     return report
 
 
-def main(overrides: list[str]) -> dict[str, Any]:
-    bench_args = [o.removeprefix("bench.") for o in overrides if o.startswith("bench.")]
-    s = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchGPU), OmegaConf.from_dotlist(bench_args)))
-    report = run(s, [o for o in overrides if not o.startswith("bench.")])
+@dataclass
+class BenchGPUJob(TrainConfig):
+    """The schema of configs/bench_gpu.yaml: the train groups (what every configuration's overrides start from),
+    plus `bench`."""
+
+    bench: BenchGPU = field(default_factory=BenchGPU)
+
+
+def bench_gpu(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
+    """Run (or plan) the grid a composed `bench_gpu` config (from the command line `argv`) describes; write the report."""
+    s: BenchGPU = OmegaConf.to_object(cfg.bench)
+    report = run(s, train_overrides(argv))
     if not s.dry_run:
         print(write(report, Path(s.out)))
         print(f"\nwrote {Path(s.out) / 'gpu.json'} and {Path(s.out) / 'gpu.md'}")
     return report
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """CLI: compose `configs/bench_gpu.yaml` with `argv` and run the grid."""
+    return run_command("bench_gpu", lambda cfg: bench_gpu(cfg, argv), argv)

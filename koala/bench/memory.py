@@ -1,4 +1,6 @@
-"""`python -m koala.bench memory [unet=koala-700m] [resolutions=[512,768,1024]] [budget_gib=24]`: GPU memory budget.
+"""`python -m koala.bench memory [bench.unets=[koala-700m]] [bench.resolutions=[512,768,1024]] [bench.budget_gib=24]`.
+
+A GPU memory budget.
 
 Builds the training-memory budget of SDXL -> a student (default KOALA-700M and KOALA-1B) from measured parts:
 parameter counts of meta-device models, and the bytes a training step saves for backward, counted exactly by running
@@ -27,10 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from koala.config.compose import compose_config
+from koala.config.compose import compose_config, run_command
 from koala.models.forward import random_inputs
 from koala.models.teacher import freeze
 from koala.models.unets import SDXL_UNET_CONFIG, build_student, build_unet, count_parameters, get_spec, resolve
@@ -45,13 +47,20 @@ CONTEXT_GIB = 1.5  # CUDA context, cuBLAS / attention workspaces, allocator frag
 
 @dataclass
 class BenchMemory:
-    """Settings of `python -m koala.bench memory`."""
+    """Settings of `python -m koala.bench memory` (`bench.<key>=...`)."""
 
     unets: list[str] = field(default_factory=lambda: ["koala-700m", "koala-1b"])
     resolutions: list[int] = field(default_factory=lambda: [512, 768, 1024])
     distill: str = "koala"  # which taps and feature losses the step runs
     budget_gib: float = 24.0  # the card the 24 GB recipe is checked against
     out: str = "outputs/bench/memory"
+
+
+@dataclass
+class BenchMemoryJob:
+    """The schema of configs/bench_memory.yaml."""
+
+    bench: BenchMemory = field(default_factory=BenchMemory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,12 +346,9 @@ with GPU-style SDPA; AdamW8bit's state layout, checked against bitsandbytes). es
 and the CUDA context."""
 
 
-def main(overrides: list[str]) -> list[dict]:
-    args = [o for o in overrides if not o.startswith("unet=")]
-    unets = [o.split("=", 1)[1] for o in overrides if o.startswith("unet=")]
-    bench = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchMemory), OmegaConf.from_dotlist(args)))
-    if unets:
-        bench.unets = unets
+def bench_memory(cfg: DictConfig) -> list[dict]:
+    """Build, print and write the budget a composed `bench_memory` config describes."""
+    bench: BenchMemory = OmegaConf.to_object(cfg.bench)
     budget = bench.budget_gib * GiB
     cond = conditioning_params()
     p_teacher = count_parameters(build_unet(SDXL_UNET_CONFIG, device="meta"))
@@ -365,3 +371,8 @@ def main(overrides: list[str]) -> list[dict]:
     (out / "memory.md").write_text(md + "\n")
     print(f"\nwrote {out / 'memory.json'} and {out / 'memory.md'}")
     return results
+
+
+def main(argv: list[str]) -> list[dict]:
+    """CLI: compose `configs/bench_memory.yaml` with `argv` and build the budget."""
+    return run_command("bench_memory", bench_memory, argv)

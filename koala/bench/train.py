@@ -27,15 +27,17 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from koala.config.compose import compose_config
+from koala.bench import train_overrides
+from koala.config.compose import compose_config, run_command
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.devices import DTYPES, pick_device
 from koala.distill.losses import mse
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.teacher import freeze
-from koala.models.unets import ARCHS, SDXL_SCHEDULER_CONFIG, build_unet
+from koala.models.unets import ARCHS, SDXL_SCHEDULER_CONFIG, Arch, build_unet
 from koala.timing import PartTimer
 from koala.train.build import build_trainable, make_accelerator, make_noising, make_task
 from koala.train.step import Trainable, train_step
@@ -49,7 +51,7 @@ PARTS = ("noise", "teacher forward", "student forward", "losses", "backward", "c
 class BenchTrain:
     """Settings of `python -m koala.bench train` (given as `bench.<key>=...`; the rest are train overrides)."""
 
-    arch: str = "medium"  # tiny | medium | sdxl: the teacher architecture, random weights
+    arch: Arch = Arch.medium  # tiny | medium | sdxl: the teacher architecture, random weights
     resolution: int = 256  # image size; latents are resolution / 8
     batch: int = 2
     steps: int = 10
@@ -59,6 +61,13 @@ class BenchTrain:
     threads: int = 0  # CPU threads (0: torch's default); 1 on a shared machine, where a preempted OpenMP thread
     # stalls every parallel op (measured 10-25x slower steps at 2 threads on 2 busy cores)
     out: str = "outputs/bench/train"
+
+
+@dataclass
+class BenchTrainJob(TrainConfig):
+    """The schema of configs/bench_train.yaml: the train groups, plus `bench`."""
+
+    bench: BenchTrain = field(default_factory=BenchTrain)
 
 
 @dataclass
@@ -246,14 +255,14 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(overrides: list[str]) -> dict:
-    bench_args = [o.removeprefix("bench.") for o in overrides if o.startswith("bench.")]
-    bench = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchTrain), OmegaConf.from_dotlist(bench_args)))
-    train_overrides = [o for o in overrides if not o.startswith("bench.")]
-    if not any(o.startswith("unet=") for o in train_overrides):
-        train_overrides.append("unet=koala-700m" if bench.arch == "sdxl" else "unet=tiny-700m")
+def bench_train(cfg: DictConfig, argv: list[str]) -> dict:
+    """Run the benchmark a composed `bench_train` config (from the command line `argv`) describes; print and write."""
+    bench = OmegaConf.to_object(cfg.bench)
+    overrides = train_overrides(argv)
+    if not any(o.startswith("unet=") for o in overrides):
+        overrides.append("unet=koala-700m" if bench.arch == Arch.sdxl else "unet=tiny-700m")
     torch.manual_seed(0)
-    result = run(bench, train_overrides)
+    result = run(bench, overrides)
     md = to_markdown(result)
     print(md)
     out = Path(bench.out)
@@ -262,3 +271,8 @@ def main(overrides: list[str]) -> dict:
     (out / "train.md").write_text(md + "\n")
     print(f"\nwrote {out / 'train.json'} and {out / 'train.md'}")
     return result
+
+
+def main(argv: list[str]) -> dict:
+    """CLI: compose `configs/bench_train.yaml` with `argv` and run the benchmark."""
+    return run_command("bench_train", lambda cfg: bench_train(cfg, argv), argv)

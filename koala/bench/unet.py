@@ -1,4 +1,4 @@
-"""`python -m koala.bench unet [resolution=1024] [specs=[...]] [latency=true device=cuda dtype=fp16 steps=25]`.
+"""`python -m koala.bench unet [bench.resolution=1024] [bench.specs=[...]] [bench.latency=true bench.device=cuda]`.
 
 For the teacher and each student spec: parameters, checkpoint size at the dtype, FLOPs of one U-Net forward (meta
 device, no weights), and optionally latency and peak memory of a U-Net-only denoising loop with random weights
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from koala.bench.flops import forward_flops
-from koala.devices import parse_dtype, pick_device
+from koala.config.compose import run_command
+from koala.devices import DTYPES, DType, parse_dtype, pick_device
 from koala.models.forward import random_inputs, unet_forward
-from koala.models.unets import ARCHS, build_unet, count_parameters, get_spec, student_config
+from koala.models.unets import ARCHS, Arch, build_unet, count_parameters, get_spec, student_config
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Published latency (s/image) and peak memory (GB), RTX 4090, 1024 px, fp16 (KOALA.md section 5).
 PAPER = {
     "v1 (25 steps)": {"sdxl": (3.30, 13.0), "koala-1b": (1.77, 10.2), "koala-700m": (1.42, 9.5)},
@@ -33,13 +33,13 @@ PAPER = {
 
 @dataclass
 class BenchUNetConfig:
-    """Settings of `python -m koala.bench unet`."""
+    """Settings of `python -m koala.bench unet` (`bench.<key>=...`)."""
 
-    arch: str = "sdxl"  # teacher U-Net config (koala.models.unets.ARCHS): sdxl | tiny
+    arch: Arch = Arch.sdxl  # teacher U-Net config (koala.models.unets.ARCHS): sdxl | tiny
     specs: list[str] = field(default_factory=lambda: ["sdxl", "koala-1b", "koala-700m", "ssd-1b", "vega"])
     resolution: int = 1024  # image px; latents are resolution / vae_scale
     vae_scale: int = 8
-    dtype: str = "fp16"  # checkpoint size and latency dtype: fp32 | fp16 | bf16
+    dtype: DType = DType.fp16  # checkpoint size and latency dtype: fp32 | fp16 | bf16
     latency: bool = False
     device: Optional[str] = None  # latency device; default cuda when available
     steps: int = 25
@@ -47,6 +47,13 @@ class BenchUNetConfig:
     runs: int = 3  # timed loops; the median is reported
     warmup: int = 1
     out: Optional[str] = None  # default outputs/bench/unet-<arch>-<resolution>
+
+
+@dataclass
+class BenchUNetJob:
+    """The schema of configs/bench_unet.yaml."""
+
+    bench: BenchUNetConfig = field(default_factory=BenchUNetConfig)
 
 
 def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: torch.device) -> tuple[float, Optional[float]]:
@@ -79,11 +86,7 @@ def unet_latency(config: dict[str, Any], cfg: BenchUNetConfig, device: torch.dev
 
 def bench_rows(cfg: BenchUNetConfig) -> list[dict[str, Any]]:
     """One row per spec: size, FLOPs and (optionally) latency, with ratios to the first row (the teacher)."""
-    if cfg.arch not in ARCHS:
-        raise KeyError(f"unknown arch {cfg.arch!r}; valid choices: {', '.join(ARCHS)}")
-    if cfg.dtype not in DTYPE_BYTES:
-        raise KeyError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPE_BYTES)}")
-    teacher_config = ARCHS[cfg.arch]
+    teacher_config = ARCHS[Arch(cfg.arch)]
     names = ["sdxl"] + [s for s in cfg.specs if s != "sdxl"]  # the teacher (identity spec) comes first
     specs = {name: get_spec(name) for name in names}  # unknown names fail before any work
     device = pick_device(cfg.device)
@@ -96,7 +99,7 @@ def bench_rows(cfg: BenchUNetConfig) -> list[dict[str, Any]]:
             "unet": "teacher" if name == "sdxl" else name,
             "spec": name,
             "params": params,
-            "bytes": params * DTYPE_BYTES[cfg.dtype],
+            "bytes": params * DTYPES[DType(cfg.dtype)].itemsize,
             "flops": forward_flops(config, cfg.resolution, vae_scale=cfg.vae_scale, unet=meta_unet).total,
         }
         if cfg.latency:
@@ -144,16 +147,9 @@ def format_markdown(rows: list[dict[str, Any]], cfg: BenchUNetConfig) -> str:
     return "\n".join(lines) + "\n" + note + "\n"
 
 
-ConfigStore.instance().store(name="koala_bench_unet", node=BenchUNetConfig)
-
-
-def main(overrides: list[str]) -> list[dict[str, Any]]:
-    """Compose `configs/bench_unet.yaml` with overrides, print the table, write markdown and JSON."""
-    from omegaconf import OmegaConf
-
-    from koala.config.compose import compose_config
-
-    cfg: BenchUNetConfig = OmegaConf.to_object(compose_config("bench_unet", overrides))
+def bench_unet(job: DictConfig) -> list[dict[str, Any]]:
+    """Print the table of a composed `bench_unet` config, write markdown and JSON."""
+    cfg: BenchUNetConfig = OmegaConf.to_object(job.bench)
     rows = bench_rows(cfg)
     table = format_markdown(rows, cfg)
     out = Path(cfg.out or f"outputs/bench/unet-{cfg.arch}-{cfg.resolution}")
@@ -163,3 +159,8 @@ def main(overrides: list[str]) -> list[dict[str, Any]]:
                                                "rows": rows, "paper": PAPER}, indent=1))
     print(table + f"\nwrote {out / 'unet.md'} and {out / 'unet.json'}")
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """CLI: compose `configs/bench_unet.yaml` with the overrides and run the benchmark."""
+    return run_command("bench_unet", bench_unet, argv)

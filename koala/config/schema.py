@@ -1,8 +1,9 @@
-"""Typed schema of every setting (Hydra structured configs): a misspelt key fails at compose time.
+"""Typed schema of every training setting (Hydra structured configs): a misspelt key or choice fails at compose time.
 
 YAML files under `configs/` fill these in; `configs/train.yaml` puts `koala_train` first in its defaults list so
-every group is merged onto its dataclass. Objects are built from these in one place (the entry points), never
-inside constructors.
+every group is merged onto its dataclass (`koala.config.compose.register_configs` registers it and every command's
+schema). A setting that takes one of a few names is a `Choice` Enum defined with the code that uses it. Objects are
+built from these in one place (the entry points), never inside constructors.
 """
 
 from __future__ import annotations
@@ -10,8 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from diffusers.optimization import SchedulerType
+
+from koala.config.choice import Choice
+from koala.data import DataKind
+from koala.data.conditioning import DropoutMode
+from koala.data.indexed import HfFormat
+from koala.devices import DType, MixedPrecision
+from koala.distill.losses import FeatureLoss
+from koala.distill.taps import SaPoint, Stage, TapKind
+from koala.models.unets import Arch, LayerSelect, MidMode
+from koala.ship.presets import TeacherKind
+from koala.train.diffusion import TimestepKind
+from koala.train.tracking import Tracker
+
+SchedulerName = Choice("SchedulerName", [s.value for s in SchedulerType])  # optim.scheduler: diffusers get_scheduler
 
 
 @dataclass
@@ -19,12 +33,12 @@ class TeacherConfig:
     """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
 
     name: str = "tiny"
-    kind: str = "base"  # base | lightning | turbo: sampling preset (koala.ship.presets), scheduler spacing
-    arch: str = "sdxl"  # built-in U-Net config (koala.models.unets.ARCHS) for meta-device inspection and single files
+    kind: TeacherKind = TeacherKind.base  # base | lightning | turbo: sampling preset (koala.ship.presets), spacing
+    arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.unets.ARCHS) for meta-device inspection, single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
+    dtype: DType = DType.bf16  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
     steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step): timesteps=teacher_schedule
 
 
@@ -37,9 +51,9 @@ class UNetConfig:
     decoder_keep: Optional[Any] = None
     encoder_depth: Optional[Any] = None
     decoder_depth: Optional[Any] = None
-    mid: Optional[str] = None
+    mid: Optional[MidMode] = None
     mid_depth: Optional[int] = None
-    layer_select: Optional[str] = None
+    layer_select: Optional[LayerSelect] = None
     random_init: Optional[Any] = None
 
 
@@ -55,14 +69,14 @@ class DistillConfig:
     # override is merged into the preset's dict, so a dict could never lose an entry. Weights are dicts that hold
     # every key from the start, so merging an override (`distill.stage_weights={decoder: 2.0}`) changes exactly the
     # weights it names, and a misspelt name fails at compose time.
-    kinds: list[str] = field(default_factory=list)  # sa | ca | ffn | lf | rb (configs/distill/koala.yaml: [sa])
-    stages: list[str] = field(default_factory=lambda: ["encoder", "mid", "decoder"])
-    kind_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("sa", "ca", "ffn", "lf", "rb"), 1.0))
-    stage_weights: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("encoder", "mid", "decoder"), 1.0))
+    kinds: list[TapKind] = field(default_factory=list)  # sa | ca | ffn | lf | rb (configs/distill/koala.yaml: [sa])
+    stages: list[Stage] = field(default_factory=lambda: list(Stage))
+    kind_weights: dict[TapKind, float] = field(default_factory=lambda: dict.fromkeys(TapKind, 1.0))
+    stage_weights: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
-    sa_point: str = "attn1"  # attn1 (module output) | residual (stream after attn1 is added)
-    pairing: str = "first"  # first | uniform | last: which teacher layer a student layer is compared with
-    loss: str = "mse"  # mse | normalized (divided by the teacher feature's mean square)
+    sa_point: SaPoint = SaPoint.attn1  # attn1 (module output) | residual (stream after attn1 is added)
+    pairing: LayerSelect = LayerSelect.first  # first | uniform | last: the teacher layer a student layer is compared with
+    loss: FeatureLoss = FeatureLoss.mse  # mse | normalized (divided by the teacher feature's mean square)
 
 
 @dataclass
@@ -70,12 +84,12 @@ class DataConfig:
     """Where samples come from and how they are shaped (koala/data)."""
 
     name: str = "demo"
-    kind: str = "webdataset"  # webdataset | hf | folder | cached
+    kind: DataKind = DataKind.webdataset  # webdataset | hf | folder | cached
     path: Optional[str] = None  # shards (brace-expanded, glob, folder; local or any URL webdataset opens), an HF
     # dataset (save_to_disk folder, parquet file(s), imagefolder), an image folder, or a cache folder
     caption_key: str = "txt"  # webdataset: txt, or json.<field> (e.g. json.llava_caption); hf: column name
     image_key: str = "image"  # hf column with the image; webdataset: extension tried before jpg/jpeg/png/webp
-    hf_format: str = "auto"  # hf: auto | disk | parquet | imagefolder
+    hf_format: HfFormat = HfFormat.auto  # hf: auto | disk | parquet | imagefolder
     split: str = "train"  # hf: split of a DatasetDict
     resolution: int = 1024
     center_crop: bool = True  # else random crop
@@ -88,7 +102,7 @@ class DataConfig:
     caption_dropout: float = 0.0  # probability that a sample's caption is dropped (classifier-free guidance)
     # zeros: a dropped sample's prompt_embeds and pooled_prompt_embeds are all zeros, as SDXL's own training did and
     # as the stock pipeline's unconditional branch is (force_zeros_for_empty_prompt); empty: the embeddings of "".
-    caption_dropout_mode: str = "zeros"
+    caption_dropout_mode: DropoutMode = DropoutMode.zeros
     background: str = "white"  # colour transparent pixels are composited onto: a name or '#rrggbb'
     num_workers: int = 2
     shuffle: bool = True  # shard order + shuffle buffer (shards), permutation per epoch (hf, folder)
@@ -104,7 +118,7 @@ class OptimConfig:
     weight_decay: float = 1e-2
     eps: float = 1e-8
     use_8bit: bool = False  # bitsandbytes AdamW8bit when installed
-    scheduler: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    scheduler: SchedulerName = SchedulerName.constant_with_warmup  # any diffusers get_scheduler name
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
 
@@ -123,11 +137,11 @@ class TrainConfig:
     max_steps: int = 1000
     batch_size: int = 8  # per process
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: MixedPrecision = MixedPrecision.no  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     ema: bool = True
     ema_decay: float = 0.9999
-    timesteps: str = "uniform"  # uniform | teacher_schedule
+    timesteps: TimestepKind = TimestepKind.uniform  # uniform | teacher_schedule
     timestep_jitter: int = 0  # teacher_schedule: +- this many training timesteps around each teacher step
     noise_offset: float = 0.0
     snr_gamma: Optional[float] = None  # min-SNR weighting of the task loss
@@ -141,7 +155,7 @@ class TrainConfig:
     sample_seed: int = 0
     sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (v1: 25)
     resume: Optional[str] = None  # latest | a checkpoint folder
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb
+    report_to: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])  # tensorboard | wandb
     compile: bool = False
     record_ranks: bool = False  # each rank writes ranks/rank<N>.json: sample keys seen + a digest of its weights
     # Seconds a rank waits in a collective (all-reduce, barrier) before failing: bounds the hang when another rank
@@ -156,10 +170,3 @@ def asset_path(name: str) -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[1] / "assets" / name)
-
-
-def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore and the `koala_asset` resolver (idempotent)."""
-    ConfigStore.instance().store(name="koala_train", node=TrainConfig)
-    if not OmegaConf.has_resolver("koala_asset"):
-        OmegaConf.register_new_resolver("koala_asset", asset_path)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from enum import auto
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from koala.config.choice import Choice
 from koala.data.buckets import sdxl_buckets
 from koala.data.cached import CachedCodec, cached_raw
 from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset
@@ -26,9 +28,16 @@ from koala.data.shards import expand_shards, shard_order, shard_records
 from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
 from koala.data.transforms import background_rgb
 
-__all__ = ["KINDS", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
+__all__ = ["DataKind", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
 
-KINDS = ("webdataset", "hf", "folder", "cached")
+
+class DataKind(Choice):
+    """`data.kind`: what `data.path` names."""
+
+    webdataset = auto()  # tar shards (brace pattern, glob, folder, URL)
+    hf = auto()  # an HF dataset (save_to_disk folder, parquet, imagefolder)
+    folder = auto()  # images with sidecar .txt captions
+    cached = auto()  # a koala.cache folder of latents and text embeddings
 
 
 class ShardReader:
@@ -96,15 +105,14 @@ def _image_codec(cfg: Any) -> ImageCodec:
 
 def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
     """(reader, codec) for `cfg.kind`."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown data.kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    kind = DataKind(cfg.kind)
     if not cfg.path:
         raise ValueError(f"data.path is required for data.kind={cfg.kind}")
-    if cfg.kind == "webdataset":
+    if kind is DataKind.webdataset:
         return ShardReader(expand_shards(cfg.path), _webdataset_raw(cfg), cfg, seed), _image_codec(cfg)
-    if cfg.kind == "cached":
+    if kind is DataKind.cached:
         return ShardReader(expand_shards(cfg.path), cached_raw, cfg, seed), CachedCodec(cfg.caption_dropout)
-    if cfg.kind == "hf":
+    if kind is DataKind.hf:
         dataset = load_hf_dataset(cfg.path, cfg.hf_format, cfg.split)
         return IndexReader(HFSource(dataset, cfg.image_key, cfg.caption_key), cfg, seed), _image_codec(cfg)
     return IndexReader(FolderSource(cfg.path), cfg, seed), _image_codec(cfg)

@@ -9,6 +9,7 @@ the VAE scaling factor, unless `sample_latents` draws from the posterior.
 
 from __future__ import annotations
 
+from enum import auto
 from pathlib import Path
 
 import torch
@@ -16,8 +17,16 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from koala.config.choice import Choice
+
 CONDITION_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
-DROPOUT_MODES = ("zeros", "empty")  # what a dropped caption becomes (data.caption_dropout_mode)
+
+
+class DropoutMode(Choice):
+    """`data.caption_dropout_mode`: what a dropped caption becomes."""
+
+    zeros = auto()  # all-zero prompt and pooled embeddings (SDXL's training, the pipeline's unconditional branch)
+    empty = auto()  # the embeddings of ""
 
 
 class SDXLConditioner(nn.Module):
@@ -30,16 +39,14 @@ class SDXLConditioner(nn.Module):
         vae: AutoencoderKL,
         *,
         sample_latents: bool = False,
-        caption_dropout_mode: str = "zeros",
+        caption_dropout_mode: str = DropoutMode.zeros,
     ) -> None:
         super().__init__()
-        if caption_dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"unknown caption_dropout_mode {caption_dropout_mode!r}; valid choices: {', '.join(DROPOUT_MODES)}")
         self.tokenizers = tokenizers
         self.text_encoders = nn.ModuleList(text_encoders)
         self.vae = vae
         self.sample_latents = sample_latents
-        self.caption_dropout_mode = caption_dropout_mode
+        self.caption_dropout_mode = DropoutMode(caption_dropout_mode)
         self.requires_grad_(False).eval()
 
     @classmethod
@@ -50,7 +57,7 @@ class SDXLConditioner(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         sample_latents: bool = False,
-        caption_dropout_mode: str = "zeros",
+        caption_dropout_mode: str = DropoutMode.zeros,
     ) -> SDXLConditioner:
         """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE)."""
         root = Path(pipeline_dir)

@@ -11,9 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from koala.config.choice import Choice
 from koala.data.records import IMAGE_EXTENSIONS, Raw, clean_caption
 
-HF_FORMATS = ("auto", "disk", "parquet", "imagefolder")
+
+class HfFormat(Choice):
+    """`data.hf_format`: how an HF dataset is stored (`auto`: told apart by its files)."""
+
+    auto = "auto"  # (a name that shadows enum.auto in this class body: values written out)
+    disk = "disk"  # a save_to_disk folder
+    parquet = "parquet"  # parquet file(s)
+    imagefolder = "imagefolder"  # datasets' imagefolder layout
 
 
 class FolderSource:
@@ -39,13 +47,12 @@ class FolderSource:
         return Raw(key=str(path.relative_to(self.root).with_suffix("")), image=path.read_bytes(), caption=caption)
 
 
-def load_hf_dataset(path: str, fmt: str = "auto", split: str = "train") -> Any:
+def load_hf_dataset(path: str, fmt: str = HfFormat.auto, split: str = "train") -> Any:
     """A `datasets.Dataset` from a `save_to_disk` folder, parquet file(s) (glob allowed) or an imagefolder."""
     import datasets
 
-    if fmt not in HF_FORMATS:
-        raise ValueError(f"unknown data.hf_format {fmt!r}; choose one of {', '.join(HF_FORMATS)}")
-    if fmt == "auto":
+    fmt = HfFormat(fmt)
+    if fmt is HfFormat.auto:
         if path.endswith(".parquet") or glob.glob(os.path.join(path, "*.parquet")):
             fmt = "parquet"
         elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):

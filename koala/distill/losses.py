@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from enum import auto
+
 import torch
 
-FEATURE_LOSSES = ("mse", "normalized")
+from koala.config.choice import Choice
+
+
+class FeatureLoss(Choice):
+    """`distill.loss`: how a feature pair is compared."""
+
+    mse = auto()  # plain MSE (BK-SDM, KOALA)
+    normalized = auto()  # MSE divided by the teacher feature's mean square (LAPTOP-Diff)
 
 
 def mse(student: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -20,11 +29,9 @@ def mse(student: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | Non
     return (per_sample * weights.float()).mean()
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = FeatureLoss.mse) -> torch.Tensor:
     """MSE between paired features; `normalized` divides by the teacher feature's mean square (LAPTOP-Diff)."""
-    if kind == "mse":
+    if FeatureLoss(kind) is FeatureLoss.mse:
         return mse(student, teacher)
-    if kind == "normalized":
-        t = teacher.float()
-        return mse(student, t) / t.pow(2).mean().clamp_min(1e-8)
-    raise ValueError(f"unknown feature loss {kind!r}; valid choices: {', '.join(FEATURE_LOSSES)}")
+    t = teacher.float()
+    return mse(student, t) / t.pow(2).mean().clamp_min(1e-8)

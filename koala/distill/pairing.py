@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
-from koala.models.unets import LAYER_SELECTS, Plan, build_unet
+from koala.models.unets import Plan, build_unet
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,6 @@ def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teach
 
     Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
     """
-    if distill_cfg.pairing not in LAYER_SELECTS:
-        raise ValueError(f"unknown distill.pairing {distill_cfg.pairing!r}; valid choices: {', '.join(LAYER_SELECTS)}")
     kinds, stages = list(distill_cfg.kinds), list(distill_cfg.stages)
     kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
     blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None

@@ -11,19 +11,43 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import auto
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-KINDS = ("sa", "ca", "ffn", "lf", "rb")
-STAGES = ("encoder", "mid", "decoder")
-SA_POINTS = ("attn1", "residual")
+from koala.config.choice import Choice
 
-_STAGE_OF = {"down_blocks": "encoder", "mid_block": "mid", "up_blocks": "decoder"}
+
+class TapKind(Choice):
+    """What a tap captures (`distill.kinds`, the keys of `distill.kind_weights`)."""
+
+    sa = auto()  # self-attention: attn1's output (or the residual stream after it)
+    ca = auto()  # cross-attention: attn2's output
+    ffn = auto()  # feed-forward: ff's output
+    lf = auto()  # a whole block's output (BK-SDM's "last feature")
+    rb = auto()  # a resnet's output
+
+
+class Stage(Choice):
+    """Where a tap sits (`distill.stages`, the keys of `distill.stage_weights`)."""
+
+    encoder = auto()
+    mid = auto()
+    decoder = auto()
+
+
+class SaPoint(Choice):
+    """`distill.sa_point`: the self-attention feature a `sa` tap captures."""
+
+    attn1 = auto()  # the attn1 module's output
+    residual = auto()  # the residual stream after attn1 is added
+
+_STAGE_OF = {"down_blocks": Stage.encoder, "mid_block": Stage.mid, "up_blocks": Stage.decoder}
 _BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\..*)?$")
-_TRANSFORMER_CHILD = {"attn1": "sa", "attn2": "ca", "ff": "ffn"}
+_TRANSFORMER_CHILD = {"attn1": TapKind.sa, "attn2": TapKind.ca, "ff": TapKind.ffn}
 
 
 @dataclass(frozen=True)
@@ -31,8 +55,8 @@ class TapPoint:
     """One tapped module: its path in the unwrapped U-Net, its kind, stage and block."""
 
     name: str  # e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn1", "mid_block", "up_blocks.0.resnets.1"
-    kind: str
-    stage: str
+    kind: TapKind
+    stage: Stage
     block: str  # "down_blocks.1", "mid_block", "up_blocks.0"
 
 
@@ -48,22 +72,22 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_choices(given: Iterable[str], valid: Iterable[str], what: str) -> list[str]:
-    """The given names as a list; raise naming the valid choices if any is unknown."""
-    given, valid = list(given), list(valid)
+def _check_blocks(given: Iterable[str], valid: list[str]) -> list[str]:
+    """The given block names as a list; raise naming this model's blocks if any is not one of them."""
+    given = list(given)
     bad = [g for g in given if g not in valid]
     if bad:
-        raise ValueError(f"unknown {what} {bad}; valid choices: {', '.join(valid)}")
+        raise ValueError(f"unknown blocks {bad}; this U-Net's blocks: {', '.join(valid)}")
     return given
 
 
-def _kind_of(name: str, parent: nn.Module | None) -> str | None:
+def _kind_of(name: str, parent: nn.Module | None) -> TapKind | None:
     """The tap kind of one named module, or None if it is not a tap point."""
     parts = name.split(".")
     if (len(parts) == 2 and parts[0] in ("down_blocks", "up_blocks")) or name == "mid_block":
-        return "lf"
+        return TapKind.lf
     if len(parts) >= 2 and parts[-2] == "resnets":
-        return "rb"
+        return TapKind.rb
     if parts[-1] in _TRANSFORMER_CHILD and type(parent).__name__ == "BasicTransformerBlock":
         return _TRANSFORMER_CHILD[parts[-1]]
     return None
@@ -79,17 +103,16 @@ def block_names(unet: nn.Module) -> list[str]:
 
 def list_tap_points(
     unet: nn.Module,
-    kinds: Iterable[str] = KINDS,
-    stages: Iterable[str] = STAGES,
+    kinds: Iterable[str] = tuple(TapKind),
+    stages: Iterable[str] = tuple(Stage),
     blocks: Iterable[str] | None = None,
-    sa_point: str = "attn1",
+    sa_point: str = SaPoint.attn1,
 ) -> list[TapPoint]:
     """Every tap point of the given kinds, stages and blocks, in forward order of the blocks."""
-    kinds = _check_choices(kinds, KINDS, "tap kinds")
-    stages = _check_choices(stages, STAGES, "stages")
-    _check_choices([sa_point], SA_POINTS, "sa_point")
+    kinds, stages = [TapKind(k) for k in kinds], [Stage(s) for s in stages]
+    SaPoint(sa_point)
     model = unwrap(unet)
-    blocks = None if blocks is None else _check_choices(blocks, block_names(model), "blocks")
+    blocks = None if blocks is None else _check_blocks(blocks, block_names(model))
     modules = dict(model.named_modules())
     points = []
     for name in modules:
@@ -114,12 +137,11 @@ def _first_tensor(output: Any) -> torch.Tensor:
 class FeatureTaps:
     """Context manager capturing the first output per step of each tap point into `features`."""
 
-    def __init__(self, unet: nn.Module, points: Iterable[TapPoint], detach: bool = False, sa_point: str = "attn1"):
-        _check_choices([sa_point], SA_POINTS, "sa_point")
+    def __init__(self, unet: nn.Module, points: Iterable[TapPoint], detach: bool = False, sa_point: str = SaPoint.attn1):
         self.model = unwrap(unet)
         self.points = list(points)
         self.detach = detach
-        self.sa_point = sa_point
+        self.sa_point = SaPoint(sa_point)
         self.features: dict[str, torch.Tensor] = {}
         self._block_inputs: dict[str, torch.Tensor] = {}  # residual SA: transformer-block input per point
         self._handles: list[RemovableHandle] = []
@@ -164,7 +186,7 @@ class FeatureTaps:
     def _register(self, point: TapPoint) -> None:
         """Hook one tap point (two hooks for the residual SA stream)."""
         module = self.model.get_submodule(point.name)
-        if point.kind == "sa" and self.sa_point == "residual":
+        if point.kind == TapKind.sa and self.sa_point is SaPoint.residual:
             block = self.model.get_submodule(point.name.rpartition(".")[0])
             pre = block.register_forward_pre_hook(self._block_input_hook(point.name), with_kwargs=True)
             self._handles.append(pre)

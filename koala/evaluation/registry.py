@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from koala.config.choice import Choice
 from koala.evaluation.metrics import ClipScorer, feature_stats, frechet_distance, frechet_distance_of_features
 from koala.evaluation.weights import check_clip_model, check_safetensors
 
@@ -196,15 +197,14 @@ METRICS: dict[str, MetricEntry] = {
     "hps": MetricEntry("hps", "hps", check_clip_model, _hps),
     "pickscore": MetricEntry("pickscore", "pickscore", check_clip_model, _pickscore),
 }
+MetricName = Choice("MetricName", list(METRICS))  # an entry of protocol.metrics: a key of METRICS
 
 
 def check_metrics(names: Sequence[str], weights: Any, protocol: Any) -> dict[str, Path]:
     """Check every requested metric's weights (and reference) before any model loads; returns name -> weights."""
     out = {}
     for name in names:
-        if name not in METRICS:
-            raise KeyError(f"protocol.metrics: unknown metric {name!r}; valid choices: {', '.join(METRICS)}")
-        entry = METRICS[name]
+        entry = METRICS[MetricName(name)]
         out[name] = entry.check(getattr(weights, entry.key, None), f"weights.{entry.key}", entry.kind)
         if entry.needs_reference:
             if not protocol.reference:

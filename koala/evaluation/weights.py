@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from koala.config.choice import Choice
 from koala.evaluation.metrics import CLIP_MEAN, CLIP_STD, MissingMetricWeights
 from koala.evaluation.open_clip_keys import OPEN_CLIP_VIT_H_14, open_clip_to_hf_clip
 
-__all__ = ["MissingMetricWeights", "check_clip_model", "check_safetensors", "CONVERTERS"]
+__all__ = ["MissingMetricWeights", "check_clip_model", "check_safetensors", "CONVERTERS", "Converter"]
 
 PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a raw pickle stream (protocol 2+)
 
@@ -189,3 +190,4 @@ def convert_clip_folder(src: str | Path, out: str | Path, tokenizer: str | Path 
 
 CONVERTERS = {"inception": convert_inception, "hps": convert_hps, "pickscore": convert_clip_folder,
               "clip": convert_clip_folder}
+Converter = Choice("Converter", list(CONVERTERS))  # `python -m koala.evaluate convert=...`: a key of CONVERTERS

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from koala.models.unets import LAYER_SELECTS, LayerSelect, Plan
+from koala.models.unets import LayerSelect, Plan
 
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -20,15 +20,14 @@ def select_layers(n_teacher: int, n_student: int, rule: LayerSelect) -> tuple[in
     """Which of a teacher transformer's `n_teacher` layers a `n_student`-layer transformer takes."""
     if n_student > n_teacher:
         raise ValueError(f"cannot select {n_student} layers from {n_teacher}")
-    if rule == "first":
+    rule = LayerSelect(rule)
+    if rule is LayerSelect.first:
         return tuple(range(n_student))
-    if rule == "last":
+    if rule is LayerSelect.last:
         return tuple(range(n_teacher - n_student, n_teacher))
-    if rule == "uniform":
-        if n_student == 1:
-            return (0,)
-        return tuple(round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student))
-    raise ValueError(f"unknown layer selection {rule!r}; valid choices: {', '.join(LAYER_SELECTS)}")
+    if n_student == 1:  # uniform
+        return (0,)
+    return tuple(round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student))
 
 
 def module_map(plan: Plan, layer_select: LayerSelect | None = None) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.models.unets import ARCHS, Plan, StudentSpec, resolve, spec_from_fields
+from koala.models.unets import ARCHS, Arch, Plan, StudentSpec, resolve, spec_from_fields
 
 SPEC_FIELDS = (
     "encoder_keep",
@@ -32,9 +32,7 @@ def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
     for folder in (teacher_cfg.unet, teacher_cfg.pipeline and str(Path(teacher_cfg.pipeline) / "unet")):
         if folder and (Path(folder) / "config.json").is_file():
             return json.loads((Path(folder) / "config.json").read_text())
-    if teacher_cfg.arch not in ARCHS:
-        raise KeyError(f"unknown teacher arch {teacher_cfg.arch!r}; valid choices: {', '.join(ARCHS)}")
-    return dict(ARCHS[teacher_cfg.arch])
+    return dict(ARCHS[Arch(teacher_cfg.arch)])
 
 
 def student_plan(teacher_config: dict[str, Any], unet_cfg: Any) -> Plan:

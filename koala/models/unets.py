@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from enum import auto
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 
-LayerSelect = Literal["first", "uniform", "last"]
-MidMode = Literal["keep", "resnet", "none"]
-LAYER_SELECTS = ("first", "uniform", "last")
-MID_MODES = ("keep", "resnet", "none")
+from koala.config.choice import Choice
+
+
+class LayerSelect(Choice):
+    """Which teacher transformer layers a shallower student transformer takes (`unet.layer_select`) or is compared
+    with (`distill.pairing`)."""
+
+    first = auto()
+    uniform = auto()
+    last = auto()
+
+
+class MidMode(Choice):
+    """What a student keeps of the mid block (`unet.mid`)."""
+
+    keep = auto()  # the cross-attention mid block
+    resnet = auto()  # one resnet, no transformer
+    none = auto()  # no mid block
 
 # The SDXL-Base-1.0 U-Net (also SDXL-Lightning's and SDXL-Turbo's): 2,567,463,684 parameters.
 SDXL_UNET_CONFIG: dict[str, Any] = {
@@ -106,6 +121,7 @@ SHAPES_UNET_CONFIG: dict[str, Any] = {
 ARCHS: dict[str, dict[str, Any]] = {
     "sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG, "medium": MEDIUM_UNET_CONFIG, "shapes": SHAPES_UNET_CONFIG,
 }
+Arch = Choice("Arch", list(ARCHS))  # teacher.arch, bench.arch: a key of ARCHS
 
 
 @dataclass(frozen=True)
@@ -127,9 +143,9 @@ class StudentSpec:
     decoder_keep: tuple[tuple[int, ...], ...] | None = None
     encoder_depth: tuple[int | tuple[int, ...], ...] | None = None
     decoder_depth: tuple[int | tuple[int, ...], ...] | None = None
-    mid: MidMode = "keep"
+    mid: MidMode = MidMode.keep
     mid_depth: int | None = None
-    layer_select: LayerSelect = "first"
+    layer_select: LayerSelect = LayerSelect.first
     random_init: tuple[str, ...] = field(default=())
 
 
@@ -143,16 +159,16 @@ SPECS: dict[str, StudentSpec] = {
         StudentSpec("koala-1b", "KOALA-1B: 1 encoder / 2 decoder layers per stage, depth 6, mid kept",
                     **_KOALA_KEEP, encoder_depth=(1, 2, 6), decoder_depth=(6, 2, 1), mid_depth=6),
         StudentSpec("koala-700m", "KOALA-700M: 1 encoder / 2 decoder layers per stage, depth 5, no mid block",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 5), decoder_depth=(5, 2, 1), mid="none"),
+                    **_KOALA_KEEP, encoder_depth=(1, 2, 5), decoder_depth=(5, 2, 1), mid=MidMode.none),
         StudentSpec("ssd-1b", "Segmind SSD-1B: all layers, shallower transformers, mid block without transformer",
-                    encoder_depth=(0, 2, 4), decoder_depth=((4, 4, 10), (2, 1, 1), 0), mid="resnet"),
+                    encoder_depth=(0, 2, 4), decoder_depth=((4, 4, 10), (2, 1, 1), 0), mid=MidMode.resnet),
         StudentSpec("vega", "Segmind-Vega: all layers, depths 1-2, mid block without transformer",
-                    encoder_depth=(0, 1, 2), decoder_depth=(2, 1, 0), mid="resnet"),
+                    encoder_depth=(0, 1, 2), decoder_depth=(2, 1, 0), mid=MidMode.resnet),
         # Tiny specs follow the same rules on TINY_UNET_CONFIG (deepest teacher depth 4).
         StudentSpec("tiny-1b", "tiny KOALA-1B analogue: 1/2 layers per stage, depth 3, mid kept",
                     **_KOALA_KEEP, encoder_depth=(1, 2, 3), decoder_depth=(3, 2, 1), mid_depth=3),
         StudentSpec("tiny-700m", "tiny KOALA-700M analogue: 1/2 layers per stage, depth 2, no mid block",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 2), decoder_depth=(2, 2, 1), mid="none"),
+                    **_KOALA_KEEP, encoder_depth=(1, 2, 2), decoder_depth=(2, 2, 1), mid=MidMode.none),
     ]
 }
 
@@ -206,7 +222,7 @@ def layout(config: dict[str, Any]) -> Layout:
         d = rev[j] if rev is not None else tl[n - 1 - j]
         up.append(_per_layer(d, n_up) if has_up[j] else (0,) * n_up)
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    mid: MidMode = {"UNetMidBlock2DCrossAttn": "keep", "UNetMidBlock2D": "resnet", None: "none"}[mid_type]
+    mid = {"UNetMidBlock2DCrossAttn": MidMode.keep, "UNetMidBlock2D": MidMode.resnet, None: MidMode.none}[mid_type]
     mid_depth = tl[-1][0] if isinstance(tl[-1], (list, tuple)) else int(tl[-1])
     return Layout(has_down, has_up, down, tuple(up), mid, mid_depth if mid == "keep" else 0)
 
@@ -272,10 +288,7 @@ class Plan:
 def resolve(teacher_config: dict[str, Any], spec: StudentSpec) -> Plan:
     """Check a spec against a teacher config and resolve every default; errors say what does not fit."""
     t = layout(teacher_config)
-    if spec.layer_select not in LAYER_SELECTS:
-        raise ValueError(f"unknown layer_select {spec.layer_select!r}; valid choices: {', '.join(LAYER_SELECTS)}")
-    if spec.mid not in MID_MODES:
-        raise ValueError(f"unknown mid {spec.mid!r}; valid choices: {', '.join(MID_MODES)}")
+    LayerSelect(spec.layer_select)  # a spec written in code: its choices are checked here (and `mid` below)
     ek = _resolve_keep(spec.encoder_keep, t.down_depth, "encoder")
     dk = _resolve_keep(spec.decoder_keep, t.up_depth, "decoder")
     n = t.num_stages
@@ -287,7 +300,7 @@ def resolve(teacher_config: dict[str, Any], spec: StudentSpec) -> Plan:
             )
     ed = _resolve_depth(spec.encoder_depth, ek, t.down_depth, t.has_attn_down, "encoder")
     dd = _resolve_depth(spec.decoder_depth, dk, t.up_depth, t.has_attn_up, "decoder")
-    mid, mid_depth = spec.mid, 0
+    mid, mid_depth = MidMode(spec.mid), 0
     if mid != "none" and t.mid == "none":
         raise ValueError(f"mid={mid!r} but the teacher has no mid block to inherit from")
     if mid == "keep":

@@ -9,16 +9,31 @@ from __future__ import annotations
 
 import json
 import random
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from omegaconf import DictConfig
 from PIL import Image
 
+from koala.config.compose import run_command
 from koala.generate import generate, make_grid
 from koala.shapes.score import agreement, caption_accuracy
 from koala.shapes.world import COLOURS, RESOLUTION, SHAPES, caption
-from koala.ship.presets import Preset
+from koala.ship.presets import Preset, PresetName
+
+
+@dataclass
+class ShapesEvaluateConfig:
+    """Settings of `python -m koala.shapes.evaluate` (configs/shapes_evaluate.yaml)."""
+
+    model: Optional[str] = None  # the pipeline folder to score
+    compare: Optional[str] = None  # a second pipeline, sampled on the same prompts and seeds (e.g. the teacher)
+    n: int = 36  # prompts, one picture each
+    seed: int = 0  # picture i is seeded seed + i
+    preset: PresetName = PresetName.v1
+    out: Optional[str] = None  # default samples/<model folder name>-shapes
 
 
 def eval_prompts(n: int = 36, seed: int = 0) -> list[str]:
@@ -55,24 +70,27 @@ def judge(images: list[Image.Image], prompts: list[str], reference: list[Image.I
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI: key=value arguments (model, compare, n, seed, preset, out)."""
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    unknown = set(args) - {"model", "compare", "n", "seed", "preset", "out"}
-    if "model" not in args or unknown:
-        sys.exit("usage: python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] [seed=0] "
-                 "[preset=v1] [out=<dir>]")  # fmt: skip
-    prompts, seed, preset = eval_prompts(int(args.get("n", 36))), int(args.get("seed", 0)), args.get("preset", "v1")
-    images = sample(load_pipeline(args["model"]), prompts, preset, seed)
-    reference = sample(load_pipeline(args["compare"]), prompts, preset, seed) if "compare" in args else None
+def evaluate_shapes(cfg: DictConfig) -> dict:
+    """Sample and score what a composed `shapes_evaluate` config names; write the grid and the scores."""
+    if not cfg.model:
+        raise SystemExit("usage: python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] "
+                         "[seed=0] [preset=v1] [out=<dir>]")  # fmt: skip
+    prompts, seed, preset = eval_prompts(cfg.n), cfg.seed, cfg.preset
+    images = sample(load_pipeline(cfg.model), prompts, preset, seed)
+    reference = sample(load_pipeline(cfg.compare), prompts, preset, seed) if cfg.compare else None
     result = judge(images, prompts, reference)
-    out = Path(args.get("out", f"samples/{Path(args['model']).resolve().name}-shapes"))
+    out = Path(cfg.out or f"samples/{Path(cfg.model).resolve().name}-shapes")
     out.mkdir(parents=True, exist_ok=True)
     cols = min(len(prompts), 10)
     make_grid(images + (reference or []), cols=cols).save(out / "grid.png")
     (out / "scores.json").write_text(json.dumps({**result, "prompts": prompts}, indent=1))
     print(json.dumps(result), f"\nwrote {out / 'grid.png'} and {out / 'scores.json'}")
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI: compose `configs/shapes_evaluate.yaml` with key=value overrides, sample and score."""
+    return run_command("shapes_evaluate", evaluate_shapes, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from koala.config.compose import run_command
 from koala.fixtures.tiny import build_tiny_pipeline
 from koala.models.forward import unet_forward
 from koala.models.unets import SHAPES_UNET_CONFIG
@@ -40,7 +40,7 @@ from koala.train.diffusion import min_snr_weights
 
 @dataclass
 class TeacherTrainConfig:
-    """Settings of `python -m koala.shapes.teacher` (key=value on the command line)."""
+    """Settings of `python -m koala.shapes.teacher` (key=value on the command line; configs/shapes_teacher.yaml)."""
 
     out: str = "koala/assets/shapes-sdxl"
     seed: int = 0
@@ -208,10 +208,8 @@ def save_pipeline(pipe: StableDiffusionXLPipeline, out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """CLI: key=value overrides of `TeacherTrainConfig`; writes the teacher pipeline folder."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TeacherTrainConfig),
-                          OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv))  # fmt: skip
+def train_teacher(cfg: DictConfig) -> Path:
+    """Train the teacher a composed `shapes_teacher` config describes; writes the pipeline folder."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -233,6 +231,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     train_unet(cfg, pipe, latents, captions, log, save)
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI: compose `configs/shapes_teacher.yaml` with key=value overrides and train the teacher."""
+    return run_command("shapes_teacher", train_teacher, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from diffusers import EulerDiscreteScheduler
 
+from koala.config.choice import Choice
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -30,20 +32,18 @@ PRESETS: dict[str, Preset] = {
     "turbo": Preset("turbo", steps=4, guidance=0.0, timestep_spacing="trailing"),
 }
 KIND_PRESETS = {"base": "v1", "lightning": "lightning", "turbo": "turbo"}  # teacher kind -> preset
+PresetName = Choice("PresetName", list(PRESETS))  # generate.preset, evaluate.preset(s): a key of PRESETS
+TeacherKind = Choice("TeacherKind", list(KIND_PRESETS))  # teacher.kind: a key of KIND_PRESETS
 
 
 def get_preset(name: str) -> Preset:
     """Look up a preset by name, naming the valid choices when it is unknown."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return PRESETS[PresetName(name)]
 
 
 def preset_for_kind(kind: str) -> Preset:
     """The preset a student of a `base`, `lightning` or `turbo` teacher samples with."""
-    if kind not in KIND_PRESETS:
-        raise KeyError(f"unknown teacher kind {kind!r}; valid choices: {', '.join(KIND_PRESETS)}")
-    return PRESETS[KIND_PRESETS[kind]]
+    return PRESETS[KIND_PRESETS[TeacherKind(kind)]]
 
 
 def euler_scheduler(scheduler_config: dict[str, Any], preset: Preset) -> EulerDiscreteScheduler:

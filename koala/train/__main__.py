@@ -1,25 +1,27 @@
 """`python -m koala.train [experiment=...] [overrides]` / `accelerate launch -m koala.train ...`: KOALA distillation.
 
-The one entry point that keeps `@hydra.main`, for sweeps (`-m distill=sa,ca,...`) and Hydra's run directories.
+The one entry point that keeps `@hydra.main`, for sweeps (`-m distill=sa,ca,...`) and Hydra's run directories. A
+config Hydra refuses at compose time (a misspelt key, group option or choice) and a `ConfigError` found before any
+model loads both print one `error: ...` line and exit with status 2, as every other command does.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from koala.config.checks import ConfigError
-from koala.config.schema import register_configs
+from koala.config.compose import exit_config_error, register_configs
 from koala.data.stream import TooManySkips
 from koala.train.loop import train
 
-register_configs()
-
 
 @hydra.main(version_base=None, config_path="../../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -27,13 +29,22 @@ def main(cfg: DictConfig) -> None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
         train(cfg)
-    except ConfigError as e:  # one clear message, no traceback: the config is wrong, not the code
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as e:
+        exit_config_error(e)
     except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
               file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    """Register the schemas and run `hydra_main` on the command line, reporting a refused config in one line."""
+    register_configs()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it refuses (instead of printing it) so it is caught here
+    try:
+        hydra_main()
+    except HydraException as e:  # composition: unknown key, group option or choice, a malformed override
+        exit_config_error(e)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from enum import auto
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-TIMESTEP_SAMPLERS = ("uniform", "teacher_schedule")
+from koala.config.choice import Choice
+
+
+class TimestepKind(Choice):
+    """`timesteps`: which training timesteps are drawn."""
+
+    uniform = auto()  # uniform over [0, T)
+    teacher_schedule = auto()  # only a step-distilled teacher's own trailing steps, optionally jittered
 
 
 def build_noise_scheduler(pipeline_dir: str | Path) -> DDPMScheduler:
@@ -26,13 +34,11 @@ class TimestepSampler:
     """Draws training timesteps: `uniform` over [0, T) or only the teacher's few steps (optionally jittered)."""
 
     def __init__(self, kind: str, num_train_timesteps: int, teacher_steps: int = 4, jitter: int = 0):
-        if kind not in TIMESTEP_SAMPLERS:
-            raise ValueError(f"unknown timestep sampler {kind!r}; valid choices: {', '.join(TIMESTEP_SAMPLERS)}")
-        self.kind, self.T, self.jitter = kind, num_train_timesteps, jitter
+        self.kind, self.T, self.jitter = TimestepKind(kind), num_train_timesteps, jitter
         self.choices = teacher_timesteps(num_train_timesteps, teacher_steps)
 
     def __call__(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        if self.kind == "uniform":
+        if self.kind is TimestepKind.uniform:
             return torch.randint(0, self.T, (batch,)).to(device)
         t = self.choices[torch.randint(0, len(self.choices), (batch,))]
         if self.jitter:

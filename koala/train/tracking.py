@@ -5,21 +5,27 @@ from __future__ import annotations
 import json
 import os
 import time
+from enum import auto
 from pathlib import Path
 
 import torch
 
-TRACKERS = ("tensorboard", "wandb")
+from koala.config.choice import Choice
+
+
+class Tracker(Choice):
+    """An entry of `report_to`: an accelerate tracker."""
+
+    tensorboard = auto()
+    wandb = auto()
 
 
 def resolve_trackers(report_to: list[str]) -> list[str]:
-    """Check tracker names; wandb runs offline unless an API key is configured (never blocks on the network)."""
-    for name in report_to:
-        if name not in TRACKERS:
-            raise ValueError(f"unknown tracker {name!r} in report_to; valid choices: {', '.join(TRACKERS)}")
-    if "wandb" in report_to and not os.environ.get("WANDB_API_KEY"):
+    """Tracker names for accelerate; wandb runs offline unless an API key is configured (never blocks on the network)."""
+    names = [Tracker(name).value for name in report_to]
+    if Tracker.wandb in names and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
-    return list(report_to)
+    return names
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
