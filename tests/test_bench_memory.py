@@ -47,6 +47,7 @@ def test_checkpointing_reduces_saved_bytes_of_a_tiny_unet():
     assert full.teacher_features == ckpt.teacher_features > 0
 
 
+@pytest.mark.slow
 def test_budget_for_koala_700m(tmp_path, capsys):
     results = main(["bench.unets=[koala-700m]", "bench.resolutions=[256]", f"bench.out={tmp_path}"])
     saved = json.loads((tmp_path / "memory.json").read_text())

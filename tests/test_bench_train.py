@@ -3,9 +3,12 @@ timing assertions: the machine is shared)."""
 
 import json
 
+import pytest
+
 from koala.bench.train import PARTS, main
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_ratios_and_the_split_of_the_step(tmp_path, capsys):
     result = main(
         [

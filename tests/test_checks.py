@@ -68,6 +68,7 @@ def test_paths_are_checked_before_loading(tmp_path, tiny_pipeline_dir):
         check_config(config(tmp_path, tiny_pipeline_dir, "data=folder", f"data.path={tmp_path}/no-folder"))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_no_traceback(tmp_path, tiny_pipeline_dir):
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", "batch_size=0", f"teacher.pipeline={tiny_pipeline_dir}",
@@ -157,6 +158,7 @@ def test_a_plain_string_is_converted_or_refused_naming_the_choices():
     ("distill.loss=mse2", "error: distill.loss=mse2: Invalid value 'mse2', expected one of [mse, normalized]"),
     ("teacher.kind=lightening", "error: teacher.kind=lightening: Invalid value 'lightening', expected one of [base,"),
 ])  # fmt: skip
+@pytest.mark.slow
 def test_cli_reports_a_bad_choice_in_one_line_before_any_model_loads(override, message, tmp_path):
     res = subprocess.run([sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
@@ -175,13 +177,17 @@ def test_every_command_reports_a_bad_config_in_one_line(capsys):
     assert exit.value.code == 2 and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
 
 
-def test_every_command_config_composes_and_only_register_configs_registers():
+def test_every_command_config_composes_on_its_registered_schema():
     from koala.config.compose import CONFIG_DIR
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert {f"koala_{n}" for n in names} == set(schemas())  # one schema per command config, and back
     for name in names:
         compose_config(name)
+
+
+@pytest.mark.slow
+def test_importing_a_command_registers_no_schema():
     code = ("import koala.train.loop, koala.export, koala.generate, koala.evaluate, koala.lora, koala.cache, "
             "koala.inspect, koala.demo, koala.bench.__main__, koala.fixtures.__main__, koala.shapes.evaluate, "
             "koala.shapes.teacher\n"

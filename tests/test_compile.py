@@ -35,6 +35,7 @@ def step(task: DistillationTask, x: dict) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("sa_point", ["attn1", "residual"])
+@pytest.mark.slow
 def test_compiled_student_and_teacher_give_the_eager_losses(sa_point):
     torch._dynamo.reset()
     teacher, student, plan = models()

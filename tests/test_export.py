@@ -134,6 +134,7 @@ def test_lightning_export_uses_trailing_spacing(tiny_pipeline_dir, tmp_path):
     assert "Euler, timestep spacing trailing, 10 steps, guidance 3.5" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_export_loads_without_project_code(exported):
     script = textwrap.dedent(f"""
         import sys, torch

@@ -87,6 +87,7 @@ def test_identity_spec_keeps_every_layer(loras, teacher_config, tmp_path):
     assert unet_keys == set(load_file(loras["peft"]))
 
 
+@pytest.mark.slow
 def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teacher_config, tmp_path):
     """Teacher + LoRA vs student + remapped LoRA, both through `pipe.load_lora_weights` in a koala-free process."""
     student_dir = export_run(write_run_dir(tmp_path, tiny_pipeline_dir), out=tmp_path / "export")

@@ -117,6 +117,7 @@ def test_unmatched_taps_and_shape_mismatch_are_errors():
         check_pair_shapes([TapPair(s, t, 1.0)], student, teacher, sample_size=8)
 
 
+@pytest.mark.slow
 def test_inspect_lists_pairs_and_taps():
     out = subprocess.run(
         [sys.executable, "-m", "koala.inspect", "teacher=tiny", "unet=tiny-1b", "distill=ca", "list_taps=true",
@@ -177,6 +178,7 @@ def test_weight_overrides_change_only_the_named_weight():
                        ("encoder", "lf"): 0.5, ("mid", "lf"): 0.5, ("decoder", "lf"): 1.0}
 
 
+@pytest.mark.slow
 def test_inspect_honours_a_stage_override():
     out = subprocess.run(
         [sys.executable, "-m", "koala.inspect", "unet=koala-700m", "distill.stages=[decoder]"],

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
@@ -25,6 +26,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 def test_single_files_read_back_through_diffusers_from_single_file(tiny_pipeline_dir, tmp_path):
     run = write_run_dir(tmp_path, tiny_pipeline_dir)  # tiny-700m: no mid block
     folders = {"tiny-700m (koala.export default)": export_run(run, out=tmp_path / "export")}

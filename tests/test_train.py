@@ -97,6 +97,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, shared):
         ("unet=koala-700m", "has only 4"),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_fails_before_loading_models(override, message, tmp_path):
     extra = [] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"]
     res = subprocess.run(

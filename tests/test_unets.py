@@ -111,6 +111,7 @@ def test_uniform_and_last_pick_documented_teacher_layers(tiny_teacher, rule, exp
         assert torch.equal(student.state_dict()[key], tiny_teacher.state_dict()[report.copied[key]])
 
 
+@pytest.mark.slow
 def test_saved_student_loads_with_plain_diffusers(tmp_path, tiny_teacher):
     spec = get_spec("tiny-700m")
     student = build_student(dict(tiny_teacher.config), spec)
@@ -193,6 +194,7 @@ def test_module_map_is_data():
     assert map_name("conv_in.weight", m) == "conv_in.weight"
 
 
+@pytest.mark.slow
 def test_inspect_prints_counts():
     out = subprocess.run(
         [sys.executable, "-m", "koala.inspect", "unet=koala-700m"], capture_output=True, text=True, check=True
@@ -200,6 +202,7 @@ def test_inspect_prints_counts():
     assert "782,822,724" in out and "2,567,463,684" in out and "0.305" in out
 
 
+@pytest.mark.slow
 def test_inspect_unknown_spec_fails_naming_choices():
     res = subprocess.run([sys.executable, "-m", "koala.inspect", "unet=koala-2b"], capture_output=True, text=True)
     assert res.returncode != 0 and "koala-700m" in res.stderr + res.stdout

@@ -10,6 +10,7 @@ prints `error: <one line>` and exits with status 2 before any model is loaded. `
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,7 @@ def schemas() -> dict[str, type]:
     }  # fmt: skip
 
 
+@functools.cache  # once per process: storing converts every schema (about 0.1 s), and a compose calls this
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore and the `koala_asset` resolver (idempotent)."""
     from koala.config.schema import asset_path
