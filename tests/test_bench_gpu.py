@@ -39,6 +39,7 @@ def test_the_default_grid_covers_students_recipes_checkpointing_and_compile(caps
     assert COMMANDS["gpu"] is gpu.main
 
 
+@pytest.mark.slow
 def test_tiny_run_times_the_trainers_step_and_writes_the_report(tmp_path, capsys):
     report = gpu.main([*TINY, "bench.students=[koala-700m]", "bench.compile=[false]", "bench.checkpointing=[true]",
                        "bench.strict=true", f"bench.out={tmp_path}"])  # fmt: skip
@@ -60,6 +61,7 @@ def test_tiny_run_times_the_trainers_step_and_writes_the_report(tmp_path, capsys
     assert md.strip() in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_oom_configuration_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch):
     real = gpu.time_case
 
