@@ -1,4 +1,5 @@
-"""`python -m koala.bench {unet,data,train,memory,gpu,ablation} [hydra overrides...]`: benchmarks that print numbers.
+"""`python -m koala.bench {unet,data,train,memory,gpu,ablation,fullsize} [hydra overrides...]`: benchmarks that print
+numbers.
 
 Each subcommand lives in its own module with `main(overrides: list[str]) -> None`.
 """
@@ -15,6 +16,7 @@ COMMANDS = {
     "memory": "koala.bench.memory",  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
     "gpu": "koala.bench.gpu",  # the GPU report: samples/s, TFLOP/s, MFU, peak memory over recipes x compile x ckpt
     "ablation": "koala.bench.ablation",  # distill presets x seeds on the shapes teacher: caption accuracy, agreement
+    "fullsize": "koala.bench.fullsize",  # one full-size SDXL -> KOALA step + checkpoint + export on CPU: time, peak RSS
 }
 
 
