@@ -13,8 +13,9 @@ from safetensors.torch import load
 from koala.cache import build_cache  # the command registers its schema (koala_cache)
 from koala.config.compose import compose_config
 from koala.data import build_dataloader
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import CachedConditioner, SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
+from koala.train.build import load_frozen
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,28 @@ def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, t
     assert batch["dropped"].all() and batch["prompt_embeds"].any()  # the cache keeps the real embeddings
     cond = SDXLConditioner.from_pretrained(tiny_pipeline_dir)(batch)
     assert not cond["prompt_embeds"].any() and not cond["pooled_prompt_embeds"].any()  # zeros, the default
+
+
+def test_training_on_a_cache_loads_no_text_encoder_and_no_vae(cache_setup, tiny_pipeline_dir):
+    _, out = cache_setup
+    args = ["data=cached", f"data.path={out}", "data.caption_dropout=0.5", f"teacher.pipeline={tiny_pipeline_dir}"]
+    conditioner = load_frozen(compose_config("train", args), torch.device("cpu"))[0]
+    assert isinstance(conditioner, CachedConditioner) and not list(conditioner.parameters())
+    full = SDXLConditioner.from_pretrained(tiny_pipeline_dir)
+    assert conditioner.vae_scale_factor == full.vae_scale_factor == 2
+    batches = iter(build_dataloader(compose_config("train", args).data, batch_size=4, seed=0))
+    dropped = set()
+    for batch in (next(batches) for _ in range(4)):
+        dropped |= set(batch["dropped"].tolist())
+        lean, reference = conditioner(batch), full(batch)
+        assert lean.keys() == reference.keys()
+        for k in lean:
+            assert torch.equal(lean[k], reference[k]), k
+    assert dropped == {True, False}  # both branches were compared
+    with pytest.raises(ValueError, match="cached batches only"):
+        conditioner({"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["x"]})
+    empty = load_frozen(compose_config("train", [*args, "data.caption_dropout_mode=empty"]), torch.device("cpu"))[0]
+    assert isinstance(empty, SDXLConditioner)  # encodes "" for dropped samples: keeps its text encoders
 
 
 def _png(w: int, h: int) -> bytes:

@@ -1,4 +1,5 @@
-"""`python -m koala.bench {unet,data,train,memory,gpu,ablation} [overrides...]`: benchmarks that print numbers.
+"""`python -m koala.bench {unet,data,train,memory,gpu,ablation,fullsize} [overrides...]`: benchmarks that print
+numbers.
 
 Each subcommand is a module whose `main(argv)` composes its own config (`configs/bench_<name>.yaml`: its settings
 as `bench.<key>=...`, beside the train groups where it trains) with `koala.config.compose.run_command`.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from koala.bench import ablation, data, gpu, memory, train, unet
+from koala.bench import ablation, data, fullsize, gpu, memory, train, unet
 
 COMMANDS = {
     "unet": unet.main,  # parameters, checkpoint size, FLOPs, latency and memory per spec
@@ -17,6 +18,7 @@ COMMANDS = {
     "memory": memory.main,  # training-memory budget from meta-device counts: plain vs the 24 GB recipe
     "gpu": gpu.main,  # the GPU report: samples/s, TFLOP/s, MFU, peak memory over recipes x compile x ckpt
     "ablation": ablation.main,  # distill presets x seeds on the shapes teacher: caption accuracy, agreement
+    "fullsize": fullsize.main,  # one full-size SDXL -> KOALA step + checkpoint + export on CPU: time, peak RSS
 }
 
 

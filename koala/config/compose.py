@@ -33,6 +33,7 @@ def schemas() -> dict[str, type]:
     """Every command's schema by its ConfigStore name (imported here, so no module registers on import)."""
     from koala.bench.ablation import BenchAblationJob
     from koala.bench.data import BenchDataJob
+    from koala.bench.fullsize import BenchFullsizeJob
     from koala.bench.gpu import BenchGPUJob
     from koala.bench.memory import BenchMemoryJob
     from koala.bench.train import BenchTrainJob
@@ -55,6 +56,7 @@ def schemas() -> dict[str, type]:
         "koala_shapes_evaluate": ShapesEvaluateConfig, "koala_shapes_teacher": TeacherTrainConfig,
         "koala_bench_unet": BenchUNetJob, "koala_bench_data": BenchDataJob, "koala_bench_train": BenchTrainJob,
         "koala_bench_memory": BenchMemoryJob, "koala_bench_ablation": BenchAblationJob, "koala_bench_gpu": BenchGPUJob,
+        "koala_bench_fullsize": BenchFullsizeJob,
     }  # fmt: skip
 
 

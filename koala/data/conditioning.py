@@ -139,13 +139,47 @@ class SDXLConditioner(nn.Module):
         input), or the embeddings of "" (already computed online; encoded here for a cached batch)."""
         if self.caption_dropout_mode == "empty" and not cached:
             return cond
-        cond = dict(cond)
-        if self.caption_dropout_mode == "zeros":
-            uncond = [torch.zeros_like(cond["prompt_embeds"][:1]), torch.zeros_like(cond["pooled_prompt_embeds"][:1])]
-        else:
-            uncond = list(self.encode_prompts([""]))
-        mask = dropped.view(-1, 1)
-        cond["prompt_embeds"] = torch.where(mask[:, :, None], uncond[0].to(cond["prompt_embeds"]), cond["prompt_embeds"])
-        cond["pooled_prompt_embeds"] = torch.where(mask, uncond[1].to(cond["pooled_prompt_embeds"]),
-                                                   cond["pooled_prompt_embeds"])
+        uncond = None if self.caption_dropout_mode == "zeros" else self.encode_prompts([""])
+        return replace_dropped(cond, dropped, uncond)
+
+
+def replace_dropped(cond: dict[str, Tensor], dropped: Tensor, uncond: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+    """`cond` with the prompt and pooled embeddings of the `dropped` samples replaced by `uncond` (batch 1), or zeros."""
+    cond = dict(cond)
+    if uncond is None:
+        uncond = (torch.zeros_like(cond["prompt_embeds"][:1]), torch.zeros_like(cond["pooled_prompt_embeds"][:1]))
+    mask = dropped.view(-1, 1)
+    cond["prompt_embeds"] = torch.where(mask[:, :, None], uncond[0].to(cond["prompt_embeds"]), cond["prompt_embeds"])
+    cond["pooled_prompt_embeds"] = torch.where(mask, uncond[1].to(cond["pooled_prompt_embeds"]),
+                                               cond["pooled_prompt_embeds"])
+    return cond
+
+
+class CachedConditioner(nn.Module):
+    """The conditioning of cached batches (koala.cache) with `zeros` caption dropout: no text encoder and no VAE in
+    memory, only the VAE's scale factor (its config) and the device the tensors go to."""
+
+    def __init__(self, vae_scale_factor: int, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.vae_scale_factor = vae_scale_factor
+        self._device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, pipeline_dir: str | Path, vae: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> CachedConditioner:
+        """Read the VAE's config (not its weights) from the pipeline folder, or from the given VAE folder."""
+        config = AutoencoderKL.load_config(vae or Path(pipeline_dir) / "vae")
+        return cls(2 ** (len(config["block_out_channels"]) - 1), device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """A cached batch's tensors on the device; dropped samples' text conditioning zeroed."""
+        if "latents" not in batch:
+            raise ValueError("CachedConditioner reads cached batches only (data.kind=cached); this batch holds images")
+        cond = {k: batch[k].to(self.device) for k in CONDITION_KEYS}
+        if "dropped" in batch and bool(batch["dropped"].any()):
+            cond = replace_dropped(cond, batch["dropped"].to(self.device), None)
         return cond

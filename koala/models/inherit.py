@@ -125,7 +125,7 @@ def inherit_weights(
             copied[name] = src
     if problems:
         raise ValueError(f"cannot inherit {len(problems)} student tensors:\n  " + "\n  ".join(problems[:10]))
-    with torch.no_grad():
-        new_state = {s: t_state[t].detach().clone().to(s_state[s].dtype) for s, t in copied.items()}
-        student.load_state_dict(new_state, strict=False)
+    with torch.no_grad():  # in place, one tensor at a time (casting as it copies): no second copy of the student
+        for s, t in copied.items():
+            s_state[s].copy_(t_state[t])
     return InheritanceReport(copied, random)

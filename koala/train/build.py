@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import CachedConditioner, SDXLConditioner
 from koala.devices import DTYPES, multi_cpu
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
@@ -50,12 +50,18 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
     )
 
 
-def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner, Noising, UNet2DConditionModel]:
-    """Conditioner (text encoders + VAE), how latents are noised, and the teacher in its stored precision."""
-    conditioner = SDXLConditioner.from_pretrained(
-        cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
-        caption_dropout_mode=cfg.data.caption_dropout_mode,
-    )  # fmt: skip
+def load_frozen(
+    cfg, device: torch.device
+) -> tuple[SDXLConditioner | CachedConditioner, Noising, UNet2DConditionModel]:
+    """Conditioner (text encoders + VAE; for a cache, none of them), how latents are noised, and the teacher in its
+    stored precision."""
+    if cfg.data.kind == "cached" and cfg.data.caption_dropout_mode == "zeros":  # nothing to encode during training
+        conditioner = CachedConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
+    else:
+        conditioner = SDXLConditioner.from_pretrained(
+            cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
+            caption_dropout_mode=cfg.data.caption_dropout_mode,
+        )  # fmt: skip
     teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
     return conditioner, make_noising(cfg, build_noise_scheduler(cfg.teacher.pipeline)), teacher
 

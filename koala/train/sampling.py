@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+from koala.data.conditioning import SDXLConditioner
+from koala.devices import DTYPES
 from koala.generate import generate, make_grid
 from koala.ship.presets import preset_for_kind
 from koala.train.rng import rng_preserved
@@ -16,8 +18,9 @@ from koala.train.rng import rng_preserved
 class SampleRenderer:
     """Renders the config's sample prompts with fixed seeds through a stock SDXL pipeline around any U-Net.
 
-    It reuses the conditioner's text encoders and VAE, so sampling loads nothing new; the teacher kind picks the
-    sampling preset (steps, guidance, timestep spacing) exactly as exported students use it.
+    It reuses the conditioner's text encoders and VAE; a run on cached conditioning holds none, so they are loaded
+    for each rendering and freed after it (not held through training). The teacher kind picks the sampling preset
+    (steps, guidance, timestep spacing) exactly as exported students use it.
     """
 
     def __init__(self, cfg, conditioner, accelerator, out_dir: Path):
@@ -28,13 +31,16 @@ class SampleRenderer:
         self.steps = cfg.sample_steps  # None: the preset's
         self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
         self.conditioner = conditioner
+        self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
         self.accelerator = accelerator
         self.out_dir = out_dir
 
     @torch.no_grad()
     def render(self, unet, name: str, step: int = 0) -> Path:
         """One image per prompt (seed = sample_seed + index) as a grid PNG, also sent to tensorboard."""
-        c = self.conditioner
+        c = self.conditioner if isinstance(self.conditioner, SDXLConditioner) else SDXLConditioner.from_pretrained(
+            self.teacher.pipeline, vae=self.teacher.vae, device=self.accelerator.device, dtype=DTYPES[self.teacher.dtype]
+        )
         pipe = StableDiffusionXLPipeline(
             vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
             tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=unet, scheduler=self.scheduler,
