@@ -43,8 +43,17 @@ def held_out_batches(cfg, out_dir: Path, n: int = 32) -> list[dict]:
     """Captioned images the student never trains on (another seed of the generator), as online batches."""
     shards = write_demo_shards(out_dir, n, cfg.data.resolution, samples_per_shard=n, seed=999,
                                world=DATASETS[cfg.data.name][0])  # fmt: skip
-    data = OmegaConf.merge(cfg.data, {"path": shards[0], "resampled": False, "epochs": 1, "caption_dropout": 0.0,
-                                      "random_flip": False, "num_workers": 0})
+    data = OmegaConf.merge(
+        cfg.data,
+        {
+            "path": shards[0],
+            "resampled": False,
+            "epochs": 1,
+            "caption_dropout": 0.0,
+            "random_flip": False,
+            "num_workers": 0,
+        },
+    )
     return list(build_dataloader(data, batch_size=8, seed=0))
 
 
@@ -70,7 +79,9 @@ def loss_plot(metrics: Path, out: Path) -> Path:
 
 def picture_grid(rows: list[list[Image.Image]], out: Path, cols: int = GRID_COLUMNS, scale: int = 2) -> Path:
     """The first `cols` pictures of each row, enlarged `scale` times, one row under the other."""
-    pictures = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for r in rows for im in r[:cols]]
+    pictures = [
+        im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for r in rows for im in r[:cols]
+    ]
     make_grid(pictures, cols=cols).save(out)
     return out
 
@@ -110,11 +121,15 @@ def run_demo(cfg: DictConfig, prompts: int = PROMPTS, samples: int | None = None
     inputs = held_out_inputs(SDXLConditioner.from_pretrained(teacher_dir), held_out_batches(cfg, run_dir / "held-out"),
                              build_noise_scheduler(teacher_dir))  # fmt: skip
     inherited = make_student(cfg, teacher)[0].eval()
-    pictures = {"teacher": sample(load_pipeline(teacher_dir), prompts, preset),
-                "student before distillation": sample(load_pipeline(teacher_dir, unet=inherited), prompts, preset)}
+    pictures = {
+        "teacher": sample(load_pipeline(teacher_dir), prompts, preset),
+        "student before distillation": sample(load_pipeline(teacher_dir, unet=inherited), prompts, preset),
+    }
     errors = {"teacher": 0.0, "student before distillation": relative_error(inherited, teacher, inputs)}
 
-    print(f"== distilling {cfg.unet.name} from the shapes teacher for {cfg.max_steps} steps (distill={cfg.distill.name})")
+    print(
+        f"== distilling {cfg.unet.name} from the shapes teacher for {cfg.max_steps} steps (distill={cfg.distill.name})"
+    )
     train(cfg)
     export = export_run(run_dir, checkpoint="latest", ema=cfg.ema)
     after = load_pipeline(export)
@@ -134,12 +149,12 @@ def run_demo(cfg: DictConfig, prompts: int = PROMPTS, samples: int | None = None
                "minutes": (time.perf_counter() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}  # fmt: skip
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"""
-koala demo finished in {summary['minutes']:.1f} min ({summary['cpu_minutes']:.1f} CPU-min)
+koala demo finished in {summary["minutes"]:.1f} min ({summary["cpu_minutes"]:.1f} CPU-min)
   run directory      {run_dir}
   exported pipeline  {export}   (loads with StableDiffusionXLPipeline.from_pretrained)
   loss curve         {plot}
   pictures           {grid}   (rows: teacher, student before, student after; same prompts and seeds)
-  table              {run_dir / 'demo_table.md'}
+  table              {run_dir / "demo_table.md"}
 
 {len(prompts)} prompts of the shapes world, one picture each, seeds 0-{len(prompts) - 1}:
 

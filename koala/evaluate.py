@@ -34,7 +34,9 @@ class ProtocolConfig:
     name: str = "custom"
     prompts: Optional[str] = None  # prompt file (.txt/.json/.csv) or folder of per-style files; supplied by the user
     reference: Optional[str] = None  # real images (folder) or their FID statistics (.npz with mu, sigma)
-    metrics: list[MetricName] = field(default_factory=lambda: [MetricName.clip_score])  # koala.evaluation.registry.METRICS
+    metrics: list[MetricName] = field(
+        default_factory=lambda: [MetricName.clip_score]
+    )  # koala.evaluation.registry.METRICS
     fid_size: Optional[int] = None  # squash generated and reference images to this size before FID (BK-SDM: 256)
     height: Optional[int] = None  # sampling size (null: the pipeline's default, 1024 for SDXL)
     width: Optional[int] = None
@@ -70,7 +72,9 @@ class EvaluateConfig:
     dtype: PipelineDType = PipelineDType.auto
     grid: int = 8  # images per model in the grids
     out: Optional[str] = None  # default <run>/eval/<protocol.name> for a model <run>/export, else eval/<protocol.name>
-    convert: Optional[Converter] = None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
+    convert: Optional[Converter] = (
+        None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
+    )
     src: Optional[str] = None  # convert: the original file or folder
     tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
 
@@ -83,9 +87,11 @@ def _preset(cfg: Any, name: str) -> str:
 def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, Path]]:
     """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
     if not cfg.models or not hasattr(cfg.models, "items"):
-        raise SystemExit("usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
-                         "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
-                         f"(got models={cfg.models})")
+        raise SystemExit(
+            "usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
+            "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
+            f"(got models={cfg.models})"
+        )
     for name, path in cfg.models.items():
         if not (Path(path) / "model_index.json").is_file():
             raise FileNotFoundError(f"models.{name}={path} is not a diffusers pipeline folder (no model_index.json)")
@@ -114,9 +120,20 @@ def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
     indices = share(len(pairs), state.process_index, state.num_processes)
     for name, path in cfg.models.items():
         pipe = load_pipeline(path, device, cfg.dtype)
-        record = generate_share(pipe, prompts, indices, out / name / "images", _preset(cfg, name),
-                                cfg.seed, cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
-                                height=cfg.protocol.height, width=cfg.protocol.width, model=str(path))
+        record = generate_share(
+            pipe,
+            prompts,
+            indices,
+            out / name / "images",
+            _preset(cfg, name),
+            cfg.seed,
+            cfg.batch_size,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            height=cfg.protocol.height,
+            width=cfg.protocol.width,
+            model=str(path),
+        )
         write_share_record(out / name, state.process_index, state.num_processes, record)
         del pipe
 
@@ -138,9 +155,16 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         for name, rows in samples.items():
             results[name].update(metric(rows))
         del metric
-    meta = {"protocol": cfg.protocol.name, "prompts": len(pairs), "seed": cfg.seed, "processes": state.num_processes,
-            "models": dict(cfg.models), "presets": {n: _preset(cfg, n) for n in cfg.models},
-            "fid_size": cfg.protocol.fid_size, "weights": {k: str(v) for k, v in weights.items()}}
+    meta = {
+        "protocol": cfg.protocol.name,
+        "prompts": len(pairs),
+        "seed": cfg.seed,
+        "processes": state.num_processes,
+        "models": dict(cfg.models),
+        "presets": {n: _preset(cfg, n) for n in cfg.models},
+        "fid_size": cfg.protocol.fid_size,
+        "weights": {k: str(v) for k, v in weights.items()},
+    }
     table = write_report(out, results, meta)
     write_grids(out, samples, cfg.grid)
     print(table)
@@ -150,8 +174,10 @@ def evaluate(cfg: Any) -> dict[str, Any]:
 def convert(cfg: Any) -> Path:
     """One-time conversion of a metric's original (pickled) weights to safetensors."""
     if not cfg.src or not cfg.out:
-        raise SystemExit(f"usage: python -m koala.evaluate convert=<{'|'.join(CONVERTERS)}> src=<original> "
-                         "out=<target> [tokenizer=<CLIP tokenizer folder>]")
+        raise SystemExit(
+            f"usage: python -m koala.evaluate convert=<{'|'.join(CONVERTERS)}> src=<original> "
+            "out=<target> [tokenizer=<CLIP tokenizer folder>]"
+        )
     kwargs = {"tokenizer": cfg.tokenizer} if cfg.convert != "inception" else {}
     path = CONVERTERS[cfg.convert](cfg.src, cfg.out, **kwargs)
     print(f"wrote {path}")

@@ -54,7 +54,9 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
         raise FileNotFoundError(f"run dir {run_dir} does not exist")
     if not path.is_file():
         have = sorted(p.name for p in Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []
-        raise FileNotFoundError(f"{run_dir} is not a run dir: no config.yaml (it holds: {', '.join(have) or 'nothing'})")
+        raise FileNotFoundError(
+            f"{run_dir} is not a run dir: no config.yaml (it holds: {', '.join(have) or 'nothing'})"
+        )
     return OmegaConf.load(path)
 
 
@@ -197,7 +199,9 @@ def export_run(
     unet_dir = ckpt / ("unet_ema" if ema else "unet")
     if not (unet_dir / "config.json").is_file():
         hint = " (EMA was off in this run: pass ema=false)" if ema else ""
-        raise FileNotFoundError(f"{unet_dir} holds no U-Net{hint}; {ckpt} holds: {', '.join(sorted(p.name for p in ckpt.iterdir()))}")
+        raise FileNotFoundError(
+            f"{unet_dir} holds no U-Net{hint}; {ckpt} holds: {', '.join(sorted(p.name for p in ckpt.iterdir()))}"
+        )
     out = Path(out) if out else run_dir / "export"
     check_export_target(out)  # before any model loads
     student = load_student(unet_dir)
@@ -243,9 +247,12 @@ def _write_export(
 def export_command(cfg: DictConfig) -> Path:
     """Export the run a composed `export` config names."""
     if not cfg.run_dir:
-        raise SystemExit("usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]")
-    out = export_run(cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16,
-                     single_file=cfg.single_file)
+        raise SystemExit(
+            "usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]"
+        )
+    out = export_run(
+        cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16, single_file=cfg.single_file
+    )
     print(f"exported {cfg.run_dir} -> {out}")
     return out
 

@@ -178,7 +178,9 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     return grid
 
 
-def save_images(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], out: Path, cols=None) -> Path:
+def save_images(
+    images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], out: Path, cols=None
+) -> Path:
     """Write numbered PNGs, grid.png and index.json (prompt and seed of each file) to `out`."""
     out.mkdir(parents=True, exist_ok=True)
     index = []
@@ -194,12 +196,24 @@ def save_images(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Se
 def generate_command(cfg: GenerateConfig) -> Path:
     """Sample what a composed `generate` config asks for and write the images."""
     if not cfg.model or bool(cfg.prompt) == bool(cfg.prompts):
-        raise SystemExit('usage: python -m koala.generate model=<pipeline folder> (prompt="..." | prompts=<file>) [...]')
+        raise SystemExit(
+            'usage: python -m koala.generate model=<pipeline folder> (prompt="..." | prompts=<file>) [...]'
+        )
     prompts = [cfg.prompt] if cfg.prompt else read_prompts(cfg.prompts)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     pipe = load_pipeline(cfg.model, cfg.device, cfg.dtype)
-    images = generate(pipe, prompts, cfg.preset, seeds, cfg.negative_prompt, cfg.steps, cfg.guidance,
-                      cfg.height, cfg.width, cfg.batch_size)
+    images = generate(
+        pipe,
+        prompts,
+        cfg.preset,
+        seeds,
+        cfg.negative_prompt,
+        cfg.steps,
+        cfg.guidance,
+        cfg.height,
+        cfg.width,
+        cfg.batch_size,
+    )
     out = Path(cfg.out or f"samples/{Path(cfg.model).resolve().name}-{cfg.preset}")
     save_images(images, prompts, seeds, out, cfg.cols)
     print(f"wrote {len(images)} images and grid.png to {out}")

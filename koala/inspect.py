@@ -33,9 +33,15 @@ def format_stage_table(teacher, student) -> str:
     stages = list(t_rows) + [s for s in s_rows if s not in t_rows]
     head = f"{'stage':<10} {'ch':>5} | {'teacher res':>11} {'depths':<14} {'SA':>4} | {'student res':>11} {'depths':<14} {'SA':>4}"
     lines = [head, "-" * len(head)]
+
+    def cell(r: dict | None) -> str:
+        """One model's columns of a stage row."""
+        if r is None:
+            return f"{'(none)':>11} {'':<14} {'':>4}"
+        return f"{r['resnets']:>11} {str(r['depth'] or '-'):<14} {r['self_attn']:>4}"
+
     for st in stages:
         t, s = t_rows.get(st), s_rows.get(st)
-        cell = lambda r: (f"{r['resnets']:>11} {str(r['depth'] or '-'):<14} {r['self_attn']:>4}" if r else f"{'(none)':>11} {'':<14} {'':>4}")  # noqa: E731
         ch = (t or s)["channels"]
         lines.append(f"{st:<10} {ch:>5} | {cell(t)} | {cell(s)}")
     return "\n".join(lines)

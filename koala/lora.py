@@ -113,7 +113,9 @@ def remap_lora(
             continue
         target, shape = inverse[module]
         if (shape[0], shape[1], *shape[2:]) != (a.up.shape[0], a.down.shape[1], *a.down.shape[2:]):
-            raise ValueError(f"LoRA layer {module} (down {tuple(a.down.shape)}) does not fit student layer {target} {shape}")
+            raise ValueError(
+                f"LoRA layer {module} (down {tuple(a.down.shape)}) does not fit student layer {target} {shape}"
+            )
         out[("unet", target)] = a
         kept[target] = module
         norm_kept += sq
@@ -164,8 +166,10 @@ def _teacher_and_plan(cfg: DictConfig) -> tuple[dict, Plan]:
 def lora_command(cfg: DictConfig) -> RemapReport:
     """Remap the LoRA a composed `lora` config names and print the report."""
     if not cfg.lora or not cfg.out:
-        raise SystemExit("usage: python -m koala.lora lora=<sdxl_lora.safetensors> out=<student.safetensors> "
-                         "(run_dir=<run> | unet=<spec> [teacher.pipeline=<sdxl folder>])")
+        raise SystemExit(
+            "usage: python -m koala.lora lora=<sdxl_lora.safetensors> out=<student.safetensors> "
+            "(run_dir=<run> | unet=<spec> [teacher.pipeline=<sdxl folder>])"
+        )
     teacher_config, plan = _teacher_and_plan(cfg)
     report = remap_file(cfg.lora, cfg.out, teacher_config, plan)
     print(f"{cfg.lora} -> {cfg.out} (student {plan.spec.name})\n{report.summary()}")

@@ -26,8 +26,9 @@ def main(folder: str) -> None:
     state = random_fid_inception_state(0)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp) / "w.pth")
-        ref = ref_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                     feature_extractor_weights_path=str(Path(tmp) / "w.pth"))
+        ref = ref_module.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(Path(tmp) / "w.pth")
+        )
     ours = FIDInception()
     ours.load_state_dict(state, strict=False)
     ours.eval()

@@ -21,8 +21,16 @@ def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int 
     from diffusers.training_utils import EMAModel
 
     run = root / "run"
-    cfg = compose_config("train", [f"teacher.pipeline={pipeline_dir}", f"teacher.kind={kind}", "unet=tiny-700m",
-                                   f"output_dir={run}", f"max_steps={step}"])
+    cfg = compose_config(
+        "train",
+        [
+            f"teacher.pipeline={pipeline_dir}",
+            f"teacher.kind={kind}",
+            "unet=tiny-700m",
+            f"output_dir={run}",
+            f"max_steps={step}",
+        ],
+    )
     run.mkdir(parents=True)
     OmegaConf.save(cfg, run / "config.yaml", resolve=True)
     teacher = UNet2DConditionModel.from_pretrained(pipeline_dir / "unet")
@@ -35,13 +43,16 @@ def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int 
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01)
-    ema = EMAModel(student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel,
-                   model_config=student.config)
+    ema = EMAModel(
+        student.parameters(), decay=cfg.ema_decay, model_cls=UNet2DConditionModel, model_config=student.config
+    )
     ema.save_pretrained(ckpt / "unet_ema")  # as the trainer writes it: the EMA settings ride along in config.json
     (ckpt / "state.json").write_text(json.dumps({"step": step}))
     seal_checkpoint(ckpt)
     (run / "checkpoints" / f"step-{2 * step:08d}" / "unet").mkdir(parents=True)  # a save cut short
-    records = [{"step": s, "loss/total": 1.0 / s, "loss/task": 0.5 / s, "loss/out": 0.3 / s, "loss/feat": 0.2 / s}
-               for s in range(1, step + 1)]
+    records = [
+        {"step": s, "loss/total": 1.0 / s, "loss/task": 0.5 / s, "loss/out": 0.3 / s, "loss/feat": 0.2 / s}
+        for s in range(1, step + 1)
+    ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return run

@@ -50,8 +50,16 @@ def test_random_pipeline_is_stored_in_its_dtype_and_loads_in_diffusers(tmp_path)
 @pytest.mark.slow
 def test_fullsize_command_runs_the_recipe_at_tiny_size(tmp_path, capsys):
     """koala-1b at the tiny teacher's size with the lean settings: pipeline, cache, one step, checkpoint, export."""
-    rec = main(["bench.arch=tiny", "unet=koala-1b", "bench.resolution=64", "bench.samples=2", f"bench.root={tmp_path}",
-                f"bench.out={tmp_path}/out"])
+    rec = main(
+        [
+            "bench.arch=tiny",
+            "unet=koala-1b",
+            "bench.resolution=64",
+            "bench.samples=2",
+            f"bench.root={tmp_path}",
+            f"bench.out={tmp_path}/out",
+        ]
+    )
     phases = {p["name"]: p for p in rec["phases"]}
     assert list(phases) == ["pipeline", "cache", "train", "export"]
     assert all(p["returncode"] == 0 and not p["skipped"] and p["wall_s"] > 0 for p in phases.values())

@@ -32,8 +32,17 @@ def test_attention_flops_are_counted():
 
 
 def test_tiny_cpu_latency():
-    cfg = BenchUNetConfig(arch="tiny", specs=["tiny-700m"], resolution=64, dtype="fp32", latency=True,
-                          device="cpu", steps=2, runs=2, warmup=1)
+    cfg = BenchUNetConfig(
+        arch="tiny",
+        specs=["tiny-700m"],
+        resolution=64,
+        dtype="fp32",
+        latency=True,
+        device="cpu",
+        steps=2,
+        runs=2,
+        warmup=1,
+    )
     rows = bench_rows(cfg)
     assert all(r["latency_s"] > 0 and r["peak_gb"] is None for r in rows)
     assert rows[0]["latency_s_ratio"] == 1.0

@@ -98,10 +98,19 @@ def _png(w: int, h: int) -> bytes:
 
 
 SOURCE = [  # shard -> (key, image, caption): odd member names, samples to skip, a 4097 px wide image
-    [("/abs/dir/cat", _png(40, 40), "a cat"), ("../../up/dog", _png(40, 40), "a dog"), ("nocap1", _png(40, 40), None),
-     ("./dot.dir/x", _png(40, 40), "an x"), ("nocap2", _png(40, 40), None)],
-    [("wide", _png(4097, 8), "a strip"), ("broken", b"not an image", "broken"), ("nocap3", _png(40, 40), None),
-     ("plain", _png(40, 40), "plain")],  # skips after a worker's last batch reach no batch: none here
+    [
+        ("/abs/dir/cat", _png(40, 40), "a cat"),
+        ("../../up/dog", _png(40, 40), "a dog"),
+        ("nocap1", _png(40, 40), None),
+        ("./dot.dir/x", _png(40, 40), "an x"),
+        ("nocap2", _png(40, 40), None),
+    ],
+    [
+        ("wide", _png(4097, 8), "a strip"),
+        ("broken", b"not an image", "broken"),
+        ("nocap3", _png(40, 40), None),
+        ("plain", _png(40, 40), "plain"),
+    ],  # skips after a worker's last batch reach no batch: none here
 ]
 
 

@@ -90,8 +90,11 @@ def test_damaged_latest_falls_back_and_named_one_fails(run, caplog, name, how, w
 def test_no_intact_checkpoint_names_every_problem(run):
     damage(run / "checkpoints" / "step-00000004" / "state.json", "truncate")
     damage(run / "checkpoints" / "step-00000002" / "accelerate" / "optimizer.bin", "delete")
-    with pytest.raises(CorruptCheckpoint, match=r"no intact checkpoint.*step-00000004.*state\.json.*"
-                                                r"step-00000002.*accelerate/optimizer\.bin: missing"):
+    with pytest.raises(
+        CorruptCheckpoint,
+        match=r"no intact checkpoint.*step-00000004.*state\.json.*"
+        r"step-00000002.*accelerate/optimizer\.bin: missing",
+    ):
         find_checkpoint(run)
 
 

@@ -98,7 +98,11 @@ BAD_CHOICES = [
     ("train", "unet.mid=half", "expected one of [keep, resnet, none]"),
     ("train", "distill.kinds=[sa,xa]", "Invalid value 'xa', expected one of [sa, ca, ffn, lf, rb]"),
     ("train", "distill.stages=[middle]", "Invalid value 'middle', expected one of [encoder, mid, decoder]"),
-    ("train", "distill.kind_weights={xa: 2.0}", "Key 'xa' is incompatible with the enum type 'TapKind', valid: [sa, ca"),
+    (
+        "train",
+        "distill.kind_weights={xa: 2.0}",
+        "Key 'xa' is incompatible with the enum type 'TapKind', valid: [sa, ca",
+    ),
     ("train", "distill.stage_weights={decodr: 2.0}", "Key 'decodr' is incompatible with the enum type 'Stage', valid"),
     ("train", "optim.scheduler=cosine2", "expected one of [linear, cosine, cosine_with_restarts"),
     ("train", "report_to=[tensorbord]", "expected one of [tensorboard, wandb]"),
@@ -174,7 +178,10 @@ def test_every_command_reports_a_bad_config_in_one_line(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["model=nowhere", "prompt=a koala", "preset=fast"])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
+    assert (
+        exit.value.code == 2
+        and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
+    )
 
 
 def test_every_command_config_composes_on_its_registered_schema():

@@ -26,8 +26,11 @@ def models():
 def step(task: DistillationTask, x: dict) -> tuple[dict, dict]:
     """Losses and the student's gradients of one step."""
     task.student.zero_grad(set_to_none=True)
-    cond = {"prompt_embeds": x["encoder_hidden_states"], "pooled_prompt_embeds": x["added_cond_kwargs"]["text_embeds"],
-            "time_ids": x["added_cond_kwargs"]["time_ids"]}
+    cond = {
+        "prompt_embeds": x["encoder_hidden_states"],
+        "pooled_prompt_embeds": x["added_cond_kwargs"]["text_embeds"],
+        "time_ids": x["added_cond_kwargs"]["time_ids"],
+    }
     losses = task(x["sample"], x["timestep"], cond, torch.zeros_like(x["sample"]))
     losses["loss"].backward()
     grads = {n: p.grad.clone() for n, p in unwrap(task.student).named_parameters() if p.grad is not None}
@@ -43,8 +46,14 @@ def test_compiled_student_and_teacher_give_the_eager_losses(sa_point):
     pairs = pair_taps(plan, d, student, teacher)
     weights = LossWeights(d.task_weight, d.out_weight, d.feat_weight)
     eager = DistillationTask(student, teacher, pairs, weights, d.loss, sa_point)
-    compiled = DistillationTask(torch.compile(student, backend="aot_eager"),
-                                torch.compile(teacher, backend="aot_eager"), pairs, weights, d.loss, sa_point)
+    compiled = DistillationTask(
+        torch.compile(student, backend="aot_eager"),
+        torch.compile(teacher, backend="aot_eager"),
+        pairs,
+        weights,
+        d.loss,
+        sa_point,
+    )
     x = unet_inputs(batch=2, size=16)
     with eager:
         want, want_grads = step(eager, x)

@@ -47,8 +47,15 @@ def online_dropped_batch(tiny_pipeline_dir, tmp_path, mode):
     from koala.fixtures.shards import write_demo_shards
 
     write_demo_shards(tmp_path, n=4, resolution=32, samples_per_shard=4)
-    cfg = compose_config("train", [f"data.path={tmp_path}/demo-00000.tar",
-                                   "data.resolution=32", "data.caption_dropout=1.0", f"data.caption_dropout_mode={mode}"])
+    cfg = compose_config(
+        "train",
+        [
+            f"data.path={tmp_path}/demo-00000.tar",
+            "data.resolution=32",
+            "data.caption_dropout=1.0",
+            f"data.caption_dropout_mode={mode}",
+        ],
+    )
     batch = next(iter(build_dataloader(cfg.data, batch_size=2, seed=0)))
     return batch, SDXLConditioner.from_pretrained(tiny_pipeline_dir, caption_dropout_mode=mode)
 

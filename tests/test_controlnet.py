@@ -33,8 +33,9 @@ def _residual_shapes(unet, inputs):
     """Shapes of the skip tensors a U-Net's encoder hands its decoder (conv_in, layers, downsamplers)."""
     shapes = []
     hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))]
-    hooks += [b.register_forward_hook(lambda m, i, o: shapes.extend(tuple(r.shape) for r in o[1]))
-              for b in unet.down_blocks]
+    hooks += [
+        b.register_forward_hook(lambda m, i, o: shapes.extend(tuple(r.shape) for r in o[1])) for b in unet.down_blocks
+    ]
     with torch.no_grad():
         unet(**inputs)
     for h in hooks:
@@ -88,19 +89,33 @@ def test_stock_controlnet_pipeline_runs_the_student(tiny_pipeline_dir, tiny_teac
     student, plan = _student(tiny_teacher, "tiny-700m")
     student.save_pretrained(tmp_path / "unet")
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-        tiny_pipeline_dir, unet=UNet2DConditionModel.from_pretrained(tmp_path / "unet"),
+        tiny_pipeline_dir,
+        unet=UNet2DConditionModel.from_pretrained(tmp_path / "unet"),
         controlnet=fit_controlnet(controlnet, plan),
     )
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = pipe("a koala", image=image, num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "a koala",
+        image=image,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 32, 32, 3)
 
 
 def test_a_controlnet_for_another_teacher_is_refused(tiny_teacher, controlnet):
     _, plan = _student(tiny_teacher, "tiny-700m")
-    sd15_like = ControlNetModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                layers_per_block=1, cross_attention_dim=64, norm_num_groups=8,
-                                attention_head_dim=2, conditioning_embedding_out_channels=(8, 16))
+    sd15_like = ControlNetModel(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+        attention_head_dim=2,
+        conditioning_embedding_out_channels=(8, 16),
+    )
     with pytest.raises(ValueError, match="produces 4 down-block residuals but the student's teacher has 9"):
         fit_controlnet(sd15_like, plan)

@@ -159,8 +159,16 @@ def test_background_is_a_data_setting(tmp_path):
     (tmp_path / "a.png").write_bytes(_transparent("RGBA"))
     (tmp_path / "a.txt").write_text("a blue dot")
     for colour, expected in (("white", 255), ("'#000000'", 0)):
-        cfg = compose_config("train", ["data=folder", f"data.path={tmp_path}", "data.resolution=8",
-                                       f"data.background={colour}", "data.num_workers=0"])
+        cfg = compose_config(
+            "train",
+            [
+                "data=folder",
+                f"data.path={tmp_path}",
+                "data.resolution=8",
+                f"data.background={colour}",
+                "data.num_workers=0",
+            ],
+        )
         batch = next(iter(build_dataloader(cfg.data, batch_size=1, seed=0)))
         assert as_uint8(batch["pixel_values"][0])[4, 4].tolist() == [expected] * 3
     with pytest.raises(ValueError, match=r"data\.background='blu'.*#rrggbb"):

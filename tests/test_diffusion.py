@@ -74,7 +74,8 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"])
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
-    scheduler = euler_scheduler(EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config,
-                                preset_for_kind(cfg.teacher.kind))
+    scheduler = euler_scheduler(
+        EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, preset_for_kind(cfg.teacher.kind)
+    )
     scheduler.set_timesteps(cfg.teacher.steps)
     assert trained == {round(t) for t in scheduler.timesteps.tolist()} and len(trained) == 4

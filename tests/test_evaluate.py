@@ -41,11 +41,25 @@ def tiny_clip(tmp_path_factory):
     tok = write_byte_tokenizer(path)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
-                         bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=len(tok) - 2,
+            eos_token_id=len(tok) - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     CLIPModel(config).save_pretrained(path, safe_serialization=True)
@@ -68,7 +82,9 @@ def test_frechet_distance_matches_closed_forms():
     mu, sigma = feature_stats(torch.from_numpy(a))
     assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-8)
     # 1-D: (m1 - m2)^2 + (s1 - s2)^2 for standard deviations s1, s2
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5.0)
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(
+        5.0
+    )
     d = frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.ones(2), np.diag([9.0, 16.0]))
     assert d == pytest.approx(2 + (1 - 3) ** 2 + (2 - 4) ** 2)
     # small sets (N1 * N2 <= D^2) go through the N1 x N2 form: the same number as the D x D one
@@ -120,10 +136,15 @@ def test_fid_matches_torchmetrics(inception_file, tmp_path):
 def test_inception_converter_refuses_to_load_pickles(inception_file, tmp_path):
     state = random_fid_inception_state(seed=3)
     torch.save(state, tmp_path / "pt_inception-2015-12-05.pth")
-    with pytest.raises(MissingMetricWeights, match=r"is a pickle.*python -m koala.evaluate convert=inception src=.*pth"):
-        koala.evaluate.check_metrics(["fid"], _ns(inception=str(tmp_path / "pt_inception-2015-12-05.pth")),
-                                     _ns(reference=str(tmp_path)))
-    out = main(["convert=inception", f"src={tmp_path / 'pt_inception-2015-12-05.pth'}", f"out={tmp_path / 'inc.safetensors'}"])
+    with pytest.raises(
+        MissingMetricWeights, match=r"is a pickle.*python -m koala.evaluate convert=inception src=.*pth"
+    ):
+        koala.evaluate.check_metrics(
+            ["fid"], _ns(inception=str(tmp_path / "pt_inception-2015-12-05.pth")), _ns(reference=str(tmp_path))
+        )
+    out = main(
+        ["convert=inception", f"src={tmp_path / 'pt_inception-2015-12-05.pth'}", f"out={tmp_path / 'inc.safetensors'}"]
+    )
     net = load_fid_inception(out)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
 
@@ -156,20 +177,39 @@ def _open_clip_state(vocab: int, width: int = 32, embed: int = 16, patch: int = 
         return torch.randn(*shape, generator=g) * 0.2
 
     def block(p):
-        return {f"{p}.ln_1.weight": 1 + r(width), f"{p}.ln_1.bias": r(width), f"{p}.ln_2.weight": 1 + r(width),
-                f"{p}.ln_2.bias": r(width), f"{p}.attn.in_proj_weight": r(3 * width, width),
-                f"{p}.attn.in_proj_bias": r(3 * width), f"{p}.attn.out_proj.weight": r(width, width),
-                f"{p}.attn.out_proj.bias": r(width), f"{p}.mlp.c_fc.weight": r(4 * width, width),
-                f"{p}.mlp.c_fc.bias": r(4 * width), f"{p}.mlp.c_proj.weight": r(width, 4 * width),
-                f"{p}.mlp.c_proj.bias": r(width)}
+        return {
+            f"{p}.ln_1.weight": 1 + r(width),
+            f"{p}.ln_1.bias": r(width),
+            f"{p}.ln_2.weight": 1 + r(width),
+            f"{p}.ln_2.bias": r(width),
+            f"{p}.attn.in_proj_weight": r(3 * width, width),
+            f"{p}.attn.in_proj_bias": r(3 * width),
+            f"{p}.attn.out_proj.weight": r(width, width),
+            f"{p}.attn.out_proj.bias": r(width),
+            f"{p}.mlp.c_fc.weight": r(4 * width, width),
+            f"{p}.mlp.c_fc.bias": r(4 * width),
+            f"{p}.mlp.c_proj.weight": r(width, 4 * width),
+            f"{p}.mlp.c_proj.bias": r(width),
+        }
 
-    return {"visual.conv1.weight": r(width, 3, patch, patch), "visual.class_embedding": r(width),
-            "visual.positional_embedding": r((image // patch) ** 2 + 1, width), "visual.ln_pre.weight": 1 + r(width),
-            "visual.ln_pre.bias": r(width), **block("visual.transformer.resblocks.0"),
-            "visual.ln_post.weight": 1 + r(width), "visual.ln_post.bias": r(width), "visual.proj": r(width, embed),
-            "token_embedding.weight": r(vocab, width), "positional_embedding": r(77, width),
-            **block("transformer.resblocks.0"), "ln_final.weight": 1 + r(width), "ln_final.bias": r(width),
-            "text_projection": r(width, embed), "logit_scale": torch.tensor(4.6)}
+    return {
+        "visual.conv1.weight": r(width, 3, patch, patch),
+        "visual.class_embedding": r(width),
+        "visual.positional_embedding": r((image // patch) ** 2 + 1, width),
+        "visual.ln_pre.weight": 1 + r(width),
+        "visual.ln_pre.bias": r(width),
+        **block("visual.transformer.resblocks.0"),
+        "visual.ln_post.weight": 1 + r(width),
+        "visual.ln_post.bias": r(width),
+        "visual.proj": r(width, embed),
+        "token_embedding.weight": r(vocab, width),
+        "positional_embedding": r(77, width),
+        **block("transformer.resblocks.0"),
+        "ln_final.weight": 1 + r(width),
+        "ln_final.bias": r(width),
+        "text_projection": r(width, embed),
+        "logit_scale": torch.tensor(4.6),
+    }
 
 
 def _open_clip_forward(s, pixels, ids, heads=16):
@@ -189,8 +229,11 @@ def _open_clip_forward(s, pixels, ids, heads=16):
 
     x = f.conv2d(pixels, s["visual.conv1.weight"], stride=s["visual.conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
     x = torch.cat([s["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + s["visual.positional_embedding"]
-    x = blocks(f.layer_norm(x, x.shape[-1:], s["visual.ln_pre.weight"], s["visual.ln_pre.bias"]),
-               "visual.transformer.resblocks", causal=False)
+    x = blocks(
+        f.layer_norm(x, x.shape[-1:], s["visual.ln_pre.weight"], s["visual.ln_pre.bias"]),
+        "visual.transformer.resblocks",
+        causal=False,
+    )
     img = f.layer_norm(x[:, 0], x.shape[-1:], s["visual.ln_post.weight"], s["visual.ln_post.bias"]) @ s["visual.proj"]
     t = blocks(s["token_embedding.weight"][ids] + s["positional_embedding"], "transformer.resblocks", causal=True)
     t = f.layer_norm(t, t.shape[-1:], s["ln_final.weight"], s["ln_final.bias"])
@@ -202,8 +245,14 @@ def test_hps_converter_matches_open_clip_semantics(tmp_path):
     tok = write_byte_tokenizer(tmp_path / "tok")
     state = _open_clip_state(len(tok))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "HPS_v2.1_compressed.pt")
-    out = main(["convert=hps", f"src={tmp_path / 'HPS_v2.1_compressed.pt'}", f"out={tmp_path / 'hps'}",
-                f"tokenizer={tmp_path / 'tok'}"])
+    out = main(
+        [
+            "convert=hps",
+            f"src={tmp_path / 'HPS_v2.1_compressed.pt'}",
+            f"out={tmp_path / 'hps'}",
+            f"tokenizer={tmp_path / 'tok'}",
+        ]
+    )
     scorer = hps_scorer(out)
     images = [Image.open(f).convert("RGB") for f in write_images(tmp_path / "img", 2, seed=5)]
     prompts = ["a koala in a tree", "a bowl of fruit"]
@@ -219,8 +268,9 @@ def test_missing_weights_name_the_files(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["prompts", "pickle", "no_weights", "no_clip", "hps_pickle"])
-def test_bad_inputs_fail_before_any_model_loads(case, tiny_pipeline_dir, inception_file, tiny_clip, tmp_path,
-                                                monkeypatch):
+def test_bad_inputs_fail_before_any_model_loads(
+    case, tiny_pipeline_dir, inception_file, tiny_clip, tmp_path, monkeypatch
+):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
@@ -228,17 +278,33 @@ def test_bad_inputs_fail_before_any_model_loads(case, tiny_pipeline_dir, incepti
     (tmp_path / "prompts.txt").write_text("a koala\n")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pt_inception.pth")
     write_images(tmp_path / "ref", 2, seed=0)
-    args = {"prompts": f"protocol.prompts={tmp_path / 'prompts.txt'}", "ref": f"protocol.reference={tmp_path / 'ref'}",
-            "inception": f"weights.inception={inception_file}", "clip": f"weights.clip={tiny_clip}"}
+    args = {
+        "prompts": f"protocol.prompts={tmp_path / 'prompts.txt'}",
+        "ref": f"protocol.reference={tmp_path / 'ref'}",
+        "inception": f"weights.inception={inception_file}",
+        "clip": f"weights.clip={tiny_clip}",
+    }
     expected = {
-        "prompts": (dict(prompts=f"protocol.prompts={tmp_path / 'coco' / 'metadata.csv'}"), r"protocol.prompts=.*metadata.csv: no such"),
-        "pickle": (dict(inception=f"weights.inception={tmp_path / 'pt_inception.pth'}"),
-                   r"weights.inception=.*pt_inception.pth is a pickle.*python -m koala.evaluate convert=inception"),
-        "no_weights": (dict(inception=f"weights.inception={tmp_path / 'none.safetensors'}"),
-                       r"weights.inception=.*none.safetensors: no such file.*convert=inception"),
-        "no_clip": (dict(clip=f"weights.clip={tmp_path / 'clip-missing'}"), r"weights.clip=.*clip-missing.*config.json"),
-        "hps_pickle": (dict(metrics="protocol.metrics=[hps]", hps=f"weights.hps={tmp_path / 'pt_inception.pth'}"),
-                       r"weights.hps=.*pt_inception.pth is a pickle.*python -m koala.evaluate convert=hps src="),
+        "prompts": (
+            dict(prompts=f"protocol.prompts={tmp_path / 'coco' / 'metadata.csv'}"),
+            r"protocol.prompts=.*metadata.csv: no such",
+        ),
+        "pickle": (
+            dict(inception=f"weights.inception={tmp_path / 'pt_inception.pth'}"),
+            r"weights.inception=.*pt_inception.pth is a pickle.*python -m koala.evaluate convert=inception",
+        ),
+        "no_weights": (
+            dict(inception=f"weights.inception={tmp_path / 'none.safetensors'}"),
+            r"weights.inception=.*none.safetensors: no such file.*convert=inception",
+        ),
+        "no_clip": (
+            dict(clip=f"weights.clip={tmp_path / 'clip-missing'}"),
+            r"weights.clip=.*clip-missing.*config.json",
+        ),
+        "hps_pickle": (
+            dict(metrics="protocol.metrics=[hps]", hps=f"weights.hps={tmp_path / 'pt_inception.pth'}"),
+            r"weights.hps=.*pt_inception.pth is a pickle.*python -m koala.evaluate convert=hps src=",
+        ),
     }
     change, message = expected[case]
     with pytest.raises((FileNotFoundError, MissingMetricWeights), match=message):
@@ -248,14 +314,27 @@ def test_bad_inputs_fail_before_any_model_loads(case, tiny_pipeline_dir, incepti
 def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
     tok = write_byte_tokenizer(tmp_path / "tok")
     torch.save({"state_dict": _open_clip_state(len(tok))}, tmp_path / "hps.pt")
-    hps = main(["convert=hps", f"src={tmp_path / 'hps.pt'}", f"out={tmp_path / 'hps'}", f"tokenizer={tmp_path / 'tok'}"])
+    hps = main(
+        ["convert=hps", f"src={tmp_path / 'hps.pt'}", f"out={tmp_path / 'hps'}", f"tokenizer={tmp_path / 'tok'}"]
+    )
     bench = tmp_path / "benchmark"
     bench.mkdir()
     for style in ("anime", "photo"):
         (bench / f"{style}.json").write_text(json.dumps([f"{style} of a koala", f"{style} of a city"]))
-    run = main(["protocol=hpsv2", f"protocol.prompts={bench}", "limit=3", f"models={{teacher: {tiny_pipeline_dir}}}",
-                f"weights.hps={hps}", "steps=2", "protocol.height=32", "protocol.width=32", "device=cpu",
-                f"out={tmp_path / 'eval'}"])
+    run = main(
+        [
+            "protocol=hpsv2",
+            f"protocol.prompts={bench}",
+            "limit=3",
+            f"models={{teacher: {tiny_pipeline_dir}}}",
+            f"weights.hps={hps}",
+            "steps=2",
+            "protocol.height=32",
+            "protocol.width=32",
+            "device=cpu",
+            f"out={tmp_path / 'eval'}",
+        ]
+    )
     # limit keeps the first 3 prompts: anime's two, then photo's first
     row = run["results"]["teacher"]
     assert set(row) == {"hps", "hps/anime", "hps/photo"}
@@ -266,7 +345,9 @@ def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_coco_run_splits_prompts_resumes_and_reports(tiny_pipeline_dir, inception_file, tiny_clip, tmp_path):
+def test_two_process_coco_run_splits_prompts_resumes_and_reports(
+    tiny_pipeline_dir, inception_file, tiny_clip, tmp_path
+):
     import socket
     import subprocess
     import sys
@@ -274,18 +355,47 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(tiny_pipeline_d
 
     student = write_tiny_pipeline(tmp_path / "student", seed=1)
     captions = ["a koala", "a red car", "a bowl of fruit", "two dogs on a beach", "a city at night", "unused"]
-    (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.jpg,{c}\n" for i, c in enumerate(captions)))
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,text\n" + "".join(f"{i}.jpg,{c}\n" for i, c in enumerate(captions))
+    )
     write_images(tmp_path / "val2014", 4, seed=7, size=(64, 48))
-    args = ["protocol=coco30k-256", f"protocol.prompts={tmp_path / 'metadata.csv'}", f"protocol.reference={tmp_path / 'val2014'}",
-            "limit=5", f"models={{student: {student}, teacher: {tiny_pipeline_dir}}}", f"weights.inception={inception_file}",
-            f"weights.clip={tiny_clip}", "steps=2", "protocol.height=32", "protocol.width=32", "device=cpu", "grid=4",
-            f"out={tmp_path / 'eval'}"]
+    args = [
+        "protocol=coco30k-256",
+        f"protocol.prompts={tmp_path / 'metadata.csv'}",
+        f"protocol.reference={tmp_path / 'val2014'}",
+        "limit=5",
+        f"models={{student: {student}, teacher: {tiny_pipeline_dir}}}",
+        f"weights.inception={inception_file}",
+        f"weights.clip={tiny_clip}",
+        "steps=2",
+        "protocol.height=32",
+        "protocol.width=32",
+        "device=cpu",
+        "grid=4",
+        f"out={tmp_path / 'eval'}",
+    ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "koala.evaluate", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "koala.evaluate",
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "eval"
@@ -328,7 +438,9 @@ def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
     out = main(["convert=pickscore", f"src={src}", f"out={tmp_path / 'pickscore'}", f"tokenizer={tiny_clip}"])
     images = [Image.open(f).convert("RGB") for f in write_images(tmp_path / "img", 2, seed=6)]
     prompts = ["a koala", "a red car"]
-    assert pickscore_scorer(out).scores(images, prompts) == pytest.approx(pickscore_scorer(tiny_clip).scores(images, prompts))
+    assert pickscore_scorer(out).scores(images, prompts) == pytest.approx(
+        pickscore_scorer(tiny_clip).scores(images, prompts)
+    )
 
 
 def test_prompt_files_of_every_protocol(tmp_path):
@@ -336,8 +448,11 @@ def test_prompt_files_of_every_protocol(tmp_path):
 
     (tmp_path / "p.txt").write_text("# comment\na koala\n\na red car\n")
     (tmp_path / "metadata.csv").write_text("file_name,text\n1.jpg,a koala\n2.jpg,a red car\n")  # BK-SDM COCO-30K
-    (tmp_path / "meta_data.json").write_text(json.dumps({"a1": {"category": "animals", "prompt": "a koala"},
-                                                         "b2": {"category": "people", "prompt": "a red car"}}))  # MJHQ
+    (tmp_path / "meta_data.json").write_text(
+        json.dumps(
+            {"a1": {"category": "animals", "prompt": "a koala"}, "b2": {"category": "people", "prompt": "a red car"}}
+        )
+    )  # MJHQ
     assert read_prompt_set(tmp_path / "p.txt") == [("a koala", None), ("a red car", None)]
     assert read_prompt_set(tmp_path / "metadata.csv") == [("a koala", None), ("a red car", None)]
     assert read_prompt_set(tmp_path / "meta_data.json") == [("a koala", "animals"), ("a red car", "people")]

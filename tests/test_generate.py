@@ -43,8 +43,19 @@ def test_make_grid():
 
 def test_cli_writes_images_and_grid(tiny_pipeline_dir, tmp_path):
     (tmp_path / "p.txt").write_text("# prompts\na koala\n\na red car\n")
-    out = main([f"model={tiny_pipeline_dir}", f"prompts={tmp_path / 'p.txt'}", "preset=turbo", "seed=3",
-                "steps=1", "height=32", "width=32", "device=cpu", f"out={tmp_path / 'out'}"])
+    out = main(
+        [
+            f"model={tiny_pipeline_dir}",
+            f"prompts={tmp_path / 'p.txt'}",
+            "preset=turbo",
+            "seed=3",
+            "steps=1",
+            "height=32",
+            "width=32",
+            "device=cpu",
+            f"out={tmp_path / 'out'}",
+        ]
+    )
     index = json.loads((out / "index.json").read_text())
     assert [(r["prompt"], r["seed"]) for r in index] == [("a koala", 3), ("a red car", 4)]
     assert Image.open(out / "grid.png").size == (64, 32)

@@ -80,8 +80,9 @@ def test_both_layouts_remap_to_the_same_student_lora(loras, teacher_config, tmp_
 
 
 def test_identity_spec_keeps_every_layer(loras, teacher_config, tmp_path):
-    report = remap_file(loras["kohya"], tmp_path / "id.safetensors", teacher_config,
-                        resolve(teacher_config, SPECS["sdxl"]))
+    report = remap_file(
+        loras["kohya"], tmp_path / "id.safetensors", teacher_config, resolve(teacher_config, SPECS["sdxl"])
+    )
     assert not report.dropped and report.fraction_kept == pytest.approx(1.0)
     unet_keys = {k for k in load_file(tmp_path / "id.safetensors") if k.startswith("unet.")}
     assert unet_keys == set(load_file(loras["peft"]))
@@ -93,18 +94,30 @@ def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teach
     student_dir = export_run(write_run_dir(tmp_path, tiny_pipeline_dir), out=tmp_path / "export")
     out = tmp_path / "student_lora.safetensors"
     report = main([f"run_dir={tmp_path / 'run'}", f"lora={loras['peft']}", f"out={out}"])
-    remap_file(loras["kohya"], tmp_path / "identity.safetensors", teacher_config, resolve(teacher_config, SPECS["sdxl"]))
+    remap_file(
+        loras["kohya"], tmp_path / "identity.safetensors", teacher_config, resolve(teacher_config, SPECS["sdxl"])
+    )
     g = torch.Generator().manual_seed(0)
-    save_file({"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([100, 700]),
-               "encoder_hidden_states": torch.randn(2, 77, 64, generator=g), "text_embeds": torch.randn(2, 32, generator=g),
-               "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}, str(tmp_path / "inputs.safetensors"))
-    jobs = [("teacher", tiny_pipeline_dir, loras["peft"]), ("identity", tiny_pipeline_dir, tmp_path / "identity.safetensors"),
-            ("student", student_dir, out)]
+    save_file(
+        {
+            "sample": torch.randn(2, 4, 16, 16, generator=g),
+            "timestep": torch.tensor([100, 700]),
+            "encoder_hidden_states": torch.randn(2, 77, 64, generator=g),
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2),
+        },
+        str(tmp_path / "inputs.safetensors"),
+    )
+    jobs = [
+        ("teacher", tiny_pipeline_dir, loras["peft"]),
+        ("identity", tiny_pipeline_dir, tmp_path / "identity.safetensors"),
+        ("student", student_dir, out),
+    ]
     script = textwrap.dedent(f"""
         import sys, torch
         from diffusers import StableDiffusionXLPipeline
         from safetensors.torch import load_file, save_file
-        x = load_file({str(tmp_path / 'inputs.safetensors')!r})
+        x = load_file({str(tmp_path / "inputs.safetensors")!r})
         res = {{}}
         for name, model, lora in {[(n, str(m), str(f)) for n, m, f in jobs]!r}:
             pipe = StableDiffusionXLPipeline.from_pretrained(model)
@@ -125,7 +138,7 @@ def test_stock_diffusers_loads_the_remapped_lora(loras, tiny_pipeline_dir, teach
                     plain = k.replace(".base_layer", "")
                     res[name + ":" + plain] = v - weights[plain]
         assert not any(m == "koala" or m.startswith("koala.") for m in sys.modules)
-        save_file(res, {str(tmp_path / 'deltas.safetensors')!r})
+        save_file(res, {str(tmp_path / "deltas.safetensors")!r})
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -150,27 +163,37 @@ def _write(path, state):
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("sd15_kohya", "SD 1.x / 2.x"),
-    ("sd15_unet", "SD 1.x / 2.x"),
-    ("sd15_shape", "768-wide"),
-    ("unknown", "no LoRA layout"),
-    ("loha", "LoHa"),
-    ("pickle", "pickle"),
-    ("pickle_named_safetensors", "pickle"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("sd15_kohya", "SD 1.x / 2.x"),
+        ("sd15_unet", "SD 1.x / 2.x"),
+        ("sd15_shape", "768-wide"),
+        ("unknown", "no LoRA layout"),
+        ("loha", "LoHa"),
+        ("pickle", "pickle"),
+        ("pickle_named_safetensors", "pickle"),
+    ],
+)
 def test_bad_loras_fail_clearly_and_write_nothing(case, message, teacher_config, tmp_path):
     down, up = torch.zeros(4, 32), torch.zeros(32, 4)
     if case == "sd15_kohya":
-        src = _write(tmp_path / "x.safetensors", {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
-                                                  "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up})
+        src = _write(
+            tmp_path / "x.safetensors",
+            {
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
+            },
+        )
     elif case == "sd15_unet":
         k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
         src = _write(tmp_path / "x.safetensors", {f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up})
     elif case == "sd15_shape":
         k = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
-        src = _write(tmp_path / "x.safetensors", {f"{k}.lora_A.weight": torch.zeros(4, 768),
-                                                  f"{k}.lora_B.weight": torch.zeros(64, 4)})
+        src = _write(
+            tmp_path / "x.safetensors",
+            {f"{k}.lora_A.weight": torch.zeros(4, 768), f"{k}.lora_B.weight": torch.zeros(64, 4)},
+        )
     elif case == "unknown":
         src = _write(tmp_path / "x.safetensors", {"some.random.tensor": down})
     elif case == "loha":

@@ -24,8 +24,15 @@ ALL_STAGES = ["encoder", "mid", "decoder"]
 
 
 def distill(**kw):
-    base = {"kinds": ["sa"], "stages": ALL_STAGES, "kind_weights": {}, "stage_weights": {}, "blocks": None,
-            "sa_point": "attn1", "pairing": "first"}
+    base = {
+        "kinds": ["sa"],
+        "stages": ALL_STAGES,
+        "kind_weights": {},
+        "stage_weights": {},
+        "blocks": None,
+        "sa_point": "attn1",
+        "pairing": "first",
+    }
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -56,7 +63,9 @@ def test_full_size_sdxl_pairs_and_shapes_on_meta(name, total, counts):
     assert by_name[key] == "up_blocks.0.attentions.2.transformer_blocks.4.attn1"
 
 
-@pytest.mark.parametrize("preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")])
+@pytest.mark.parametrize(
+    "preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")]
+)
 def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
     cfg = compose_config("train", [f"distill={preset}"])
     assert set(cfg.distill.kinds) == kinds
@@ -71,8 +80,15 @@ def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
 def test_lf_and_combined_presets():
     plan, student, teacher = models("tiny-1b")
     lf = pair_taps(plan, compose_config("train", ["distill=lf"]).distill, student, teacher)
-    assert [p.student.name for p in lf] == ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
-                                            "up_blocks.0", "up_blocks.1", "up_blocks.2"]
+    assert [p.student.name for p in lf] == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+        "up_blocks.2",
+    ]
     assert all(p.student.name == p.teacher.name for p in lf)
     check_pair_shapes(lf, student, teacher, sample_size=8)
     both = pair_taps(plan, compose_config("train", ["distill=sa+lf"]).distill, student, teacher)
@@ -101,7 +117,10 @@ def test_weights_are_kind_times_stage_and_zero_drops():
     cfg = distill(kinds=["sa", "rb"], kind_weights={"sa": 2.0, "rb": 0.5}, stage_weights={"encoder": 0.5, "mid": 0.0})
     pairs = pair_taps(plan, cfg, student, teacher)
     assert {(p.student.kind, p.student.stage, p.weight) for p in pairs} == {
-        ("sa", "encoder", 1.0), ("sa", "decoder", 2.0), ("rb", "encoder", 0.25), ("rb", "decoder", 0.5)
+        ("sa", "encoder", 1.0),
+        ("sa", "decoder", 2.0),
+        ("rb", "encoder", 0.25),
+        ("rb", "decoder", 0.5),
     }
 
 
@@ -120,9 +139,19 @@ def test_unmatched_taps_and_shape_mismatch_are_errors():
 @pytest.mark.slow
 def test_inspect_lists_pairs_and_taps():
     out = subprocess.run(
-        [sys.executable, "-m", "koala.inspect", "teacher=tiny", "unet=tiny-1b", "distill=ca", "list_taps=true",
-         "data.resolution=64"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "koala.inspect",
+            "teacher=tiny",
+            "unet=tiny-1b",
+            "distill=ca",
+            "list_taps=true",
+            "data.resolution=64",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "teacher: 126 tap points" in out and "rb   decoder  up_blocks.2.resnets.2" in out
     assert "distill: ca" in out and "18 pairs at 64 px (latent 8)" in out and ".attn2" in out and ".attn1 " not in out
@@ -170,19 +199,29 @@ def test_list_overrides_replace_the_preset(overrides, expected):
 
 
 def test_weight_overrides_change_only_the_named_weight():
-    cfg = compose_config("train", ["unet=tiny-1b", "distill=sa+lf", "distill.stage_weights={decoder: 2.0}",
-                                   "distill.kind_weights={lf: 0.5}"])
+    cfg = compose_config(
+        "train",
+        ["unet=tiny-1b", "distill=sa+lf", "distill.stage_weights={decoder: 2.0}", "distill.kind_weights={lf: 0.5}"],
+    )
     plan, student, teacher = models("tiny-1b")
     weights = {(p.student.stage, p.student.kind): p.weight for p in pair_taps(plan, cfg.distill, student, teacher)}
-    assert weights == {("encoder", "sa"): 1.0, ("mid", "sa"): 1.0, ("decoder", "sa"): 2.0,
-                       ("encoder", "lf"): 0.5, ("mid", "lf"): 0.5, ("decoder", "lf"): 1.0}
+    assert weights == {
+        ("encoder", "sa"): 1.0,
+        ("mid", "sa"): 1.0,
+        ("decoder", "sa"): 2.0,
+        ("encoder", "lf"): 0.5,
+        ("mid", "lf"): 0.5,
+        ("decoder", "lf"): 1.0,
+    }
 
 
 @pytest.mark.slow
 def test_inspect_honours_a_stage_override():
     out = subprocess.run(
         [sys.executable, "-m", "koala.inspect", "unet=koala-700m", "distill.stages=[decoder]"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     summary = out.split("distill:")[1]
     assert "stages ['decoder']" in summary and "14 pairs" in summary

@@ -56,8 +56,11 @@ def test_teacher_computes_in_its_own_dtype_under_the_students_autocast(tiny_teac
     task = DistillationTask(student, tiny_teacher, [], LossWeights())
     g = torch.Generator().manual_seed(0)
     noisy, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
-    cond = {"prompt_embeds": torch.randn(1, 77, 64, generator=g), "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
-            "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+    cond = {
+        "prompt_embeds": torch.randn(1, 77, 64, generator=g),
+        "pooled_prompt_embeds": torch.randn(1, 32, generator=g),
+        "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]),
+    }
     plain = task.teacher_forward(noisy, t, cond)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = task.teacher_forward(noisy, t, cond)

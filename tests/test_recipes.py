@@ -55,8 +55,20 @@ def shrunk(name: str, assets: dict, out: Path) -> list[str]:
 def test_experiment_trains_samples_checkpoints_and_exports_as_shipped(name, assets, tmp_path):
     shipped = compose_config("train", [f"experiment={name}"])
     cfg = compose_config("train", shrunk(name, assets, tmp_path / "run"))
-    for key in ("mixed_precision", "teacher.dtype", "grad_accum", "ema", "ema_decay", "gradient_checkpointing",
-                "data.caption_dropout", "data.caption_dropout_mode", "timesteps", "optim", "distill", "report_to"):
+    for key in (
+        "mixed_precision",
+        "teacher.dtype",
+        "grad_accum",
+        "ema",
+        "ema_decay",
+        "gradient_checkpointing",
+        "data.caption_dropout",
+        "data.caption_dropout_mode",
+        "timesteps",
+        "optim",
+        "distill",
+        "report_to",
+    ):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(shipped, key), key  # nothing but sizes and paths differ
     run = train(cfg)
     assert (run / "checkpoints" / "step-00000001" / "COMPLETE").exists()
@@ -68,5 +80,13 @@ def test_experiment_trains_samples_checkpoints_and_exports_as_shipped(name, asse
 
 
 def test_every_experiment_is_covered():
-    assert {"koala-1b", "koala-700m", "koala-700m-24gb", "koala-lightning-1b", "koala-lightning-700m",
-            "koala-turbo-700m", "smoke", "demo"} <= set(SHIPPED)
+    assert {
+        "koala-1b",
+        "koala-700m",
+        "koala-700m-24gb",
+        "koala-lightning-1b",
+        "koala-lightning-700m",
+        "koala-turbo-700m",
+        "smoke",
+        "demo",
+    } <= set(SHIPPED)

@@ -70,8 +70,11 @@ def test_agreement_is_exact_for_identical_pictures_and_drops_with_change():
 def test_captions_parse_and_bad_ones_are_named():
     assert len(all_captions()) == 90 and len(set(eval_prompts(90))) == 90
     assert {parse_caption(p)["shape"] for p in eval_prompts(18)} == set(SHAPES)
-    assert parse_caption("a red circle on a blue background") == {"shape": "circle", "colour": "red",
-                                                                  "background": "blue"}
+    assert parse_caption("a red circle on a blue background") == {
+        "shape": "circle",
+        "colour": "red",
+        "background": "blue",
+    }
     with pytest.raises(ValueError, match="'a koala bear'.*expected"):
         parse_caption("a koala bear")
 
@@ -80,8 +83,15 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
     one = write_demo_shards(tmp_path / "a", 24, samples_per_shard=8, seed=5, world="shapes")
     two = write_demo_shards(tmp_path / "b", 24, samples_per_shard=8, seed=5, world="shapes")
     assert [members(p) for p in one] == [members(p) for p in two]  # same samples (tar headers carry mtimes)
-    cfg = compose_config("train", ["data=shapes", f"data.path='{tmp_path}/c/shapes-{{00000..00002}}.tar'",
-                                   "data.resampled=false", "data.shuffle=false"])
+    cfg = compose_config(
+        "train",
+        [
+            "data=shapes",
+            f"data.path='{tmp_path}/c/shapes-{{00000..00002}}.tar'",
+            "data.resampled=false",
+            "data.shuffle=false",
+        ],
+    )
     assert "world=shapes" in fixture_command(cfg)
     ensure_fixtures(cfg, samples=24)
     batches = list(build_dataloader(cfg.data, batch_size=8, seed=0))
@@ -100,11 +110,23 @@ def test_teacher_trainer_writes_a_loadable_sdxl_pipeline(tmp_path, capsys):
     from koala.models.unets import SHAPES_UNET_CONFIG
     from koala.shapes.teacher import main
 
-    out = main([f"out={tmp_path / 'p'}", "vae_steps=2", "vae_batch=4", "scenes=8", "unet_steps=2", "unet_batch=4",
-                "warmup=1", "log_every=1", "save_every=1"])
+    out = main(
+        [
+            f"out={tmp_path / 'p'}",
+            "vae_steps=2",
+            "vae_batch=4",
+            "scenes=8",
+            "unet_steps=2",
+            "unet_batch=4",
+            "warmup=1",
+            "log_every=1",
+            "save_every=1",
+        ]
+    )
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert {k: pipe.unet.config[k] for k in ("block_out_channels", "transformer_layers_per_block")} == {
-        k: SHAPES_UNET_CONFIG[k] for k in ("block_out_channels", "transformer_layers_per_block")}
+        k: SHAPES_UNET_CONFIG[k] for k in ("block_out_channels", "transformer_layers_per_block")
+    }
     assert pipe.vae.config.scaling_factor != 1.0 and pipe.unet.dtype.is_floating_point
     stored = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert {str(v.dtype) for v in stored.values()} == {"torch.float16"}  # stored half, loaded as fp32
@@ -134,8 +156,17 @@ def test_shipped_teacher_draws_its_captions():
 def test_demo_student_improves_on_both_figures(tmp_path):
     from koala.demo import main
 
-    summary = main([f"output_dir={tmp_path / 'run'}", "max_steps=80", "checkpoint_every=80", "report_to=[]",
-                    f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", ], prompts=12, samples=512)
+    summary = main(
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=80",
+            "checkpoint_every=80",
+            "report_to=[]",
+            f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'",
+        ],
+        prompts=12,
+        samples=512,
+    )
     before, after = (summary["results"][f"student {w} distillation"] for w in ("before", "after"))
     assert after["caption_accuracy"] > before["caption_accuracy"]
     assert after["psnr"] > before["psnr"] and after["eps_rel_error"] < before["eps_rel_error"]
@@ -147,9 +178,16 @@ def test_demo_student_improves_on_both_figures(tmp_path):
 def test_ablation_command_writes_table_and_plot_and_resumes(tmp_path):
     from koala.bench.ablation import main
 
-    args = [f"bench.out={tmp_path / 'abl'}", "bench.presets=[out,koala]", "bench.seeds=1", "bench.steps=2",
-            "bench.prompts=2", f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'", "bench.samples=64",
-            "batch_size=2"]
+    args = [
+        f"bench.out={tmp_path / 'abl'}",
+        "bench.presets=[out,koala]",
+        "bench.seeds=1",
+        "bench.steps=2",
+        "bench.prompts=2",
+        f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'",
+        "bench.samples=64",
+        "batch_size=2",
+    ]
     result = main(args)
     assert [(r["preset"], r["seed"], r["steps"]) for r in result["runs"]] == [("out", 0, 2), ("koala", 0, 2)]
     table = (tmp_path / "abl" / "ablation.md").read_text()

@@ -20,8 +20,9 @@ from koala.models.unets import SPECS, StudentSpec, build_student
 LAYOUTS = {
     "sdxl": SPECS["sdxl"],
     "tiny-1b": SPECS["tiny-1b"],  # mid block kept, shallower
-    "ssd-1b-like": StudentSpec("ssd-1b-like", encoder_depth=(0, 2, 3), decoder_depth=((3, 3, 4), (2, 1, 1), 0),
-                               mid="resnet"),  # per-layer decoder depths, mid block without transformer
+    "ssd-1b-like": StudentSpec(
+        "ssd-1b-like", encoder_depth=(0, 2, 3), decoder_depth=((3, 3, 4), (2, 1, 1), 0), mid="resnet"
+    ),  # per-layer decoder depths, mid block without transformer
     "vega-like": StudentSpec("vega-like", encoder_depth=(0, 1, 2), decoder_depth=(2, 1, 0), mid="resnet"),
 }
 

@@ -68,8 +68,15 @@ def test_block_and_resnet_outputs_equal_a_recomputation(kind):
             again = m(*args, **kwargs)
             hidden = again[0] if isinstance(again, tuple) else again  # down blocks: (hidden, res_samples)
             assert torch.equal(taps.features[p.name], hidden), p.name
-    assert {p.block for p in points} == {"down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block",
-                                         "up_blocks.0", "up_blocks.1", "up_blocks.2"}
+    assert {p.block for p in points} == {
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+        "up_blocks.2",
+    }
 
 
 def test_list_tap_points_filters_and_names_valid_choices():
@@ -123,7 +130,9 @@ def _distill_step(checkpointing: bool, sa_point: str):
         with torch.no_grad():
             t_out = teacher(**x).sample
         s_out = student(**x).sample
-        loss = F.mse_loss(s_out, t_out) + sum(F.mse_loss(s_taps.features[n], t_taps.features[n]) for n in t_taps.features)
+        loss = F.mse_loss(s_out, t_out) + sum(
+            F.mse_loss(s_taps.features[n], t_taps.features[n]) for n in t_taps.features
+        )
         loss.backward()
     handle.remove()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}

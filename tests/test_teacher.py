@@ -45,7 +45,9 @@ def test_route_b_unet_folder(tiny_pipeline_dir, tiny_teacher):
 def test_route_c_diffusers_single_file_on_pipeline_config(tmp_path, tiny_pipeline_dir):
     source = random_unet(seed=7)  # Lightning-style: other weights, same architecture
     save_file(source.state_dict(), tmp_path / "lightning_unet.safetensors")
-    teacher = load_teacher(teacher_cfg(pipeline=str(tiny_pipeline_dir), unet=str(tmp_path / "lightning_unet.safetensors")))
+    teacher = load_teacher(
+        teacher_cfg(pipeline=str(tiny_pipeline_dir), unet=str(tmp_path / "lightning_unet.safetensors"))
+    )
     assert same_outputs(teacher, source)
     # without a pipeline folder the built-in arch config is the base
     assert same_outputs(load_teacher(teacher_cfg(unet=str(tmp_path / "lightning_unet.safetensors"))), source)

@@ -37,7 +37,6 @@ def tiny_overrides(tmp: Path, shared: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -50,13 +49,27 @@ def unet_state(ckpt: Path, sub: str = "unet") -> dict:
 def test_short_run_lowers_kd_losses_and_exports(tmp_path, shared):
     cfg = compose_config(
         "train",
-        tiny_overrides(tmp_path, shared, max_steps=40, log_every=5, checkpoint_every=40, batch_size=4,
-                       **{"optim.lr": "3e-4", "distill.task_weight": 0.1}),
+        tiny_overrides(
+            tmp_path,
+            shared,
+            max_steps=40,
+            log_every=5,
+            checkpoint_every=40,
+            batch_size=4,
+            **{"optim.lr": "3e-4", "distill.task_weight": 0.1},
+        ),
     )
     run = train(cfg)
     rows = read_metrics(run)
-    for key in ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/feat/sa", "loss/feat/encoder",
-                "loss/feat/decoder"):
+    for key in (
+        "loss/total",
+        "loss/task",
+        "loss/out",
+        "loss/feat",
+        "loss/feat/sa",
+        "loss/feat/encoder",
+        "loss/feat/decoder",
+    ):
         assert key in rows[0], key
     first, last = rows[0], rows[-1]
     assert last["loss/out"] < 0.7 * first["loss/out"]
@@ -102,7 +115,10 @@ def test_bad_config_fails_before_loading_models(override, message, tmp_path):
     extra = [] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"]
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}", *extra],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert res.returncode != 0
     assert message in res.stderr + res.stdout
@@ -120,9 +136,22 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_process_launch_agrees_on_weights_and_splits_data(tmp_path, shared):
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "koala.train",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "koala.train",
         *tiny_overrides(tmp_path, shared, max_steps=3, record_ranks="true"),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -139,7 +168,10 @@ def test_multirun_sweep_gives_each_job_its_run_dir(tmp_path, shared):
     args = [a for a in tiny_overrides(tmp_path, shared, max_steps=1) if not a.startswith("output_dir")]
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", "-m", "distill=sa,out", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/config.yaml"))
@@ -153,8 +185,13 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
     import time
 
     args = tiny_overrides(tmp_path, shared, max_steps=100000, checkpoint_every=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "koala.train", *args], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "koala.train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -170,8 +207,9 @@ def test_sigterm_writes_a_checkpoint_before_exiting(tmp_path, shared):
 @pytest.mark.slow
 def test_a_source_that_skips_everything_ends_the_run_with_the_likely_cause(tmp_path, shared):
     args = tiny_overrides(tmp_path, shared, **{"data.caption_key": "json.llava_captoin", "data.num_workers": 1})
-    res = subprocess.run([sys.executable, "-m", "koala.train", *args], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=300)  # a hard limit: the regression was a silent endless loop
+    res = subprocess.run(
+        [sys.executable, "-m", "koala.train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )  # a hard limit: the regression was a silent endless loop
     assert res.returncode == 1, res.stderr[-2000:]
     assert "10000 samples in a row were skipped" in res.stderr and "check data.caption_key" in res.stderr
     assert "Traceback" not in res.stderr

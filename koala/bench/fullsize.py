@@ -168,8 +168,12 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
 
     root = Path(bench.root)
     tag = f"{bench.arch}-{bench.unet}"
-    paths = {"pipeline": Path(bench.pipeline or root / f"pipeline-{bench.arch}"), "run": root / "runs" / tag,
-             "cache": root / f"cache-{tag}-{bench.resolution}", "out": Path(bench.out or f"outputs/bench/fullsize-{tag}")}
+    paths = {
+        "pipeline": Path(bench.pipeline or root / f"pipeline-{bench.arch}"),
+        "run": root / "runs" / tag,
+        "cache": root / f"cache-{tag}-{bench.resolution}",
+        "out": Path(bench.out or f"outputs/bench/fullsize-{tag}"),
+    }
     shards = root / f"shards-{bench.resolution}" / "demo-00000.tar"
     for p in (paths["run"], paths["cache"]):  # this command's own folders: each run starts from nothing
         shutil.rmtree(p, ignore_errors=True)
@@ -180,8 +184,20 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
     cfg, shipped = compose_config("train", args), compose_config("train", [f"experiment={experiment_of(bench)}"])
     py = sys.executable
     ensure_demo_shards(str(shards), bench.samples, bench.resolution)
-    plan = [("pipeline", [py, "-m", "koala.fixtures", f"pipeline={paths['pipeline']}", f"size={bench.arch}",
-                          f"dtype={cfg.teacher.dtype}"], (paths["pipeline"] / "model_index.json").is_file())]
+    plan = [
+        (
+            "pipeline",
+            [
+                py,
+                "-m",
+                "koala.fixtures",
+                f"pipeline={paths['pipeline']}",
+                f"size={bench.arch}",
+                f"dtype={cfg.teacher.dtype}",
+            ],
+            (paths["pipeline"] / "model_index.json").is_file(),
+        )
+    ]
     if cached:
         plan.append(("cache", [
             py, "-m", "koala.cache", f"teacher={cfg.teacher.name}", f"teacher.pipeline={paths['pipeline']}",
@@ -247,8 +263,10 @@ def to_markdown(rec: dict[str, Any]) -> str:
             lines.append(f"| {p['name']} | reused | - | - | - | {sizes.get(p['name'], 0) / 1e9:.2f} |")
             continue
         status = "" if p["returncode"] == 0 else f" (exit {p['returncode']})"
-        lines.append(f"| {p['name']}{status} | {p['wall_s']:.1f} | {p['peak_rss'] / GiB:.2f} | "
-                     f"{p['peak_anon'] / GiB:.2f} | {p['peak_at_s']:.1f} | {sizes.get(p['name'], 0) / 1e9:.2f} |")
+        lines.append(
+            f"| {p['name']}{status} | {p['wall_s']:.1f} | {p['peak_rss'] / GiB:.2f} | "
+            f"{p['peak_anon'] / GiB:.2f} | {p['peak_at_s']:.1f} | {sizes.get(p['name'], 0) / 1e9:.2f} |"
+        )
     loss = rec["loss"]
     lines += ["", f"loss at step 1: {loss:.5g}, the step itself: {rec['step_s']:.1f} s" if loss is not None
               else "loss at step 1: none (the run wrote no metrics)",

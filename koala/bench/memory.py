@@ -144,7 +144,6 @@ class Bf16Autocast(TorchFunctionMode):
             return FlashSDPA.apply(q, k, v)
         return func(*args, **kwargs)
 
-
     def cast(self, x: Any, dtype: torch.dtype) -> Any:
         """Floating tensors in a (nested) argument structure cast to `dtype`; casts of parameters remembered."""
         if isinstance(x, torch.Tensor):
@@ -204,8 +203,14 @@ class StepBytes:
     largest: int  # the largest single saved tensor
 
 
-def measure_step(student_name: str, resolution: int, checkpointing: bool, distill: str = "koala",
-                 teacher_config: dict | None = None, bf16: bool = True) -> StepBytes:
+def measure_step(
+    student_name: str,
+    resolution: int,
+    checkpointing: bool,
+    distill: str = "koala",
+    teacher_config: dict | None = None,
+    bf16: bool = True,
+) -> StepBytes:
     """Run teacher + student + taps + losses of one batch-1 step on the meta device and count what it holds."""
     t_config = dict(teacher_config or SDXL_UNET_CONFIG)
     spec = get_spec(student_name)
@@ -223,8 +228,13 @@ def measure_step(student_name: str, resolution: int, checkpointing: bool, distil
         held = SavedBytes()
         for f in task.teacher_taps.features.values():
             held.add(f)
-    return StepBytes(counter.bytes.get("activations", 0) + counter.bytes.get("checkpoint inputs", 0),
-                     autocast.cached_bytes, held.total, max(recompute, default=0), counter.largest)
+    return StepBytes(
+        counter.bytes.get("activations", 0) + counter.bytes.get("checkpoint inputs", 0),
+        autocast.cached_bytes,
+        held.total,
+        max(recompute, default=0),
+        counter.largest,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,13 +248,31 @@ def conditioning_params() -> dict[str, int]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4)
-        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                              num_attention_heads=12, projection_dim=768))
-        big_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                                                           num_hidden_layers=32, num_attention_heads=20,
-                                                           projection_dim=1280))
+        vae = AutoencoderKL(
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+            block_out_channels=[128, 256, 512, 512],
+            layers_per_block=2,
+            latent_channels=4,
+        )
+        clip_l = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,
+            )
+        )
+        big_g = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                projection_dim=1280,
+            )
+        )
     return {"vae": count_parameters(vae), "text_encoders": count_parameters(clip_l) + count_parameters(big_g)}
 
 
@@ -268,8 +296,9 @@ class Row:
     per_sample: bool = False  # scales with the batch
 
 
-def budget_rows(student_name: str, resolution: int, cond: dict[str, int], p_teacher: int,
-                distill: str = "koala") -> list[Row]:
+def budget_rows(
+    student_name: str, resolution: int, cond: dict[str, int], p_teacher: int, distill: str = "koala"
+) -> list[Row]:
     """The budget of one student at one resolution, batch 1."""
     student = build_student(SDXL_UNET_CONFIG, get_spec(student_name), device="meta")
     p = count_parameters(student)
@@ -286,10 +315,20 @@ def budget_rows(student_name: str, resolution: int, cond: dict[str, int], p_teac
         Row("EMA (fp32 on GPU (a) / off or offloaded (b))", "measured", 4 * p, 0),
         # Autocast caches every cast weight until it exits (after the loss), checkpointing or not.
         Row("bf16 weight copies cached by autocast", "measured", full.weight_copies, ckpt.weight_copies),
-        Row("activations saved for backward (no ckpt (a) / ckpt (b))", "measured", full.activations,
-            ckpt.activations, per_sample=True),
-        Row("teacher features held for the loss (bf16)", "measured", full.teacher_features, ckpt.teacher_features,
-            per_sample=True),
+        Row(
+            "activations saved for backward (no ckpt (a) / ckpt (b))",
+            "measured",
+            full.activations,
+            ckpt.activations,
+            per_sample=True,
+        ),
+        Row(
+            "teacher features held for the loss (bf16)",
+            "measured",
+            full.teacher_features,
+            ckpt.teacher_features,
+            per_sample=True,
+        ),
         Row("transient: checkpoint recompute + 2 x largest saved tensor", "estimated", *transient, per_sample=True),
         Row("CUDA context, workspaces, fragmentation", "estimated", CONTEXT_GIB * GiB, CONTEXT_GIB * GiB),
     ]
@@ -316,24 +355,36 @@ def gib(n: float) -> str:
 def unet_table(name: str, resolution: int, rows: list[Row], budget: float) -> str:
     """The markdown budget of one student at one resolution, batch 1."""
     a, b = totals(rows)
-    lines = [f"SDXL -> {name}, {resolution} px, batch 1 (GiB; per-sample rows scale with the batch)", "",
-             "| item | how | (a) plain | (b) 24 GB recipe |", "|---|---|---|---|"]
-    lines += [f"| {r.item}{' (per sample)' if r.per_sample else ''} | {r.label} | {gib(r.plain)} | {gib(r.lean)} |"
-              for r in rows]
+    lines = [
+        f"SDXL -> {name}, {resolution} px, batch 1 (GiB; per-sample rows scale with the batch)",
+        "",
+        "| item | how | (a) plain | (b) 24 GB recipe |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.item}{' (per sample)' if r.per_sample else ''} | {r.label} | {gib(r.plain)} | {gib(r.lean)} |"
+        for r in rows
+    ]
     lines.append(f"| **total** | | **{gib(a)}** | **{gib(b)}** |")
-    lines.append(f"\n(b) fits {budget / GiB:.0f} GiB at batch 1: {'yes' if b <= budget else 'no'}; "
-                 f"largest batch that fits: {max_batch(rows, budget)}")
+    lines.append(
+        f"\n(b) fits {budget / GiB:.0f} GiB at batch 1: {'yes' if b <= budget else 'no'}; "
+        f"largest batch that fits: {max_batch(rows, budget)}"
+    )
     return "\n".join(lines)
 
 
 def summary_table(results: list[dict]) -> str:
     """Totals and the largest fitting batch of every student and resolution."""
-    lines = ["| student | px | activations/sample, no ckpt | with ckpt | (a) total b=1 | (b) total b=1 | (b) max batch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| student | px | activations/sample, no ckpt | with ckpt | (a) total b=1 | (b) total b=1 | (b) max batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['unet']} | {r['resolution']} | {gib(r['activations_plain'])} | "
-                     f"{gib(r['activations_ckpt'])} | {gib(r['total_plain'])} | {gib(r['total_lean'])} | "
-                     f"{r['max_batch_lean']} |")
+        lines.append(
+            f"| {r['unet']} | {r['resolution']} | {gib(r['activations_plain'])} | "
+            f"{gib(r['activations_ckpt'])} | {gib(r['total_plain'])} | {gib(r['total_lean'])} | "
+            f"{r['max_batch_lean']} |"
+        )
     return "\n".join(lines)
 
 
@@ -358,9 +409,19 @@ def bench_memory(cfg: DictConfig) -> list[dict]:
             rows = budget_rows(name, res, cond, p_teacher, bench.distill)
             a, b = totals(rows)
             act = next(r for r in rows if r.item.startswith("activations"))
-            results.append({"unet": name, "resolution": res, "rows": [r.__dict__ for r in rows],
-                            "activations_plain": act.plain, "activations_ckpt": act.lean, "total_plain": a,
-                            "total_lean": b, "fits_lean_batch1": b <= budget, "max_batch_lean": max_batch(rows, budget)})
+            results.append(
+                {
+                    "unet": name,
+                    "resolution": res,
+                    "rows": [r.__dict__ for r in rows],
+                    "activations_plain": act.plain,
+                    "activations_ckpt": act.lean,
+                    "total_plain": a,
+                    "total_lean": b,
+                    "fits_lean_batch1": b <= budget,
+                    "max_batch_lean": max_batch(rows, budget),
+                }
+            )
             if res == max(bench.resolutions):
                 tables.append(unet_table(name, res, rows, budget))
     md = "\n\n".join([HEADER.format(distill=bench.distill), *tables, summary_table(results)])

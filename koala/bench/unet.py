@@ -130,19 +130,29 @@ def format_markdown(rows: list[dict[str, Any]], cfg: BenchUNetConfig) -> str:
     head += [f"paper {t} s (ratio)" for t in PAPER]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["unet"] if r["unet"] == "teacher" else f"`{r['unet']}`", f"{r['params']:,}", _fmt(r["bytes"] / 1e9, 2),
-                 _fmt(r["flops"] / 1e12, 2 if r["flops"] >= 1e11 else 5), _fmt(r["params_ratio"]), _fmt(r["flops_ratio"])]
+        cells = [
+            r["unet"] if r["unet"] == "teacher" else f"`{r['unet']}`",
+            f"{r['params']:,}",
+            _fmt(r["bytes"] / 1e9, 2),
+            _fmt(r["flops"] / 1e12, 2 if r["flops"] >= 1e11 else 5),
+            _fmt(r["params_ratio"]),
+            _fmt(r["flops_ratio"]),
+        ]
         if lat:
             cells += [_fmt(r["latency_s"]), _fmt(r["latency_s_ratio"]), _fmt(r["peak_gb"], 2)]
         for published in PAPER.values():
             s = published.get(r["spec"])
             cells.append(f"{s[0]:.2f} ({s[0] / published['sdxl'][0]:.3f})" if s else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nFLOPs: one U-Net forward at batch 1, counted on the meta device (2 per multiply-add, attention "
-            f"included). Teacher: SDXL-shaped `{cfg.arch}` config.")
+    note = (
+        f"\nFLOPs: one U-Net forward at batch 1, counted on the meta device (2 per multiply-add, attention "
+        f"included). Teacher: SDXL-shaped `{cfg.arch}` config."
+    )
     if lat:
-        note += (f" Latency: U-Net only, random weights, {cfg.steps} steps at batch {2 if cfg.guidance > 1 else 1}, "
-                 f"{cfg.dtype}, median of {cfg.runs} after {cfg.warmup} warm-up; peak memory is the U-Net's alone.")
+        note += (
+            f" Latency: U-Net only, random weights, {cfg.steps} steps at batch {2 if cfg.guidance > 1 else 1}, "
+            f"{cfg.dtype}, median of {cfg.runs} after {cfg.warmup} warm-up; peak memory is the U-Net's alone."
+        )
     note += " Paper: full pipeline on an RTX 4090, 1024 px, fp16 (KOALA.md section 5)."
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -155,8 +165,11 @@ def bench_unet(job: DictConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out or f"outputs/bench/unet-{cfg.arch}-{cfg.resolution}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "unet.md").write_text(table)
-    (out / "unet.json").write_text(json.dumps({"config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                                               "rows": rows, "paper": PAPER}, indent=1))
+    (out / "unet.json").write_text(
+        json.dumps(
+            {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "rows": rows, "paper": PAPER}, indent=1
+        )
+    )
     print(table + f"\nwrote {out / 'unet.md'} and {out / 'unet.json'}")
     return rows
 

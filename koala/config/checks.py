@@ -85,8 +85,10 @@ def _refuse_pickle(key: str, path: str) -> None:
     from koala.models.teacher import PICKLE_SUFFIXES
 
     if Path(path).suffix.lower() in PICKLE_SUFFIXES:
-        raise ConfigError(f"{key}={path!r} is a pickle checkpoint, refused because loading it can run code; convert it "
-                          "to .safetensors (safetensors.torch.save_file) and pass that")
+        raise ConfigError(
+            f"{key}={path!r} is a pickle checkpoint, refused because loading it can run code; convert it "
+            "to .safetensors (safetensors.torch.save_file) and pass that"
+        )
 
 
 def _fixture_hint(cfg) -> str:
@@ -105,8 +107,10 @@ def check_teacher_paths(cfg) -> None:
     _refuse_pickle("teacher.pipeline", t.pipeline)
     p = Path(t.pipeline)
     if p.is_file():
-        raise ConfigError(f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
-                          "(a single U-Net file goes in teacher.unet)")
+        raise ConfigError(
+            f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
+            "(a single U-Net file goes in teacher.unet)"
+        )
     if not p.is_dir():
         raise ConfigError(f"teacher.pipeline={t.pipeline!r} does not exist{_fixture_hint(cfg)}")
     for key in ("unet", "vae"):
@@ -136,8 +140,11 @@ def check_data(cfg) -> None:
         multiple = max(multiple, 64)  # SDXL's bucket grid is 64 px at 1024 px
     if data.resolution <= 0 or data.resolution % multiple:
         why = " (buckets: SDXL's bucket grid is 64 px)" if data.buckets else ""
-        _fail("data.resolution", data.resolution, f"a positive multiple of {multiple}: the VAE's downscaling times "
-              f"the U-Net's{why}")
+        _fail(
+            "data.resolution",
+            data.resolution,
+            f"a positive multiple of {multiple}: the VAE's downscaling times the U-Net's{why}",
+        )
     from koala.data.transforms import background_rgb
 
     try:

@@ -75,7 +75,9 @@ class DistillConfig:
     stage_weights: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
     sa_point: SaPoint = SaPoint.attn1  # attn1 (module output) | residual (stream after attn1 is added)
-    pairing: LayerSelect = LayerSelect.first  # first | uniform | last: the teacher layer a student layer is compared with
+    pairing: LayerSelect = (
+        LayerSelect.first
+    )  # first | uniform | last: the teacher layer a student layer is compared with
     loss: FeatureLoss = FeatureLoss.mse  # mse | normalized (divided by the teacher feature's mean square)
 
 

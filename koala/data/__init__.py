@@ -119,7 +119,13 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
 
 
 def build_stream(
-    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0,
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_batches: int = 0,
     final_tally: bool = False,
 ) -> BatchStream:
     """The batch stream (an IterableDataset of whole batches) described by `data_cfg`."""
@@ -131,7 +137,13 @@ def build_stream(
 
 
 def build_dataloader(
-    data_cfg: Any, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, resume_batches: int = 0,
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_batches: int = 0,
     final_tally: bool = False,
 ) -> DataLoader:
     """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches.
@@ -139,7 +151,12 @@ def build_dataloader(
     `final_tally=True`: a finite stream's last skip counts arrive as `tally_only` items (use `SkipTally.batches`).
     """
     stream = build_stream(
-        data_cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, resume_batches=resume_batches,
+        data_cfg,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        resume_batches=resume_batches,
         final_tally=final_tally,
     )
     workers = data_cfg.num_workers

@@ -130,7 +130,7 @@ def resolve_pipeline(teacher: DictConfig) -> str:
     if not teacher.pipeline:
         raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
     if not (Path(teacher.pipeline) / "model_index.json").is_file():
-        raise ValueError(f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)")
+        raise ValueError(
+            f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)"
+        )
     return str(teacher.pipeline)
-
-

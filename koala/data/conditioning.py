@@ -75,7 +75,11 @@ class SDXLConditioner(nn.Module):
             else AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
         )
         return cls(
-            tokenizers, text_encoders, vae_model, sample_latents=sample_latents, caption_dropout_mode=caption_dropout_mode
+            tokenizers,
+            text_encoders,
+            vae_model,
+            sample_latents=sample_latents,
+            caption_dropout_mode=caption_dropout_mode,
         ).to(device)
 
     @property
@@ -143,15 +147,18 @@ class SDXLConditioner(nn.Module):
         return replace_dropped(cond, dropped, uncond)
 
 
-def replace_dropped(cond: dict[str, Tensor], dropped: Tensor, uncond: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+def replace_dropped(
+    cond: dict[str, Tensor], dropped: Tensor, uncond: tuple[Tensor, Tensor] | None
+) -> dict[str, Tensor]:
     """`cond` with the prompt and pooled embeddings of the `dropped` samples replaced by `uncond` (batch 1), or zeros."""
     cond = dict(cond)
     if uncond is None:
         uncond = (torch.zeros_like(cond["prompt_embeds"][:1]), torch.zeros_like(cond["pooled_prompt_embeds"][:1]))
     mask = dropped.view(-1, 1)
     cond["prompt_embeds"] = torch.where(mask[:, :, None], uncond[0].to(cond["prompt_embeds"]), cond["prompt_embeds"])
-    cond["pooled_prompt_embeds"] = torch.where(mask, uncond[1].to(cond["pooled_prompt_embeds"]),
-                                               cond["pooled_prompt_embeds"])
+    cond["pooled_prompt_embeds"] = torch.where(
+        mask, uncond[1].to(cond["pooled_prompt_embeds"]), cond["pooled_prompt_embeds"]
+    )
     return cond
 
 
@@ -165,8 +172,9 @@ class CachedConditioner(nn.Module):
         self._device = torch.device(device)
 
     @classmethod
-    def from_pretrained(cls, pipeline_dir: str | Path, vae: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> CachedConditioner:
+    def from_pretrained(
+        cls, pipeline_dir: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu"
+    ) -> CachedConditioner:
         """Read the VAE's config (not its weights) from the pipeline folder, or from the given VAE folder."""
         config = AutoencoderKL.load_config(vae or Path(pipeline_dir) / "vae")
         return cls(2 ** (len(config["block_out_channels"]) - 1), device)

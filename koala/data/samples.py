@@ -49,8 +49,14 @@ class ImageCodec:
     def decode(self, raw: Raw, target: tuple[int, int], rng: random.Random) -> dict:
         """Decode and transform one record; randomness (caption pick, crop, flip, dropout) comes from `rng` only."""
         caption = raw.caption if isinstance(raw.caption, str) else rng.choice(raw.caption)
-        out = sdxl_transform(raw.image, target, center_crop=self.center_crop, random_flip=self.random_flip, rng=rng,
-                             background=self.background)
+        out = sdxl_transform(
+            raw.image,
+            target,
+            center_crop=self.center_crop,
+            random_flip=self.random_flip,
+            rng=rng,
+            background=self.background,
+        )
         dropped = self.caption_dropout > 0 and rng.random() < self.caption_dropout
         if dropped:  # the conditioner zeroes its embeddings or encodes "" (data.caption_dropout_mode)
             caption = ""

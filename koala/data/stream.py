@@ -142,7 +142,9 @@ class BatchStream(IterableDataset):
             if batch is not None:
                 sent = dict(counts)
                 yield batch
-        if self.final_tally and counts != sent:  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
+        if (
+            self.final_tally and counts != sent
+        ):  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
             yield {"skipped": dict(counts), "worker_id": g, "tally_only": True}
 
     def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int) -> dict | None:

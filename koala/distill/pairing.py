@@ -31,7 +31,9 @@ class TapPair:
     weight: float  # distill.kind_weights[kind] * distill.stage_weights[stage]
 
 
-def pair_taps(plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module) -> list[TapPair]:
+def pair_taps(
+    plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
+) -> list[TapPair]:
     """Pair every student tap selected by the `distill` section with its teacher tap; zero-weight taps are dropped.
 
     Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
@@ -61,16 +63,22 @@ def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:
     return dict(Counter((p.student.stage, p.student.kind) for p in pairs))
 
 
-def record_shapes(unet: torch.nn.Module, points: list[TapPoint], sample_size: int, batch_size: int = 1,
-                  sa_point: str = "attn1") -> dict[str, tuple[int, ...]]:
+def record_shapes(
+    unet: torch.nn.Module, points: list[TapPoint], sample_size: int, batch_size: int = 1, sa_point: str = "attn1"
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the given taps from one forward pass of a meta-device copy of `unet` (no memory, no weights)."""
     model = unwrap(unet)
     config = dict(model.config)
     if next(model.parameters()).device.type != "meta":
         model = build_unet(config, device="meta")
     with torch.no_grad(), FeatureTaps(model, points, detach=True, sa_point=sa_point) as taps:
-        x = random_inputs(config, sample_size, batch_size, vae_scale=1,  # latent = sample_size
-                          dtype=next(model.parameters()).dtype)
+        x = random_inputs(
+            config,
+            sample_size,
+            batch_size,
+            vae_scale=1,  # latent = sample_size
+            dtype=next(model.parameters()).dtype,
+        )
         unet_forward(model, x["noisy"], x["t"], x)
     return {name: tuple(f.shape) for name, f in taps.features.items()}
 

@@ -45,6 +45,7 @@ class SaPoint(Choice):
     attn1 = auto()  # the attn1 module's output
     residual = auto()  # the residual stream after attn1 is added
 
+
 _STAGE_OF = {"down_blocks": Stage.encoder, "mid_block": Stage.mid, "up_blocks": Stage.decoder}
 _BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(\..*)?$")
 _TRANSFORMER_CHILD = {"attn1": TapKind.sa, "attn2": TapKind.ca, "ff": TapKind.ffn}
@@ -137,7 +138,9 @@ def _first_tensor(output: Any) -> torch.Tensor:
 class FeatureTaps:
     """Context manager capturing the first output per step of each tap point into `features`."""
 
-    def __init__(self, unet: nn.Module, points: Iterable[TapPoint], detach: bool = False, sa_point: str = SaPoint.attn1):
+    def __init__(
+        self, unet: nn.Module, points: Iterable[TapPoint], detach: bool = False, sa_point: str = SaPoint.attn1
+    ):
         self.model = unwrap(unet)
         self.points = list(points)
         self.detach = detach

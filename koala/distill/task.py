@@ -82,13 +82,20 @@ class DistillationTask(nn.Module):
         # Outside any autocast the caller runs the student under: the teacher computes in its own dtype
         # (teacher.dtype), so an fp32 teacher stays fp32 beside a bf16-autocast student.
         no_autocast = (
-            torch.autocast(noisy.device.type, enabled=False) if noisy.device.type != "meta" else contextlib.nullcontext()
+            torch.autocast(noisy.device.type, enabled=False)
+            if noisy.device.type != "meta"
+            else contextlib.nullcontext()
         )  # (the meta device, used by the memory benchmark, has no autocast)
         with no_autocast:
             return unet_forward(self.teacher, noisy, t, cond, dtype=dtype)
 
     def forward(
-        self, noisy: Tensor, t: Tensor, cond: dict, target: Tensor, sample_weights: Tensor | None = None,
+        self,
+        noisy: Tensor,
+        t: Tensor,
+        cond: dict,
+        target: Tensor,
+        sample_weights: Tensor | None = None,
         timer: Timer = no_timer,
     ) -> dict[str, Tensor]:
         """All loss terms for one batch (`cond`: koala.models.forward.COND_KEYS); `timer` names each part."""

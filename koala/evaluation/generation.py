@@ -43,8 +43,10 @@ def _check_existing(path: Path, prompt: str, seed: int, settings: str) -> None:
         text = dict(getattr(img, "text", {}))
     made = (text.get("prompt"), text.get("seed"), text.get("settings"))
     if made != (prompt, str(seed), settings):
-        raise ValueError(f"{path} was sampled from prompt={made[0]!r} seed={made[1]} settings={made[2]}, not "
-                         f"prompt={prompt!r} seed={seed} settings={settings}; remove the folder or choose another out=")
+        raise ValueError(
+            f"{path} was sampled from prompt={made[0]!r} seed={made[1]} settings={made[2]}, not "
+            f"prompt={prompt!r} seed={seed} settings={settings}; remove the folder or choose another out="
+        )
 
 
 def generate_share(
@@ -72,8 +74,9 @@ def generate_share(
             todo.append(i)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        images = generate(pipe, [prompts[i] for i in batch], preset, [seed + i for i in batch],
-                          batch_size=len(batch), **sampling)
+        images = generate(
+            pipe, [prompts[i] for i in batch], preset, [seed + i for i in batch], batch_size=len(batch), **sampling
+        )
         for i, img in zip(batch, images):
             tmp = out / f".{image_name(i)}.tmp"
             img.save(tmp, format="PNG", pnginfo=_png_text(prompts[i], seed + i, settings))
@@ -93,7 +96,9 @@ def write_manifest(folder: Path, pairs: Sequence[tuple[str, Optional[str]]], see
     missing = [image_name(i) for i in range(len(pairs)) if not (folder / "images" / image_name(i)).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} images missing in {folder / 'images'} (first: {missing[0]})")
-    rows = [{"index": i, "file": f"images/{image_name(i)}", "prompt": p, "style": s, "seed": seed + i}
-            for i, (p, s) in enumerate(pairs)]
+    rows = [
+        {"index": i, "file": f"images/{image_name(i)}", "prompt": p, "style": s, "seed": seed + i}
+        for i, (p, s) in enumerate(pairs)
+    ]
     (folder / "manifest.json").write_text(json.dumps(rows, indent=1))
     return [Sample(folder / r["file"], r["prompt"], r["style"]) for r in rows]

@@ -152,6 +152,7 @@ def resize_like_tf1(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
 
     Output pixel i samples input coordinate i * in / out; the upper neighbour is clamped at the border.
     """
+
     def axis(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pos = torch.arange(size, dtype=x.dtype, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
         lo = pos.long()

@@ -29,19 +29,31 @@ class MissingMetricWeights(FileNotFoundError):
 
 def check_clip_folder(path: str | Path | None) -> Path:
     """A local CLIPModel folder with config, safetensors weights and tokenizer, or an error naming what is missing."""
-    need = ("config.json", "model.safetensors (or model.safetensors.index.json and its shards)",
-            "tokenizer.json, or vocab.json + merges.txt", "optionally preprocessor_config.json (image mean/std)")
-    how = ("Put a transformers CLIPModel there, e.g. on a machine with the hub: CLIPModel.from_pretrained("
-           "'openai/clip-vit-large-patch14').save_pretrained(DIR, safe_serialization=True) and the same with "
-           "CLIPTokenizer and CLIPImageProcessor; then copy DIR here.")
+    need = (
+        "config.json",
+        "model.safetensors (or model.safetensors.index.json and its shards)",
+        "tokenizer.json, or vocab.json + merges.txt",
+        "optionally preprocessor_config.json (image mean/std)",
+    )
+    how = (
+        "Put a transformers CLIPModel there, e.g. on a machine with the hub: CLIPModel.from_pretrained("
+        "'openai/clip-vit-large-patch14').save_pretrained(DIR, safe_serialization=True) and the same with "
+        "CLIPTokenizer and CLIPImageProcessor; then copy DIR here."
+    )
     if not path:
-        raise MissingMetricWeights(f"weights.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}")
+        raise MissingMetricWeights(
+            f"weights.clip is not set: it must name a local CLIP folder holding {'; '.join(need)}. {how}"
+        )
     path = Path(path)
     has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+    has_tok = (path / "tokenizer.json").is_file() or (
+        (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    )
     if not ((path / "config.json").is_file() and has_weights and has_tok):
         have = sorted(p.name for p in path.iterdir()) if path.is_dir() else "the folder does not exist"
-        raise MissingMetricWeights(f"CLIP metric weights missing in {path} (found: {have}); needed: {'; '.join(need)}. {how}")
+        raise MissingMetricWeights(
+            f"CLIP metric weights missing in {path} (found: {have}); needed: {'; '.join(need)}. {how}"
+        )
     return path
 
 
@@ -55,7 +67,11 @@ class ClipScorer:
         self.device = device
         self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
         self.tokenizer = CLIPTokenizer.from_pretrained(path)
-        pre = json.loads((path / "preprocessor_config.json").read_text()) if (path / "preprocessor_config.json").is_file() else {}
+        pre = (
+            json.loads((path / "preprocessor_config.json").read_text())
+            if (path / "preprocessor_config.json").is_file()
+            else {}
+        )
         self.mean = torch.tensor(pre.get("image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
         self.std = torch.tensor(pre.get("image_std", CLIP_STD)).view(1, 3, 1, 1)
         self.size = self.model.config.vision_config.image_size
@@ -72,7 +88,9 @@ class ClipScorer:
     def image_features(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
         """CLIP image embeddings (projected, not normalised): (N, D)."""
         feats = [
-            _embedding(self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch_size]).to(self.device)))
+            _embedding(
+                self.model.get_image_features(pixel_values=self.pixels(images[i : i + batch_size]).to(self.device))
+            )
             for i in range(0, len(images), batch_size)
         ]
         return torch.cat(feats).float().cpu()
@@ -81,8 +99,9 @@ class ClipScorer:
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP text embeddings (projected, not normalised): (N, D)."""
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
-        feats = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
-                                             attention_mask=tokens.attention_mask.to(self.device))
+        feats = self.model.get_text_features(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        )
         return _embedding(feats).float().cpu()
 
     def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:

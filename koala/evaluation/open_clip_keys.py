@@ -15,10 +15,25 @@ import torch
 # largest token id).
 OPEN_CLIP_VIT_H_14 = {
     "projection_dim": 1024,
-    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 24,
-                    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu", "eos_token_id": 2},
-    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16, "num_hidden_layers": 32,
-                      "image_size": 224, "patch_size": 14, "hidden_act": "gelu"},
+    "text_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "hidden_act": "gelu",
+        "eos_token_id": 2,
+    },
+    "vision_config": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+    },
 }
 
 # Whole-tensor renames (open_clip -> transformers); `T` marks (in, out) matrices stored transposed in open_clip.
@@ -36,18 +51,28 @@ TOP_LEVEL = {
     "logit_scale": "logit_scale",
 }
 # Inside one residual block.
-BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
-         "mlp.c_proj": "mlp.fc2"}
-TOWERS = {"visual.transformer.resblocks": "vision_model.encoder.layers", "transformer.resblocks": "text_model.encoder.layers"}
+BLOCK = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+TOWERS = {
+    "visual.transformer.resblocks": "vision_model.encoder.layers",
+    "transformer.resblocks": "text_model.encoder.layers",
+}
 BLOCK_KEY = re.compile(r"^(visual\.transformer\.resblocks|transformer\.resblocks)\.(\d+)\.(.+)\.(weight|bias)$")
-IN_PROJ_KEY = re.compile(r"^(visual\.transformer\.resblocks|transformer\.resblocks)\.(\d+)\.attn\.in_proj_(weight|bias)$")
+IN_PROJ_KEY = re.compile(
+    r"^(visual\.transformer\.resblocks|transformer\.resblocks)\.(\d+)\.attn\.in_proj_(weight|bias)$"
+)
 
 
 def _rename(key: str) -> str | None:
     """The transformers name of one non-attention-input open_clip key (None when it is not a known key)."""
     for old, new in TOP_LEVEL.items():
         if key == old or key.startswith(old + "."):
-            return new.removesuffix(" T") + key[len(old):] + (" T" if new.endswith(" T") else "")
+            return new.removesuffix(" T") + key[len(old) :] + (" T" if new.endswith(" T") else "")
     m = BLOCK_KEY.match(key)
     if m and m.group(3) in BLOCK:
         return f"{TOWERS[m.group(1)]}.{m.group(2)}.{BLOCK[m.group(3)]}.{m.group(4)}"

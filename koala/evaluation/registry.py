@@ -76,8 +76,14 @@ def reference_files(reference: str | Path) -> list[Path]:
 class FrechetMetric:
     """Fréchet distance between the features of the samples and of the reference images (or stored statistics)."""
 
-    def __init__(self, name: str, features: Callable[[list[Image.Image]], torch.Tensor], reference: str | Path,
-                 batch_size: int = 32, stats_out: Optional[Path] = None):
+    def __init__(
+        self,
+        name: str,
+        features: Callable[[list[Image.Image]], torch.Tensor],
+        reference: str | Path,
+        batch_size: int = 32,
+        stats_out: Optional[Path] = None,
+    ):
         self.name, self.features, self.batch_size = name, features, batch_size
         self.reference, self.stats_out = Path(reference), stats_out
         self._ref: torch.Tensor | tuple[np.ndarray, np.ndarray] | None = None
@@ -154,14 +160,22 @@ class ScoreMetric:
 
 def _fid(weights: Path, ctx: MetricContext) -> Metric:
     """FID with the TF-ported Inception (see koala.evaluation.inception)."""
-    return FrechetMetric("fid", InceptionFeatures(weights, ctx.device, ctx.protocol.fid_size), ctx.protocol.reference,
-                         stats_out=ctx.out / "reference-stats" / "fid.npz")
+    return FrechetMetric(
+        "fid",
+        InceptionFeatures(weights, ctx.device, ctx.protocol.fid_size),
+        ctx.protocol.reference,
+        stats_out=ctx.out / "reference-stats" / "fid.npz",
+    )
 
 
 def _fd_clip(weights: Path, ctx: MetricContext) -> Metric:
     """Fréchet distance of CLIP image embeddings (Kynkäänniemi et al. 2023)."""
-    return FrechetMetric("fd_clip", ClipScorer(weights, ctx.device).image_features, ctx.protocol.reference,
-                         stats_out=ctx.out / "reference-stats" / "fd_clip.npz")
+    return FrechetMetric(
+        "fd_clip",
+        ClipScorer(weights, ctx.device).image_features,
+        ctx.protocol.reference,
+        stats_out=ctx.out / "reference-stats" / "fd_clip.npz",
+    )
 
 
 def _clip_score(weights: Path, ctx: MetricContext) -> Metric:
@@ -208,8 +222,10 @@ def check_metrics(names: Sequence[str], weights: Any, protocol: Any) -> dict[str
         out[name] = entry.check(getattr(weights, entry.key, None), f"weights.{entry.key}", entry.kind)
         if entry.needs_reference:
             if not protocol.reference:
-                raise FileNotFoundError(f"metric {name} needs protocol.reference (a folder of real images or a .npz "
-                                        "with mu and sigma); it is not set")
+                raise FileNotFoundError(
+                    f"metric {name} needs protocol.reference (a folder of real images or a .npz "
+                    "with mu and sigma); it is not set"
+                )
             ref = Path(protocol.reference)
             if ref.suffix != ".npz":
                 reference_files(ref)

@@ -46,41 +46,57 @@ def is_safetensors(path: Path) -> bool:
 def check_safetensors(path: str | Path | None, key: str, kind: str) -> Path:
     """A safetensors weight file at `path`, or a one-line error naming the key, the file and the conversion."""
     if not path:
-        raise MissingMetricWeights(f"{key} is not set: it must name the {kind} weights as .safetensors; "
-                                   f"convert the original once with `{convert_command(kind)}`")
+        raise MissingMetricWeights(
+            f"{key} is not set: it must name the {kind} weights as .safetensors; "
+            f"convert the original once with `{convert_command(kind)}`"
+        )
     path = Path(path)
     if not path.is_file():
-        raise MissingMetricWeights(f"{key}={path}: no such file; write it once with `{convert_command(kind, out=str(path))}`")
+        raise MissingMetricWeights(
+            f"{key}={path}: no such file; write it once with `{convert_command(kind, out=str(path))}`"
+        )
     if not is_safetensors(path):
         what = "a pickle (torch.save), which the evaluator never loads" if is_pickle(path) else "not a safetensors file"
-        raise MissingMetricWeights(f"{key}={path} is {what}; convert the original once with "
-                                   f"`{convert_command(kind, src=str(path), out=path.with_suffix('.safetensors'))}`")
+        raise MissingMetricWeights(
+            f"{key}={path} is {what}; convert the original once with "
+            f"`{convert_command(kind, src=str(path), out=path.with_suffix('.safetensors'))}`"
+        )
     return path
 
 
 def check_clip_model(path: str | Path | None, key: str, kind: str) -> Path:
     """A transformers CLIPModel folder with safetensors weights and a tokenizer, or an error naming what is missing."""
     if not path:
-        raise MissingMetricWeights(f"{key} is not set: it must name a local {kind} CLIPModel folder "
-                                   f"(config.json, model.safetensors, tokenizer); see `{convert_command(kind)}`")
+        raise MissingMetricWeights(
+            f"{key} is not set: it must name a local {kind} CLIPModel folder "
+            f"(config.json, model.safetensors, tokenizer); see `{convert_command(kind)}`"
+        )
     path = Path(path)
     if path.is_file():
         what = "a pickle (torch.save), which the evaluator never loads" if is_pickle(path) else "a file, not a folder"
-        raise MissingMetricWeights(f"{key}={path} is {what}; write a {kind} CLIPModel folder once with "
-                                   f"`{convert_command(kind, src=str(path), out=str(path.with_suffix('')))}`")
-    has_tok = (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
+        raise MissingMetricWeights(
+            f"{key}={path} is {what}; write a {kind} CLIPModel folder once with "
+            f"`{convert_command(kind, src=str(path), out=str(path.with_suffix('')))}`"
+        )
+    has_tok = (path / "tokenizer.json").is_file() or (
+        (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+    )
     has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")] if path.is_dir() else []
     if (path / "config.json").is_file() and has_st and has_tok:
         return path
     have = sorted(p.name for p in path.iterdir()) if path.is_dir() else "the folder does not exist"
     if pickled and not has_st:
-        hint = f"it holds pickled weights ({', '.join(pickled)}): convert once with " \
+        hint = (
+            f"it holds pickled weights ({', '.join(pickled)}): convert once with "
             f"`{convert_command(kind, src=str(path), out=f'{path}-safetensors')}`"
+        )
     else:
         hint = f"convert once with `{convert_command(kind, out=str(path))}`"
-    raise MissingMetricWeights(f"{key}={path}: {kind} weights incomplete (found: {have}); needed: config.json, "
-                               f"model.safetensors, tokenizer.json or vocab.json + merges.txt; {hint}")
+    raise MissingMetricWeights(
+        f"{key}={path}: {kind} weights incomplete (found: {have}); needed: config.json, "
+        f"model.safetensors, tokenizer.json or vocab.json + merges.txt; {hint}"
+    )
 
 
 def _load_pickle(src: Path) -> dict[str, torch.Tensor]:
@@ -114,8 +130,14 @@ def _copy_tokenizer(tokenizer: str | Path | None, out: Path) -> None:
     """Copy a CLIP tokenizer's files (and preprocessor_config.json, the image mean/std) into `out`."""
     if tokenizer is None:
         return
-    names = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "preprocessor_config.json")
+    names = (
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "preprocessor_config.json",
+    )
     for name in names:
         if (Path(tokenizer) / name).is_file():
             shutil.copy(Path(tokenizer) / name, out / name)
@@ -134,13 +156,22 @@ def hps_config(state: dict[str, torch.Tensor]):
 
     conv, tok = state["visual.conv1.weight"], state["token_embedding.weight"]
     grid = int(round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
-    text = {**OPEN_CLIP_VIT_H_14["text_config"], "hidden_size": tok.shape[1], "vocab_size": tok.shape[0],
-            "max_position_embeddings": state["positional_embedding"].shape[0],
-            "num_hidden_layers": layers("transformer.resblocks"),
-            "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]}
-    vision = {**OPEN_CLIP_VIT_H_14["vision_config"], "hidden_size": conv.shape[0], "patch_size": conv.shape[-1],
-              "image_size": conv.shape[-1] * grid, "num_hidden_layers": layers("visual.transformer.resblocks"),
-              "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]}
+    text = {
+        **OPEN_CLIP_VIT_H_14["text_config"],
+        "hidden_size": tok.shape[1],
+        "vocab_size": tok.shape[0],
+        "max_position_embeddings": state["positional_embedding"].shape[0],
+        "num_hidden_layers": layers("transformer.resblocks"),
+        "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    }
+    vision = {
+        **OPEN_CLIP_VIT_H_14["vision_config"],
+        "hidden_size": conv.shape[0],
+        "patch_size": conv.shape[-1],
+        "image_size": conv.shape[-1] * grid,
+        "num_hidden_layers": layers("visual.transformer.resblocks"),
+        "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+    }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=state["visual.proj"].shape[1])
 
 
@@ -154,7 +185,9 @@ def convert_hps(src: str | Path, out: str | Path, tokenizer: str | Path | None =
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     _copy_tokenizer(tokenizer, out)
-    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)})
+    )
     return out
 
 
@@ -188,6 +221,10 @@ def convert_clip_folder(src: str | Path, out: str | Path, tokenizer: str | Path 
     return out
 
 
-CONVERTERS = {"inception": convert_inception, "hps": convert_hps, "pickscore": convert_clip_folder,
-              "clip": convert_clip_folder}
+CONVERTERS = {
+    "inception": convert_inception,
+    "hps": convert_hps,
+    "pickscore": convert_clip_folder,
+    "clip": convert_clip_folder,
+}
 Converter = Choice("Converter", list(CONVERTERS))  # `python -m koala.evaluate convert=...`: a key of CONVERTERS

@@ -106,7 +106,9 @@ def _convert_key(key: str, prefixes: dict[str, str]) -> str:
     return ".".join([prefixes[prefix], *rest])
 
 
-def diffusers_to_original(state_dict: dict[str, torch.Tensor], prefix: str = ORIGINAL_PREFIX) -> dict[str, torch.Tensor]:
+def diffusers_to_original(
+    state_dict: dict[str, torch.Tensor], prefix: str = ORIGINAL_PREFIX
+) -> dict[str, torch.Tensor]:
     """A diffusers U-Net state dict in the original SDXL layout (keys `model.diffusion_model....` by default)."""
     prefixes = module_prefix_map(state_dict)
     out = {prefix + _convert_key(k, prefixes): v for k, v in state_dict.items()}

@@ -85,8 +85,9 @@ class InheritanceReport:
 
     def summary(self) -> str:
         blocks = sorted({_block_of(s) + " <- " + _block_of(t) for s, t in self.renamed().items()})
-        lines = [f"copied {len(self.copied)} tensors ({len(self.renamed())} re-indexed), "
-                 f"{len(self.random_init)} left random"]
+        lines = [
+            f"copied {len(self.copied)} tensors ({len(self.renamed())} re-indexed), {len(self.random_init)} left random"
+        ]
         lines += [f"  {b}" for b in blocks]
         return "\n".join(lines)
 

@@ -88,7 +88,9 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     ]
     problems = [(missing, "missing"), (unexpected, "unexpected"), (shapes, "shape mismatch")]
     if any(p for p, _ in problems):
-        lines = [f"{what} ({len(p)}): " + ", ".join(p[:5]) + (" ..." if len(p) > 5 else "") for p, what in problems if p]
+        lines = [
+            f"{what} ({len(p)}): " + ", ".join(p[:5]) + (" ..." if len(p) > 5 else "") for p, what in problems if p
+        ]
         raise ValueError(f"weights from {source} do not fit the U-Net config:\n  " + "\n  ".join(lines))
 
 
@@ -118,7 +120,9 @@ def load_unet(
     if path.is_dir():
         folder = path / "unet" if (path / "model_index.json").is_file() or (path / "unet").is_dir() else path
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: neither a diffusers pipeline folder (unet/) nor a U-Net folder (config.json)")
+            raise FileNotFoundError(
+                f"{path}: neither a diffusers pipeline folder (unet/) nor a U-Net folder (config.json)"
+            )
         config = json.loads((folder / "config.json").read_text())
         unet = _build_loaded(config, _folder_weights(folder), str(folder))
     elif path.suffix.lower() == ".safetensors":

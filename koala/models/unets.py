@@ -35,6 +35,7 @@ class MidMode(Choice):
     resnet = auto()  # one resnet, no transformer
     none = auto()  # no mid block
 
+
 # The SDXL-Base-1.0 U-Net (also SDXL-Lightning's and SDXL-Turbo's): 2,567,463,684 parameters.
 SDXL_UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
@@ -119,7 +120,10 @@ SHAPES_UNET_CONFIG: dict[str, Any] = {
 }
 
 ARCHS: dict[str, dict[str, Any]] = {
-    "sdxl": SDXL_UNET_CONFIG, "tiny": TINY_UNET_CONFIG, "medium": MEDIUM_UNET_CONFIG, "shapes": SHAPES_UNET_CONFIG,
+    "sdxl": SDXL_UNET_CONFIG,
+    "tiny": TINY_UNET_CONFIG,
+    "medium": MEDIUM_UNET_CONFIG,
+    "shapes": SHAPES_UNET_CONFIG,
 }
 Arch = Choice("Arch", list(ARCHS))  # teacher.arch, bench.arch: a key of ARCHS
 
@@ -156,19 +160,53 @@ SPECS: dict[str, StudentSpec] = {
     s.name: s
     for s in [
         StudentSpec("sdxl", "identity: the teacher's own architecture"),
-        StudentSpec("koala-1b", "KOALA-1B: 1 encoder / 2 decoder layers per stage, depth 6, mid kept",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 6), decoder_depth=(6, 2, 1), mid_depth=6),
-        StudentSpec("koala-700m", "KOALA-700M: 1 encoder / 2 decoder layers per stage, depth 5, no mid block",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 5), decoder_depth=(5, 2, 1), mid=MidMode.none),
-        StudentSpec("ssd-1b", "Segmind SSD-1B: all layers, shallower transformers, mid block without transformer",
-                    encoder_depth=(0, 2, 4), decoder_depth=((4, 4, 10), (2, 1, 1), 0), mid=MidMode.resnet),
-        StudentSpec("vega", "Segmind-Vega: all layers, depths 1-2, mid block without transformer",
-                    encoder_depth=(0, 1, 2), decoder_depth=(2, 1, 0), mid=MidMode.resnet),
+        StudentSpec(
+            "koala-1b",
+            "KOALA-1B: 1 encoder / 2 decoder layers per stage, depth 6, mid kept",
+            **_KOALA_KEEP,
+            encoder_depth=(1, 2, 6),
+            decoder_depth=(6, 2, 1),
+            mid_depth=6,
+        ),
+        StudentSpec(
+            "koala-700m",
+            "KOALA-700M: 1 encoder / 2 decoder layers per stage, depth 5, no mid block",
+            **_KOALA_KEEP,
+            encoder_depth=(1, 2, 5),
+            decoder_depth=(5, 2, 1),
+            mid=MidMode.none,
+        ),
+        StudentSpec(
+            "ssd-1b",
+            "Segmind SSD-1B: all layers, shallower transformers, mid block without transformer",
+            encoder_depth=(0, 2, 4),
+            decoder_depth=((4, 4, 10), (2, 1, 1), 0),
+            mid=MidMode.resnet,
+        ),
+        StudentSpec(
+            "vega",
+            "Segmind-Vega: all layers, depths 1-2, mid block without transformer",
+            encoder_depth=(0, 1, 2),
+            decoder_depth=(2, 1, 0),
+            mid=MidMode.resnet,
+        ),
         # Tiny specs follow the same rules on TINY_UNET_CONFIG (deepest teacher depth 4).
-        StudentSpec("tiny-1b", "tiny KOALA-1B analogue: 1/2 layers per stage, depth 3, mid kept",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 3), decoder_depth=(3, 2, 1), mid_depth=3),
-        StudentSpec("tiny-700m", "tiny KOALA-700M analogue: 1/2 layers per stage, depth 2, no mid block",
-                    **_KOALA_KEEP, encoder_depth=(1, 2, 2), decoder_depth=(2, 2, 1), mid=MidMode.none),
+        StudentSpec(
+            "tiny-1b",
+            "tiny KOALA-1B analogue: 1/2 layers per stage, depth 3, mid kept",
+            **_KOALA_KEEP,
+            encoder_depth=(1, 2, 3),
+            decoder_depth=(3, 2, 1),
+            mid_depth=3,
+        ),
+        StudentSpec(
+            "tiny-700m",
+            "tiny KOALA-700M analogue: 1/2 layers per stage, depth 2, no mid block",
+            **_KOALA_KEEP,
+            encoder_depth=(1, 2, 2),
+            decoder_depth=(2, 2, 1),
+            mid=MidMode.none,
+        ),
     ]
 }
 
@@ -328,7 +366,9 @@ def student_config(teacher_config: dict[str, Any], spec: StudentSpec) -> dict[st
     enc = [d[0] if len(set(d)) == 1 else list(d) for d in p.encoder_depth]
     enc = [e if p.teacher.has_attn_down[i] else _first_int(teacher_config, i) for i, e in enumerate(enc)]
     derived_up = [
-        _per_layer(enc[n - 1 - j], len(p.decoder_keep[j])) if p.teacher.has_attn_up[j] else (0,) * len(p.decoder_keep[j])
+        _per_layer(enc[n - 1 - j], len(p.decoder_keep[j]))
+        if p.teacher.has_attn_up[j]
+        else (0,) * len(p.decoder_keep[j])
         for j in range(n)
     ]
     symmetric = all(not isinstance(e, list) for e in enc) and tuple(derived_up) == p.decoder_depth

@@ -170,7 +170,11 @@ def train_unet(cfg: TeacherTrainConfig, pipe: StableDiffusionXLPipeline, latents
         prompt_embeds, pooled = encode_text(pipe, [captions[i] for i in idx])
         keep = (torch.rand(len(idx), generator=g) >= cfg.caption_dropout).float()
         prompt_embeds, pooled = prompt_embeds * keep[:, None, None], pooled * keep[:, None]
-        cond = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "time_ids": time_ids.expand(len(idx), -1)}
+        cond = {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "time_ids": time_ids.expand(len(idx), -1),
+        }
         pred = unet_forward(unet, noisy, t, cond)
         w = min_snr_weights(noise_scheduler, t, cfg.snr_gamma)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()

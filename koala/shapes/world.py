@@ -55,7 +55,9 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     return None
 
 
-def render(shape: str, colour: str, background: str, cx: float, cy: float, r: float, size: int = RESOLUTION) -> Image.Image:
+def render(
+    shape: str, colour: str, background: str, cx: float, cy: float, r: float, size: int = RESOLUTION
+) -> Image.Image:
     """Draw one scene; centre and radius in pixels of a `size` x `size` picture."""
     k = SUPERSAMPLE
     image = Image.new("RGB", (size * k, size * k), COLOURS[background])

@@ -74,4 +74,3 @@ def fit_controlnet(controlnet: ControlNetModel, plan: Plan) -> StudentControlNet
     fitted.student_sources = residual_sources(plan)
     first = next(controlnet.parameters())
     return fitted.to(device=first.device, dtype=first.dtype).eval()
-

@@ -83,7 +83,9 @@ def teacher_module_tables(teacher: torch.nn.Module) -> tuple[dict[str, tuple[int
     may live on the meta device: only names and shapes are read.
     """
     shapes = {
-        n: tuple(m.weight.shape) for n, m in teacher.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+        n: tuple(m.weight.shape)
+        for n, m in teacher.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
     }
     state = {f"{n}.weight": torch.empty(0) for n in shapes}
     original = diffusers_to_original(state, prefix="")
@@ -138,8 +140,11 @@ def _classify(key: str, kohya_unet: dict[str, str]) -> tuple[str, str, str] | No
 
 
 def parse_lora(
-    state: dict[str, torch.Tensor], metadata: dict[str, str], teacher_shapes: dict[str, tuple[int, ...]],
-    kohya_unet: dict[str, str], source: str = "LoRA",
+    state: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    teacher_shapes: dict[str, tuple[int, ...]],
+    kohya_unet: dict[str, str],
+    source: str = "LoRA",
 ) -> dict[tuple[str, str], Adapter]:
     """Group a LoRA state dict into adapters per (component, module), checked against the teacher's modules."""
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -162,7 +167,9 @@ def parse_lora(
             raise ValueError(f"{source}: {component} module {module!r} has {sorted(p)} but needs both down and up")
         down, up = p["down"], p["up"]
         if up.shape[1] != down.shape[0]:
-            raise ValueError(f"{source}: {component} {module!r}: up {tuple(up.shape)} and down {tuple(down.shape)} ranks differ")
+            raise ValueError(
+                f"{source}: {component} {module!r}: up {tuple(up.shape)} and down {tuple(down.shape)} ranks differ"
+            )
         if component == "unet":
             _check_shape(module, down, up, teacher_shapes[module], source)
         rank = down.shape[0]
@@ -175,7 +182,9 @@ def _check_modules(parts: dict, teacher_shapes: dict[str, tuple[int, ...]], sour
     """Every U-Net module must exist in the SDXL teacher, every text-encoder one must be a CLIP projection."""
     bad_unet = sorted(m for c, m in parts if c == "unet" and m not in teacher_shapes)
     if bad_unet:
-        sd1 = any(m.startswith(("down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1")) for m in bad_unet)
+        sd1 = any(
+            m.startswith(("down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1")) for m in bad_unet
+        )
         hint = " (down_blocks.0 has attention layers: an SD 1.x / 2.x LoRA)" if sd1 else ""
         raise ValueError(
             f"{source}: {len(bad_unet)} LoRA modules name U-Net layers the SDXL teacher does not have{hint}, "

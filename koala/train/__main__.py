@@ -32,8 +32,10 @@ def hydra_main(cfg: DictConfig) -> None:
     except ConfigError as e:
         exit_config_error(e)
     except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
-        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
-              file=sys.stderr)
+        print(
+            f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -50,9 +50,7 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
     )
 
 
-def load_frozen(
-    cfg, device: torch.device
-) -> tuple[SDXLConditioner | CachedConditioner, Noising, UNet2DConditionModel]:
+def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner | CachedConditioner, Noising, UNet2DConditionModel]:
     """Conditioner (text encoders + VAE; for a cache, none of them), how latents are noised, and the teacher in its
     stored precision."""
     if cfg.data.kind == "cached" and cfg.data.caption_dropout_mode == "zeros":  # nothing to encode during training

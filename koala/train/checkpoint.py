@@ -92,7 +92,9 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | int = "latest", verif
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} not found in {run_dir}; {_describe_checkpoints(run_dir)}")
     if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"checkpoint {path} is incomplete (no {COMPLETE} file); {_describe_checkpoints(run_dir)}")
+        raise FileNotFoundError(
+            f"checkpoint {path} is incomplete (no {COMPLETE} file); {_describe_checkpoints(run_dir)}"
+        )
     if verify:
         verify_checkpoint(path)
     return path
@@ -257,8 +259,10 @@ class StopSignal:
             sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting without a checkpoint\n")
             raise SystemExit(128 + signum)
         self.requested = True
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-                         "(send it again to exit at once)\n")
+        sys.stderr.write(
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(send it again to exit at once)\n"
+        )
 
     def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -70,8 +70,9 @@ def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
         set_base_lr(run.optimizer, run.lr_scheduler, cfg.optim.lr)
-        log.warning("resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr,
-                    cfg.optim.lr)
+        log.warning(
+            "resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr, cfg.optim.lr
+        )
     log.info("resumed from %s at step %d", ckpt, state["step"])
     return state["step"]
 
@@ -107,16 +108,25 @@ def train(cfg: DictConfig) -> Path:
         run.ema.to(device)
     # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
     # passed to accelerator.prepare, which would re-split or dispatch it.
-    loader = build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum,
-                              final_tally=True)
+    loader = build_dataloader(
+        cfg.data,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        resume_batches=step * cfg.grad_accum,
+        final_tally=True,
+    )
     config = OmegaConf.to_container(cfg, resolve=True)
     if accelerator.is_main_process:
         trim_metrics(run_dir / "metrics.jsonl", step)
-        accelerator.init_trackers("koala", config=flat_hparams(config),
-                                  init_kwargs={"wandb": {"dir": str(run_dir)}})  # wandb/ in the run, not the cwd
+        accelerator.init_trackers(
+            "koala", config=flat_hparams(config), init_kwargs={"wandb": {"dir": str(run_dir)}}
+        )  # wandb/ in the run, not the cwd
     metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
-    renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
+    renderer = (
+        SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
+    )
     if renderer is not None and step == 0 and cfg.sample_every > 0:
         renderer.render_teacher(teacher)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
@@ -125,8 +135,15 @@ def train(cfg: DictConfig) -> Path:
 
     def checkpoint() -> None:
         with rng_preserved():  # writing (EMA's save builds a random model) consumes no training randomness
-            save_checkpoint(accelerator, run_dir, step, run.student, run.ema, {"last": last, "config": config},
-                            keep=cfg.keep_checkpoints)
+            save_checkpoint(
+                accelerator,
+                run_dir,
+                step,
+                run.student,
+                run.ema,
+                {"last": last, "config": config},
+                keep=cfg.keep_checkpoints,
+            )
 
     def log_point() -> dict:
         skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}

@@ -100,9 +100,14 @@ def record_config(run_dir: Path, cfg) -> None:
         while (run_dir / f"config.{n}.yaml").exists():
             n += 1
         kept = path.rename(run_dir / f"config.{n}.yaml")
-        changes = config_changes(OmegaConf.to_container(OmegaConf.load(kept)), OmegaConf.to_container(cfg, resolve=True))
-        log.info("config changed (%s); the previous one is kept as %s",
-                 ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()), kept.name)
+        changes = config_changes(
+            OmegaConf.to_container(OmegaConf.load(kept)), OmegaConf.to_container(cfg, resolve=True)
+        )
+        log.info(
+            "config changed (%s); the previous one is kept as %s",
+            ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+            kept.name,
+        )
     path.write_text(text)
 
 

@@ -38,20 +38,33 @@ class SampleRenderer:
     @torch.no_grad()
     def render(self, unet, name: str, step: int = 0) -> Path:
         """One image per prompt (seed = sample_seed + index) as a grid PNG, also sent to tensorboard."""
-        c = self.conditioner if isinstance(self.conditioner, SDXLConditioner) else SDXLConditioner.from_pretrained(
-            self.teacher.pipeline, vae=self.teacher.vae, device=self.accelerator.device, dtype=DTYPES[self.teacher.dtype]
+        c = (
+            self.conditioner
+            if isinstance(self.conditioner, SDXLConditioner)
+            else SDXLConditioner.from_pretrained(
+                self.teacher.pipeline,
+                vae=self.teacher.vae,
+                device=self.accelerator.device,
+                dtype=DTYPES[self.teacher.dtype],
+            )
         )
         pipe = StableDiffusionXLPipeline(
-            vae=c.vae, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
-            tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1], unet=unet, scheduler=self.scheduler,
+            vae=c.vae,
+            text_encoder=c.text_encoders[0],
+            text_encoder_2=c.text_encoders[1],
+            tokenizer=c.tokenizers[0],
+            tokenizer_2=c.tokenizers[1],
+            unet=unet,
+            scheduler=self.scheduler,
         )
         pipe.set_progress_bar_config(disable=True)
         was_training = unet.training
         unet.eval()
         with rng_preserved():
             # seeded generators draw the images; fork_rng keeps sampling from moving the training RNG regardless
-            images = generate(pipe, self.prompts, self.preset, seeds=self.seed, steps=self.steps, height=self.size,
-                              width=self.size)
+            images = generate(
+                pipe, self.prompts, self.preset, seeds=self.seed, steps=self.steps, height=self.size, width=self.size
+            )
         unet.train(was_training)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{name}.png"

@@ -90,6 +90,10 @@ def write_rank_record(accelerator, run_dir: Path, keys: list[str], model: torch.
         digest.update(full_tensor(tensor).detach().cpu().contiguous().numpy().tobytes())
     out = run_dir / "ranks"
     out.mkdir(parents=True, exist_ok=True)
-    record = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "keys": keys,
-              "weights_sha256": digest.hexdigest()}
+    record = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "keys": keys,
+        "weights_sha256": digest.hexdigest(),
+    }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(record))
