@@ -17,7 +17,9 @@ from koala.models.unets import TINY_UNET_CONFIG, build_student, count_parameters
 SDXL_PARAMS = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863, "unet": 2_567_463_684}
 
 
-@pytest.mark.parametrize("size", ["sdxl", "tiny"])
+@pytest.mark.parametrize(
+    "size", [pytest.param("sdxl", marks=pytest.mark.slow), "tiny"]
+)  # sdxl: ~60 s on the meta device
 def test_random_pipeline_components_fit_together(size, tmp_path):
     toks = [write_byte_tokenizer(tmp_path / "a"), write_byte_tokenizer(tmp_path / "b", pad_token="!")]
     with torch.device("meta"):
