@@ -26,7 +26,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# the tests not marked slow, one process per core (each single-threaded): 54 s on an idle 2-core machine
+# the tests not marked slow, one process per core (each single-threaded): 49 s on an idle 2-core machine
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto
 
