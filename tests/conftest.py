@@ -15,6 +15,26 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def free_port() -> int:
+    """A free TCP port on localhost (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_launch(module: str, *args: str) -> list[str]:
+    """`accelerate launch` of `python -m <module> <args>` as 2 processes on this machine (gloo on CPU)."""
+    import sys
+
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", module, *args,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny random SDXL pipeline saved as a diffusers folder (shared by the whole session: read-only)."""

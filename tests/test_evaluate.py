@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import two_process_launch
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
@@ -348,9 +349,7 @@ def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
 def test_two_process_coco_run_splits_prompts_resumes_and_reports(
     tiny_pipeline_dir, inception_file, tiny_clip, tmp_path
 ):
-    import socket
     import subprocess
-    import sys
     from pathlib import Path
 
     student = write_tiny_pipeline(tmp_path / "student", seed=1)
@@ -374,28 +373,7 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(
         "grid=4",
         f"out={tmp_path / 'eval'}",
     ]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "koala.evaluate",
-        *args,
-    ]
+    cmd = two_process_launch("koala.evaluate", *args)
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "eval"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
-from test_train import free_port
 
 from koala.fixtures.shards import write_demo_shards
 from koala.train.checkpoint import verify_checkpoint

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import free_port, two_process_launch
 
 from koala.fixtures.shards import write_demo_shards
 
@@ -26,12 +26,6 @@ CAUSE = {
     ("multinode", "kill"): r"Connection (reset|closed) by peer",
     ("multinode", "freeze"): r"Timed out waiting 20000ms",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +69,7 @@ def start_nodes(args: list[str], logs: Path) -> list[subprocess.Popen]:
 def start_ddp(args: list[str], logs: Path) -> list[subprocess.Popen]:
     """The one-node, 2-process launch of tests/test_train.py."""
     logs.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "koala.train", *args]  # fmt: skip
+    cmd = two_process_launch("koala.train", *args)
     with open(logs / "node0.log", "w") as log:
         return [subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)]  # fmt: skip

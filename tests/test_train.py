@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_process_launch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -125,35 +126,9 @@ def test_bad_config_fails_before_loading_models(override, message, tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing ran
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_launch_agrees_on_weights_and_splits_data(tmp_path, shared):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "koala.train",
-        *tiny_overrides(tmp_path, shared, max_steps=3, record_ranks="true"),
-    ]
+    cmd = two_process_launch("koala.train", *tiny_overrides(tmp_path, shared, max_steps=3, record_ranks="true"))
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -220,14 +195,12 @@ def test_two_processes_with_finite_uneven_data_stop_together(tmp_path, shared):
     from koala.fixtures.shards import write_demo_shards
 
     write_demo_shards(tmp_path / "uneven", n=24, resolution=32, samples_per_shard=8)  # 3 shards on 2 ranks
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "koala.train",
+    cmd = two_process_launch(
+        "koala.train",
         *tiny_overrides(tmp_path, shared, max_steps=100, checkpoint_every=3, record_ranks="true",
                         **{"data.path": f"'{tmp_path}/uneven/demo-{{00000..00002}}.tar'", "data.resampled": "false",
                            "data.epochs": 1, "data.shuffle": "false"}),
-    ]  # fmt: skip
+    )  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / "run" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

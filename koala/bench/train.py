@@ -35,7 +35,7 @@ from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.devices import DTYPES, pick_device
 from koala.distill.losses import mse
-from koala.models.forward import random_inputs, unet_forward
+from koala.models.forward import COND_KEYS, random_inputs, unet_forward
 from koala.models.teacher import freeze
 from koala.models.unets import ARCHS, SDXL_SCHEDULER_CONFIG, Arch, build_unet
 from koala.timing import PartTimer
@@ -112,7 +112,7 @@ def build_bench(bench: BenchTrain, cfgs: dict, device: torch.device, log_dir: Pa
     x = random_inputs(
         t_config, bench.resolution, bench.batch, device=device, generator=torch.Generator().manual_seed(0)
     )
-    cond = {"latents": x["noisy"], **{k: x[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}}
+    cond = {"latents": x["noisy"], **{k: x[k] for k in COND_KEYS}}
     return Bench(runs, x, cond, MetricsLog(accelerator, log_dir / "metrics.jsonl"), PartTimer(device))
 
 
