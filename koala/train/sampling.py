@@ -11,6 +11,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from koala.data.conditioning import SDXLConditioner
 from koala.devices import DTYPES
 from koala.generate import generate, make_grid
+from koala.models.pipeline_parts import PipelineSource
 from koala.ship.presets import preset_for_kind
 from koala.train.rng import rng_preserved
 
@@ -29,7 +30,9 @@ class SampleRenderer:
         self.size = cfg.data.resolution
         self.preset = preset_for_kind(cfg.teacher.kind)
         self.steps = cfg.sample_steps  # None: the preset's
-        self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
+        self.scheduler = EulerDiscreteScheduler.from_config(
+            PipelineSource.of(cfg.teacher).component_config("scheduler")
+        )
         self.conditioner = conditioner
         self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
         self.accelerator = accelerator
@@ -46,6 +49,7 @@ class SampleRenderer:
                 vae=self.teacher.vae,
                 device=self.accelerator.device,
                 dtype=DTYPES[self.teacher.dtype],
+                config=self.teacher.config,
             )
         )
         pipe = StableDiffusionXLPipeline(
