@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
+from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
+from koala.train.resume import load_training_state
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
@@ -56,17 +58,21 @@ def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
-    """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
+def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> tuple[int, DataPosition]:
+    """Restore optimizer, LR schedule, RNG and EMA (on any number of ranks: koala.train.resume); return the step to
+    continue from and where the data streams stand for this launch."""
+    ranks, workers = run.accelerator.num_processes, data_workers(cfg.data.num_workers)
     if ckpt is None:
-        return 0
-    run.accelerator.load_state(str(ckpt / "accelerate"))
+        return 0, DataPosition.start(ranks, workers)
+    state = read_state(ckpt)
+    saved_ranks = load_training_state(
+        run.accelerator, ckpt / "accelerate", run.student, run.optimizer, run.lr_scheduler, state["step"], cfg.seed
+    )
     with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
         if run.ema is not None:
             saved = EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict()
             saved["shadow_params"] = shard_like(saved["shadow_params"], run.ema.shadow_params)  # FSDP: this rank's
             run.ema.load_state_dict(saved)
-    state = read_state(ckpt)
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
         set_base_lr(run.optimizer, run.lr_scheduler, cfg.optim.lr)
@@ -74,7 +80,12 @@ def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
             "resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr, cfg.optim.lr
         )
     log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state["step"]
+    if "data" in state:
+        position = DataPosition.from_json(state["data"])
+    else:  # written before positions were recorded: one fresh deal on the layout that wrote it
+        saved_workers = data_workers(state.get("config", {}).get("data", {}).get("num_workers", cfg.data.num_workers))
+        position = DataPosition.start(saved_ranks, saved_workers).advanced(state["step"] * cfg.grad_accum)
+    return state["step"], position.on(ranks, workers)
 
 
 def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite: bool) -> Iterator[dict]:
@@ -103,7 +114,8 @@ def train(cfg: DictConfig) -> Path:
     run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
-    step = resume(cfg, run, ckpt)
+    step, position = resume(cfg, run, ckpt)
+    start = step
     if run.ema is not None:
         run.ema.to(device)
     # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
@@ -114,8 +126,8 @@ def train(cfg: DictConfig) -> Path:
         seed=cfg.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
-        resume_batches=step * cfg.grad_accum,
         final_tally=True,
+        position=position,
     )
     config = OmegaConf.to_container(cfg, resolve=True)
     if accelerator.is_main_process:
@@ -141,7 +153,12 @@ def train(cfg: DictConfig) -> Path:
                 step,
                 run.student,
                 run.ema,
-                {"last": last, "config": config},
+                {
+                    "last": last,
+                    "config": config,
+                    "world_size": accelerator.num_processes,
+                    "data": position.advanced((step - start) * cfg.grad_accum).to_json(),
+                },  # fmt: skip
                 keep=cfg.keep_checkpoints,
             )
 
