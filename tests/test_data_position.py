@@ -22,9 +22,9 @@ def take(position: DataPosition, micro_steps: int) -> list[tuple[int, int]]:
 def test_a_fresh_run_gives_each_worker_its_own_stream():
     position = DataPosition.start(ranks=2, workers=3)
     assert position.streams == 6
-    for r, w in itertools.product(range(2), range(3)):
-        assert position.streams_of(r, w) == [r + 2 * w]
-        assert list(itertools.islice(position.plan(r, w), 3)) == [(r + 2 * w, 0), (r + 2 * w, 1), (r + 2 * w, 2)]
+    for r, w in itertools.product(range(2), range(3)):  # stream r * K + w: the global worker numbering of the data
+        assert position.streams_of(r, w) == [r * 3 + w]
+        assert list(itertools.islice(position.plan(r, w), 3)) == [(r * 3 + w, 0), (r * 3 + w, 1), (r * 3 + w, 2)]
 
 
 def test_a_resume_on_the_same_layout_continues_the_same_deal():

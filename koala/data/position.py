@@ -1,12 +1,13 @@
 """Where a run's data streams stand, across resumes on another number of ranks or data workers.
 
 A run's data is V *streams*, fixed at its first start: one per data worker then (V = ranks x data.num_workers, at
-least 1 worker per rank). Stream s reads its own share of the shards or indices (`shard_order` / `index_order` with
-worker s of V) in its own seeded order, and yields batches b_s0, b_s1, ... (koala.data.stream).
+least 1 worker per rank; worker w of rank r reads stream r * K + w). Stream s reads its own share of the shards or
+indices (`shard_order` / `index_order` with worker s of V) in its own seeded order, and yields batches b_s0, b_s1, ...
+(koala.data.stream).
 
 The batches are dealt in one fixed sequence Q, round-robin over the streams from an *origin* (the batches each stream
-had given when the current layout began): Q[t] = batch `origin[s] + t // V` of stream `s = order[t % V]`, the streams
-that lag (by at most one batch) first, so that they stay within one batch of each other. Rank r's i-th
+had given when the current layout began): Q[t] = batch `origin[s] + t // V` of stream `s = order[t % V]`. A new deal
+puts the streams that lag (by at most one batch) first, so that they stay within one batch of each other. Rank r's i-th
 batch is Q[r + R * i] (R ranks); a torch DataLoader takes its K workers' batches in turn, so worker w of rank r makes
 the batches i = w, w + K, ... . After every rank took n batches, Q[0 : R * n] is consumed: exactly the first
 `consumed()[s]` batches of every stream s, and nothing else.
@@ -39,17 +40,14 @@ class DataPosition:
     origin: tuple[int, ...]  # batches of each stream consumed when the current layout began
     ranks: int  # R of the current layout
     workers: int  # K: data workers per rank of the current layout (a DataLoader without workers counts as 1)
-    batches: int = 0  # n: batches each rank took since the origin
+    batches: int  # n: batches each rank took since the origin
+    order: tuple[int, ...]  # the streams in the order Q deals them
 
     @classmethod
     def start(cls, ranks: int, workers: int) -> DataPosition:
-        """A fresh run: one stream per data worker."""
-        return cls(ranks * workers, (0,) * (ranks * workers), ranks, workers)
-
-    @property
-    def order(self) -> list[int]:
-        """The streams in the order Q deals them: those with fewer batches consumed at the origin first."""
-        return sorted(range(self.streams), key=lambda s: (self.origin[s], s))
+        """A fresh run: one stream per data worker, worker w of rank r on stream r * workers + w."""
+        v = ranks * workers
+        return cls(v, (0,) * v, ranks, workers, 0, tuple((p % ranks) * workers + p // ranks for p in range(v)))
 
     def consumed(self) -> tuple[int, ...]:
         """Batches of each stream consumed so far: Q[0 : R * n] on top of the origin."""
@@ -59,14 +57,16 @@ class DataPosition:
 
     def advanced(self, batches: int) -> DataPosition:
         """The position after every rank took `batches` more batches."""
-        return DataPosition(self.streams, self.origin, self.ranks, self.workers, self.batches + batches)
+        return DataPosition(self.streams, self.origin, self.ranks, self.workers, self.batches + batches, self.order)
 
     def on(self, ranks: int, workers: int) -> DataPosition:
         """The position for a session of `ranks` x `workers`: the same deal when the layout is unchanged, else a new
         deal from the batches consumed so far."""
         if (ranks, workers) == (self.ranks, self.workers):
             return self
-        return DataPosition(self.streams, self.consumed(), ranks, workers)
+        consumed, place = self.consumed(), {s: p for p, s in enumerate(self.order)}
+        order = tuple(sorted(range(self.streams), key=lambda s: (consumed[s], place[s])))  # lagging streams first
+        return DataPosition(self.streams, consumed, ranks, workers, 0, order)
 
     def plan(self, rank: int, worker: int) -> Iterator[tuple[int, int]]:
         """(stream, batch index) of every batch DataLoader worker `worker` of `rank` makes, in order, forever."""
@@ -84,8 +84,9 @@ class DataPosition:
 
     def to_json(self) -> dict[str, Any]:
         return {"streams": self.streams, "origin": list(self.origin), "ranks": self.ranks, "workers": self.workers,
-                "batches": self.batches}  # fmt: skip
+                "batches": self.batches, "order": list(self.order)}  # fmt: skip
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> DataPosition:
-        return cls(record["streams"], tuple(record["origin"]), record["ranks"], record["workers"], record["batches"])
+        return cls(record["streams"], tuple(record["origin"]), record["ranks"], record["workers"], record["batches"],
+                   tuple(record["order"]))  # fmt: skip
