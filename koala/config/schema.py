@@ -15,7 +15,7 @@ from diffusers.optimization import SchedulerType
 
 from koala.config.choice import Choice
 from koala.data import DataKind
-from koala.data.conditioning import DropoutMode
+from koala.data.conditioning import ConditioningDType, DropoutMode
 from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
 from koala.distill.losses import FeatureLoss
@@ -40,6 +40,15 @@ class TeacherConfig:
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
     dtype: DType = DType.bf16  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
     steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step): timesteps=teacher_schedule
+
+
+@dataclass
+class ConditioningConfig:
+    """The frozen SDXL text encoders that encode captions (online during training, and in `koala.cache`)."""
+
+    # auto: fp16 on a GPU (what inference encodes prompts in), fp32 on CPU; from a cache, the cache's own. Independent
+    # of teacher.dtype: a bf16 teacher does not make the prompt embeddings bf16.
+    dtype: ConditioningDType = ConditioningDType.auto  # auto | fp16 | bf16 | fp32
 
 
 @dataclass
@@ -128,6 +137,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
