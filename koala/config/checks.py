@@ -76,10 +76,17 @@ def check_values(cfg) -> None:
 
 
 def check_distill(d) -> None:
-    """Feature-loss weights are not negative (kinds and stages are typed: the schema checks their names)."""
+    """Feature-loss weights are not negative; per-kind blocks name distilled kinds (kinds and stages are typed: the
+    schema checks their names; block names are checked against the model when the pairs are made)."""
     for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
         if any(w < 0 for w in weights.values()):
             _fail(key, dict(weights), "weights >= 0")
+    idle = [str(k) for k, v in d.kind_blocks.items() if v is not None and k not in d.kinds]
+    if idle:
+        raise ConfigError(
+            f"distill.kind_blocks names {idle}, which distill.kinds={[str(k) for k in d.kinds]} does not distil: add "
+            "them to distill.kinds (e.g. distill=sa+lf) or drop those entries"
+        )
 
 
 def _refuse_pickle(key: str, path: str) -> None:

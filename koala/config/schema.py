@@ -18,7 +18,7 @@ from koala.data import DataKind
 from koala.data.conditioning import ConditioningDType, DropoutMode
 from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
-from koala.distill.losses import FeatureLoss
+from koala.distill.losses import FeatureLoss, Reduction
 from koala.distill.taps import SaPoint, Stage, TapKind
 from koala.models.unets import Arch, LayerSelect, MidMode
 from koala.ship.presets import TeacherKind
@@ -83,6 +83,12 @@ class DistillConfig:
     kind_weights: dict[TapKind, float] = field(default_factory=lambda: dict.fromkeys(TapKind, 1.0))
     stage_weights: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
+    # One kind's taps in other blocks than `blocks`, e.g. {lf: [up_blocks.2]}: with distill=sa+lf, SA everywhere and
+    # LF only at the last decoder block. A kind whose entry is null (all are, by default) follows `blocks`.
+    kind_blocks: dict[TapKind, Optional[list[str]]] = field(default_factory=lambda: dict.fromkeys(TapKind))
+    # sum (default): the feature term is the sum over pairs, as BK-SDM's objective (and KOALA's) writes it; mean
+    # divides it by the number of pairs (21 for KOALA-700M, 30 for 1B), so feat_weight means one strength for both.
+    reduction: Reduction = Reduction.sum
     sa_point: SaPoint = SaPoint.attn1  # attn1 (module output) | residual (stream after attn1 is added)
     pairing: LayerSelect = (
         LayerSelect.first
