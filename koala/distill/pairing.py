@@ -62,10 +62,8 @@ def selected_taps(unet: torch.nn.Module, distill_cfg: Any) -> list[TapPoint]:
     blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
     per_kind = {k: list(v) for k, v in dict(distill_cfg.kind_blocks or {}).items() if v is not None}
     names = block_names(unwrap(unet))
-    for key, chosen in {
-        "distill.blocks": blocks or [],
-        **{f"distill.kind_blocks.{k}": v for k, v in per_kind.items()},
-    }.items():
+    given = {"distill.blocks": blocks or [], **{f"distill.kind_blocks.{k}": v for k, v in per_kind.items()}}
+    for key, chosen in given.items():
         try:
             check_blocks(chosen, names)
         except ValueError as e:
@@ -81,7 +79,7 @@ def pair_weights(distill_cfg: Any, points: list[TapPoint]) -> list[float]:
     kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
     weights = [float(kind_w.get(p.kind, 1.0)) * float(stage_w.get(p.stage, 1.0)) for p in points]
     if Reduction(distill_cfg.reduction) is Reduction.mean:
-        n = sum(w != 0.0 for w in weights)
+        n = sum(w != 0.0 for w in weights) or 1  # the pairs that count (zero-weight ones are dropped)
         weights = [w / n for w in weights]
     return weights
 
