@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from koala.evaluation.registry import Sample
 from koala.generate import generate
+from koala.ship.presets import get_preset
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -62,10 +63,11 @@ def generate_share(
 ) -> dict[str, list[int]]:
     """Sample the missing images of `indices` into `out`; returns what was assigned, generated and skipped.
 
-    `model` (the pipeline's path) and `sampling` (koala.generate.generate's settings) are recorded in every PNG.
+    `model` (the pipeline's path), the preset's sampler and `sampling` (koala.generate.generate's settings) are
+    recorded in every PNG.
     """
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps({"model": model, "preset": preset, **sampling}, sort_keys=True)
+    settings = json.dumps({"model": model, **get_preset(preset).settings(), **sampling}, sort_keys=True)
     todo = []
     for i in indices:
         if (out / image_name(i)).is_file():
