@@ -4,7 +4,8 @@ A Fréchet distance compares two Gaussians only when both came from the same fea
 the same way of bringing images to its input, the same squash size and the same JPEG round trips. Statistics from
 elsewhere (BK-SDM's `real_im256.npz` is pytorch-fid's statistics of 256 px JPEGs) carry no record, so they are
 refused unless `protocol.reference_extractor=` says what they are; a record that differs from the extractor in use
-is refused: one FID never mixes two extractors.
+is refused: one FID never mixes two extractors. Refusals are `ConfigError`s: one `error:` line, exit 2, before any model
+loads (koala.evaluation.registry.check_metrics reads the record).
 
 The record is one string, `<network>/<input>/<size>/<jpeg>`, e.g. `inception-2015-12-05/pytorch-fid/256/jpeg75`:
   network  `inception-2015-12-05` (the TF FID graph) or `clip-<folder name>` (fd_clip)
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from koala.config.checks import ConfigError
 
 INCEPTION = "inception-2015-12-05"
 
@@ -45,7 +48,7 @@ class Extractor:
         ok = len(parts) == 4 and (size == "full" or size.isdigit())
         ok = ok and (jpeg == "nojpeg" or (jpeg.startswith("jpeg") and jpeg[4:].isdigit()))
         if not ok:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}={text!r} is not an extractor: expected <network>/<input>/<size|full>/<jpeg<quality>|nojpeg>, "
                 f"e.g. {INCEPTION}/pytorch-fid/256/jpeg75"
             )
@@ -70,7 +73,7 @@ def stats_extractor(path: Path) -> Optional[str]:
     """The extractor record of an .npz of statistics, or None where it has none (written elsewhere)."""
     with np.load(path, allow_pickle=False) as z:
         if "mu" not in z or "sigma" not in z:
-            raise ValueError(f"protocol.reference={path} holds {sorted(z.files)}, not FID statistics (mu, sigma)")
+            raise ConfigError(f"protocol.reference={path} holds {sorted(z.files)}, not FID statistics (mu, sigma)")
         return str(z["extractor"]) if "extractor" in z else None
 
 
@@ -78,20 +81,20 @@ def check_stats(path: Path, expected: Extractor, declared: Optional[str], metric
     """Refuse statistics whose extractor is unknown (no record, none declared) or differs from `expected`."""
     recorded = stats_extractor(path)
     if recorded is None and not declared:
-        raise ValueError(
+        raise ConfigError(
             f"protocol.reference={path} records no extractor, so {metric} cannot tell whether it was computed as "
             f"this protocol's {metric} is ({expected}); if it was, say so: protocol.reference_extractor={expected} "
             f"(BK-SDM's real_im256.npz is {INCEPTION}/pytorch-fid/256/jpeg75), or pass the real images' folder"
         )
     if recorded is not None and declared and Extractor.parse(declared) != Extractor.parse(recorded):
-        raise ValueError(
+        raise ConfigError(
             f"protocol.reference={path} records extractor {recorded} but protocol.reference_extractor={declared}; "
             "remove the override or pass the right file"
         )
     found = Extractor.parse(recorded or declared)
     if found != expected:
         source = "records" if recorded is not None else "is declared (protocol.reference_extractor) as"
-        raise ValueError(
+        raise ConfigError(
             f"protocol.reference={path} {source} statistics of {found}, but this protocol's {metric} extracts "
             f"{expected}: one Fréchet distance cannot mix two extractors; pass statistics made the same way, or the "
             "real images' folder"
