@@ -203,6 +203,11 @@ def test_clip_cosine_equals_open_clips_own(reference_code, tmp_path):
             f"tokenizer={write_open_clip_tokenizer(tmp_path / 'tok')}",
         ]
     )
+    # the same checkpoint as open_clip_model.safetensors (the other file its hub repos hold) converts to the same model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    again = main(["convert=open_clip", f"src={tmp_path / 'open_clip_model.safetensors'}", f"out={tmp_path / 'again'}"])
+    first, second = load_file(str(converted / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     samples = write_samples(tmp_path / "gen", 3, seed=6)
     im256, _ = bksdm_files(samples, write_val2014(tmp_path / "val2014", 1, seed=7), tmp_path / "bksdm")
     prompts = ["a koala in a eucalyptus tree", "Two dogs, on a beach!", "a bowl of fruit"]
