@@ -35,7 +35,7 @@ from koala.models.pipeline_parts import PipelineSource
 from koala.models.unets import count_parameters
 from koala.ship.checkpoint_file import warn_unless_comfy_detects, write_checkpoint_file
 from koala.ship.model_card import write_model_card
-from koala.ship.presets import euler_scheduler, preset_for_kind
+from koala.ship.presets import preset_for_kind, preset_scheduler
 from koala.train.checkpoint import find_checkpoint, step_of
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
@@ -103,7 +103,7 @@ def assemble_pipeline(teacher_cfg: Any, student: UNet2DConditionModel, run_dir: 
     teacher_path = resolve_local_path(teacher_cfg.pipeline, run_dir, "teacher.pipeline")
     config = teacher_cfg.get("config")
     source = PipelineSource(teacher_path, resolve_local_path(config, run_dir, "teacher.config") if config else None)
-    scheduler = euler_scheduler(source.component_config("scheduler"), preset_for_kind(teacher_cfg.get("kind", "base")))
+    scheduler = preset_scheduler(source.component_config("scheduler"), preset_for_kind(teacher_cfg.get("kind", "base")))
     vae = None
     if teacher_cfg.get("vae"):
         vae_dir = resolve_local_path(teacher_cfg.vae, run_dir, "teacher.vae")

@@ -157,3 +157,25 @@ def test_a_checkpoint_loaded_on_another_layout_saves_back_the_same_state(runs, s
             assert torch.equal(a[name][key].reshape(-1), b[name][key].reshape(-1)), (name, key)
     scheduler = torch.load(again / "accelerate" / "scheduler.bin", weights_only=True)
     assert scheduler["last_epoch"] == STEPS * (2 if config else 1)  # stepped once per rank per optimizer step
+
+
+def test_deepspeed_state_on_another_launch_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from koala.config.checks import ConfigError
+    from koala.train.resume import check_launch
+
+    ds, whole = tmp_path / "ds" / "accelerate", tmp_path / "whole" / "accelerate"
+    (ds / "pytorch_model").mkdir(parents=True)  # accelerate's folder of a DeepSpeed engine checkpoint
+    whole.mkdir(parents=True)
+    for folder in (ds, whole):
+        for rank in (0, 1):
+            (folder / f"random_states_{rank}.pkl").write_bytes(b"")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(ConfigError, match=r"partitioned over 2 rank\(s\); resume it under DeepSpeed on 2 rank\(s\)"):
+        check_launch(ds.parent)
+    check_launch(whole.parent)  # a whole (DDP) state moves to 1 process
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(ds.parent)  # the same engine on the same ranks: accelerate's own load
+    with pytest.raises(ConfigError, match="was written without DeepSpeed; resume it under DDP, FSDP2 or one process"):
+        check_launch(whole.parent)

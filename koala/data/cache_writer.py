@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
 from koala.models.pipeline_parts import PipelineSource
 
@@ -100,9 +100,9 @@ def build_cache(cfg: DictConfig) -> Path:
     device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
     pipeline = resolve_pipeline(cfg.teacher)
     state.wait_for_everyone()
-    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
+    text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
     conditioner = SDXLConditioner.from_pretrained(
-        pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype, config=cfg.teacher.config
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype], config=cfg.teacher.config
     )
     out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,8 @@ def build_cache(cfg: DictConfig) -> Path:
             bar.update(len(batch["keys"]))
     writer.close()
     info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
+            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype,
+            "conditioning_dtype": text_dtype}  # fmt: skip
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
     state.wait_for_everyone()
     return out

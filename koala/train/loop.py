@@ -25,7 +25,7 @@ from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
-from koala.train.resume import load_training_state
+from koala.train.resume import check_launch, load_training_state
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
@@ -106,6 +106,7 @@ def train(cfg: DictConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
     check_config(cfg)  # before any model is loaded
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
+    check_launch(ckpt)  # what this launch cannot resume (DeepSpeed state on other ranks) fails here too
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
 

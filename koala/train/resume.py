@@ -11,21 +11,28 @@ What a checkpoint's `accelerate/` folder holds and how each part meets another w
   (seed, rank, step), never a start-of-run stream again; a rank that is gone leaves its file unused;
 - the EMA and `unet/`: whole, as always (koala.train.loop.resume);
 - the data position: koala.data.position continues every data stream exactly where it stopped.
+DeepSpeed ZeRO-2 partitions the optimizer state by rank in its own format: such a checkpoint resumes under DeepSpeed on
+the same number of ranks only, and a checkpoint without it does not resume under DeepSpeed (`check_launch` refuses
+both before any model loads).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from koala.config.checks import ConfigError
+from koala.train.deepspeed import deepspeed_requested
 from koala.train.sharding import is_sharded
 
 log = logging.getLogger("koala.train")
 MODEL_SHARDS, OPTIMIZER_SHARDS = "pytorch_model_fsdp_0", "optimizer_0"  # accelerate's DCP folder names
+DEEPSPEED_STATE = "pytorch_model"  # accelerate's folder of a DeepSpeed engine checkpoint
 
 
 def saved_ranks(state_dir: Path) -> int:
@@ -36,6 +43,22 @@ def saved_ranks(state_dir: Path) -> int:
 def is_sharded_state(state_dir: Path) -> bool:
     """Whether the state was written by FSDP (DCP folders) rather than whole (model.safetensors)."""
     return (Path(state_dir) / MODEL_SHARDS).is_dir()
+
+
+def check_launch(ckpt: Path | None) -> None:
+    """Refuse, before any model loads, a resume this launch cannot make (DeepSpeed's partitioned state)."""
+    if ckpt is None:
+        return
+    state_dir = Path(ckpt) / "accelerate"
+    saved, now = saved_ranks(state_dir), int(os.environ.get("WORLD_SIZE", "1"))
+    if (state_dir / DEEPSPEED_STATE).is_dir() and (not deepspeed_requested() or saved != now):
+        raise ConfigError(
+            f"resume: {ckpt} holds DeepSpeed ZeRO-2 state partitioned over {saved} rank(s); resume it under DeepSpeed on "
+            f"{saved} rank(s) (this launch: {now}, {'DeepSpeed' if deepspeed_requested() else 'no DeepSpeed'}). koala "
+            "moves DDP, FSDP2 and one-process checkpoints between rank counts, not DeepSpeed's"
+        )
+    if deepspeed_requested() and not (state_dir / DEEPSPEED_STATE).is_dir():
+        raise ConfigError(f"resume: {ckpt} was written without DeepSpeed; resume it under DDP, FSDP2 or one process")
 
 
 def load_training_state(accelerator: Accelerator, state_dir: Path, student, optimizer, lr_scheduler, step: int,
