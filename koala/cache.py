@@ -42,7 +42,7 @@ def write_cache(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/cache.yaml` with the overrides and write the cache."""
-    return run_command("cache", write_cache, argv)
+    return run_command("cache", write_cache, argv, schema=CacheJobConfig)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from koala.config.compose import run_command
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.data.conditioning import SDXLConditioner
 from koala.evaluation.agreement import held_out_inputs, relative_error
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None, prompts: int = PROMPTS, samples: int | N
     """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts, writing
     `samples` training pictures when the shards are missing (default: the data preset's)."""
     argv = sys.argv[1:] if argv is None else argv
-    return run_command("train", lambda cfg: run_demo(cfg, prompts, samples), ["experiment=demo", *argv])
+    return run_command(
+        "train", lambda cfg: run_demo(cfg, prompts, samples), ["experiment=demo", *argv], schema=TrainConfig
+    )
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def evaluate_command(cfg: Any) -> dict[str, Any] | Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | Path:
     """CLI: compose `configs/evaluate.yaml` with key=value overrides, then convert or evaluate."""
-    return run_command("evaluate", evaluate_command, argv)
+    return run_command("evaluate", evaluate_command, argv, schema=EvaluateConfig)
 
 
 if __name__ == "__main__":

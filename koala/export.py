@@ -259,7 +259,7 @@ def export_command(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/export.yaml` with key=value overrides and export."""
-    return run_command("export", export_command, argv)
+    return run_command("export", export_command, argv, schema=ExportConfig)
 
 
 if __name__ == "__main__":

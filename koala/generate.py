@@ -18,7 +18,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.config.compose import run_command
 from koala.devices import DTYPES, parse_dtype, pick_device
 from koala.ship.presets import Preset, PresetName, euler_scheduler, get_preset
@@ -222,7 +222,7 @@ def generate_command(cfg: GenerateConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
-    return run_command("generate", generate_command, argv)
+    return run_command("generate", generate_command, argv, schema=GenerateConfig)
 
 
 if __name__ == "__main__":

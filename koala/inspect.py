@@ -129,7 +129,7 @@ def inspect_config(cfg: DictConfig) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     """CLI: compose `configs/inspect.yaml` with the overrides and print the inspection."""
-    return run_command("inspect", inspect_config, argv)
+    return run_command("inspect", inspect_config, argv, schema=InspectConfig)
 
 
 if __name__ == "__main__":

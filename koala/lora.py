@@ -178,7 +178,7 @@ def lora_command(cfg: DictConfig) -> RemapReport:
 
 def main(argv: list[str] | None = None) -> RemapReport:
     """CLI: compose `configs/lora.yaml` with key=value overrides, remap and print the report."""
-    return run_command("lora", lora_command, argv)
+    return run_command("lora", lora_command, argv, schema=LoraRemapConfig)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 from conftest import unet_inputs
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.pairing import pair_taps
 from koala.distill.taps import unwrap
 from koala.distill.task import DistillationTask, LossWeights
@@ -42,7 +43,7 @@ def step(task: DistillationTask, x: dict) -> tuple[dict, dict]:
 def test_compiled_student_and_teacher_give_the_eager_losses(sa_point):
     torch._dynamo.reset()
     teacher, student, plan = models()
-    d = compose_config("train", ["distill=sa+lf", f"distill.sa_point={sa_point}"]).distill
+    d = compose_config("train", ["distill=sa+lf", f"distill.sa_point={sa_point}"], schema=TrainConfig).distill
     pairs = pair_taps(plan, d, student, teacher)
     weights = LossWeights(d.task_weight, d.out_weight, d.feat_weight)
     eager = DistillationTask(student, teacher, pairs, weights, d.loss, sa_point)

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from koala.config.compose import CONFIG_DIR, compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import list_tap_points
 from koala.models.unets import (
@@ -67,7 +68,7 @@ def test_full_size_sdxl_pairs_and_shapes_on_meta(name, total, counts):
     "preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")]
 )
 def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
-    cfg = compose_config("train", [f"distill={preset}"])
+    cfg = compose_config("train", [f"distill={preset}"], schema=TrainConfig)
     assert set(cfg.distill.kinds) == kinds
     plan, student, teacher = models("tiny-700m")
     points = list_tap_points(student, cfg.distill.kinds, cfg.distill.stages)
@@ -79,7 +80,7 @@ def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
 
 def test_lf_and_combined_presets():
     plan, student, teacher = models("tiny-1b")
-    lf = pair_taps(plan, compose_config("train", ["distill=lf"]).distill, student, teacher)
+    lf = pair_taps(plan, compose_config("train", ["distill=lf"], schema=TrainConfig).distill, student, teacher)
     assert [p.student.name for p in lf] == [
         "down_blocks.0",
         "down_blocks.1",
@@ -91,12 +92,12 @@ def test_lf_and_combined_presets():
     ]
     assert all(p.student.name == p.teacher.name for p in lf)
     check_pair_shapes(lf, student, teacher, sample_size=8)
-    both = pair_taps(plan, compose_config("train", ["distill=sa+lf"]).distill, student, teacher)
+    both = pair_taps(plan, compose_config("train", ["distill=sa+lf"], schema=TrainConfig).distill, student, teacher)
     assert {p.student.kind for p in both} == {"sa", "lf"}
     for preset in ("out", "task"):
-        cfg = compose_config("train", [f"distill={preset}"]).distill
+        cfg = compose_config("train", [f"distill={preset}"], schema=TrainConfig).distill
         assert pair_taps(plan, cfg, student, teacher) == [] and cfg.feat_weight == 0.0
-    default = compose_config("train").distill
+    default = compose_config("train", schema=TrainConfig).distill
     assert list(default.kinds) == ["sa"]
 
 
@@ -178,10 +179,10 @@ def test_every_dict_option_holds_all_its_keys_in_every_preset():
     fields = dict_fields(OmegaConf.structured(TrainConfig))
     assert fields == ["distill.kind_weights", "distill.stage_weights"]
     for yaml in (CONFIG_DIR / "distill").glob("*.yaml"):
-        cfg = compose_config("train", [f"distill={yaml.stem}"])
+        cfg = compose_config("train", [f"distill={yaml.stem}"], schema=TrainConfig)
         assert set(cfg.distill.kind_weights) == set(TapKind) and set(cfg.distill.stage_weights) == set(Stage), yaml
     with pytest.raises(Exception, match="decodr"):
-        compose_config("train", ["distill.stage_weights={decodr: 2.0}"])
+        compose_config("train", ["distill.stage_weights={decodr: 2.0}"], schema=TrainConfig)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +194,7 @@ def test_every_dict_option_holds_all_its_keys_in_every_preset():
     ],
 )
 def test_list_overrides_replace_the_preset(overrides, expected):
-    cfg = compose_config("train", ["unet=tiny-1b", *overrides])
+    cfg = compose_config("train", ["unet=tiny-1b", *overrides], schema=TrainConfig)
     plan, student, teacher = models("tiny-1b")
     assert set(pair_counts(pair_taps(plan, cfg.distill, student, teacher))) == expected
 
@@ -202,6 +203,7 @@ def test_weight_overrides_change_only_the_named_weight():
     cfg = compose_config(
         "train",
         ["unet=tiny-1b", "distill=sa+lf", "distill.stage_weights={decoder: 2.0}", "distill.kind_weights={lf: 0.5}"],
+        schema=TrainConfig,
     )
     plan, student, teacher = models("tiny-1b")
     weights = {(p.student.stage, p.student.kind): p.weight for p in pair_taps(plan, cfg.distill, student, teacher)}

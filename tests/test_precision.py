@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.task import DistillationTask, LossWeights
 from koala.train.build import build_trainable, load_frozen
 from koala.train.sampling import SampleRenderer
@@ -26,7 +27,7 @@ def recipe(tiny_pipeline_dir, *extra):
     return compose_config("train", [
         "experiment=koala-700m", "unet=tiny-700m", f"teacher.pipeline={tiny_pipeline_dir}", "teacher.arch=tiny",
         "data=demo", "data.resolution=32", "sample_steps=2", "report_to=[]", *extra,
-    ])  # fmt: skip
+    ], schema=TrainConfig)  # fmt: skip
 
 
 def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp_path):

@@ -52,9 +52,10 @@ def demo_overrides(out: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -
 def run_curve(out: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> list[dict[str, float]]:
     """Run the shrunk demo recipe; every step's `loss/...` terms from its metrics.jsonl."""
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.train.loop import train
 
-    run = train(compose_config("train", demo_overrides(out, steps, extra)))
+    run = train(compose_config("train", demo_overrides(out, steps, extra), schema=TrainConfig))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("loss/")}} for r in rows]
 

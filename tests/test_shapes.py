@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.fixtures import ensure_fixtures, fixture_command
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
@@ -91,6 +92,7 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
             "data.resampled=false",
             "data.shuffle=false",
         ],
+        schema=TrainConfig,
     )
     assert "world=shapes" in fixture_command(cfg)
     ensure_fixtures(cfg, samples=24)
@@ -146,7 +148,7 @@ def test_shipped_teacher_draws_its_captions():
     from koala.shapes.evaluate import judge, load_pipeline, sample
     from koala.ship.presets import preset_for_kind
 
-    cfg = compose_config("train", ["teacher=shapes"])
+    cfg = compose_config("train", ["teacher=shapes"], schema=TrainConfig)
     prompts = eval_prompts(18)  # every (shape, colour) pair once
     pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
     assert judge(pictures, prompts)["caption_accuracy"] >= TEACHER_MIN_ACCURACY

@@ -54,7 +54,7 @@ class BenchAblationJob(TrainConfig):
 def run_one(overrides: list[str], prompts: list[str], teacher_pictures: list) -> dict:
     """Distil, export and score one (preset, seed) run; returns its figures and wall time."""
     t0 = time.perf_counter()
-    cfg = compose_config("train", overrides)
+    cfg = compose_config("train", overrides, schema=TrainConfig)
     run_dir = train(cfg)
     export = export_run(run_dir, checkpoint="latest", ema=cfg.ema)
     pictures = sample(load_pipeline(export), prompts, preset_for_kind(cfg.teacher.kind))
@@ -115,7 +115,7 @@ def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides(argv)]
-    cfg = compose_config("train", base)
+    cfg = compose_config("train", base, schema=TrainConfig)
     ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
     prompts = eval_prompts(bench.prompts)
     teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
@@ -145,4 +145,4 @@ def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> dict:
     """CLI: compose `configs/bench_ablation.yaml` with `argv` and run the sweep."""
-    return run_command("bench_ablation", lambda cfg: bench_ablation(cfg, argv), argv)
+    return run_command("bench_ablation", lambda cfg: bench_ablation(cfg, argv), argv, schema=BenchAblationJob)

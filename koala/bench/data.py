@@ -92,4 +92,4 @@ def bench_data(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: compose `configs/bench_data.yaml` with the overrides and run the benchmark."""
-    run_command("bench_data", bench_data, argv)
+    run_command("bench_data", bench_data, argv, schema=BenchDataJob)

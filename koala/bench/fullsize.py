@@ -178,10 +178,15 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
     for p in (paths["run"], paths["cache"]):  # this command's own folders: each run starts from nothing
         shutil.rmtree(p, ignore_errors=True)
     paths["out"].mkdir(parents=True, exist_ok=True)
-    probe = compose_config("train", train_overrides(bench, paths, shards))  # the settings, before anything runs
+    probe = compose_config(
+        "train", train_overrides(bench, paths, shards), schema=TrainConfig
+    )  # the settings, before anything runs
     cached = probe.data.kind == "cached"
     args = train_overrides(bench, paths, paths["cache"] if cached else shards)
-    cfg, shipped = compose_config("train", args), compose_config("train", [f"experiment={experiment_of(bench)}"])
+    cfg, shipped = (
+        compose_config("train", args, schema=TrainConfig),
+        compose_config("train", [f"experiment={experiment_of(bench)}"], schema=TrainConfig),
+    )
     py = sys.executable
     ensure_demo_shards(str(shards), bench.samples, bench.resolution)
     plan = [
@@ -282,7 +287,7 @@ def to_markdown(rec: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """CLI: compose `configs/bench_fullsize.yaml` with `argv` and run the phases."""
-    return run_command("bench_fullsize", lambda cfg: fullsize(settings(cfg, argv)), argv)
+    return run_command("bench_fullsize", lambda cfg: fullsize(settings(cfg, argv)), argv, schema=BenchFullsizeJob)
 
 
 def fullsize(bench: BenchFullsize) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from koala.bench.flops import StepFlops, train_step_flops
 from koala.bench.gpu_report import device_peak, environment, table, to_markdown
 from koala.bench.memory import conditioning_params
 from koala.bench.train import BenchTrain, build_bench, measure
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
 from koala.devices import pick_device
@@ -241,7 +241,9 @@ def run(s: BenchGPU, extra: list[str]) -> dict[str, Any]:
     if s.arch == "sdxl":  # what the plain recipe's online conditioning adds: VAE fp32 + text encoders bf16
         c = conditioning_params()
         report["online_conditioning_gib"] = (4 * c["vae"] + 2 * c["text_encoders"]) / GiB
-    cfgs = [compose_config("train", c.overrides(s, extra)) for c in cases]  # every override checked before any work
+    cfgs = [
+        compose_config("train", c.overrides(s, extra), schema=TrainConfig) for c in cases
+    ]  # every override checked before any work
     if s.dry_run:
         print(f"{len(cases)} configurations on {env['device']} ({s.size} size: {s.arch} teacher, {s.resolution} px, "
               f"{s.warmup} warm-up + {s.steps} timed steps each):")  # fmt: skip
@@ -283,4 +285,4 @@ def bench_gpu(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """CLI: compose `configs/bench_gpu.yaml` with `argv` and run the grid."""
-    return run_command("bench_gpu", lambda cfg: bench_gpu(cfg, argv), argv)
+    return run_command("bench_gpu", lambda cfg: bench_gpu(cfg, argv), argv, schema=BenchGPUJob)

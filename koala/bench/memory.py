@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.overrides import TorchFunctionMode
 
 from koala.config.compose import compose_config, run_command
+from koala.config.schema import TrainConfig
 from koala.models.forward import random_inputs
 from koala.models.teacher import freeze
 from koala.models.unets import SDXL_UNET_CONFIG, build_student, build_unet, count_parameters, get_spec, resolve
@@ -216,7 +217,7 @@ def measure_step(
     spec = get_spec(student_name)
     teacher = freeze(build_unet(t_config, device="meta").to(torch.bfloat16 if bf16 else torch.float32))
     student = build_student(t_config, spec, device="meta").train()
-    cfg = compose_config("train", [f"distill={distill}"])
+    cfg = compose_config("train", [f"distill={distill}"], schema=TrainConfig)
     task = make_task(cfg, student, teacher, resolve(t_config, spec), latent_size=resolution // 8)
     counter, recompute = SavedBytes(exclude=student.parameters()), []
     if checkpointing:
@@ -436,4 +437,4 @@ def bench_memory(cfg: DictConfig) -> list[dict]:
 
 def main(argv: list[str]) -> list[dict]:
     """CLI: compose `configs/bench_memory.yaml` with `argv` and build the budget."""
-    return run_command("bench_memory", bench_memory, argv)
+    return run_command("bench_memory", bench_memory, argv, schema=BenchMemoryJob)

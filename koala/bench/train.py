@@ -175,7 +175,7 @@ def run(bench: BenchTrain, train_overrides: list[str]) -> dict:
     device = pick_device(bench.device)
     if device.type == "cpu" and bench.threads > 0:
         torch.set_num_threads(bench.threads)
-    cfgs = {p: compose_config("train", [f"distill={p}", *train_overrides]) for p in bench.presets}
+    cfgs = {p: compose_config("train", [f"distill={p}", *train_overrides], schema=TrainConfig) for p in bench.presets}
     cfg = next(iter(cfgs.values()))
     with tempfile.TemporaryDirectory() as log_dir:
         b = build_bench(bench, cfgs, device, Path(log_dir))
@@ -275,4 +275,4 @@ def bench_train(cfg: DictConfig, argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> dict:
     """CLI: compose `configs/bench_train.yaml` with `argv` and run the benchmark."""
-    return run_command("bench_train", lambda cfg: bench_train(cfg, argv), argv)
+    return run_command("bench_train", lambda cfg: bench_train(cfg, argv), argv, schema=BenchTrainJob)

@@ -176,4 +176,4 @@ def bench_unet(job: DictConfig) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """CLI: compose `configs/bench_unet.yaml` with the overrides and run the benchmark."""
-    return run_command("bench_unet", bench_unet, argv)
+    return run_command("bench_unet", bench_unet, argv, schema=BenchUNetJob)

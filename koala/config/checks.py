@@ -1,5 +1,5 @@
 """Check a training config before any model is loaded: every bad value fails here, in one line naming the key, the
-value and what is allowed. Choices are typed in the schema (`koala.config.choice.Choice`: Hydra rejects a bad one at
+value and what is allowed. Choices are typed in the schema (`koala.choice.Choice`: Hydra rejects a bad one at
 compose time); the checks here are ranges as data (`RANGES`) plus the few that need the file system."""
 
 from __future__ import annotations

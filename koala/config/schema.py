@@ -1,9 +1,9 @@
 """Typed schema of every training setting (Hydra structured configs): a misspelt key or choice fails at compose time.
 
 YAML files under `configs/` fill these in; `configs/train.yaml` puts `koala_train` first in its defaults list so
-every group is merged onto its dataclass (`koala.config.compose.register_configs` registers it and every command's
-schema). A setting that takes one of a few names is a `Choice` Enum defined with the code that uses it. Objects are
-built from these in one place (the entry points), never inside constructors.
+every group is merged onto its dataclass (registered by `koala.config.compose.register_schema`, given `TrainConfig`
+by the commands that compose it). A setting that takes one of a few names is a `Choice` Enum defined with the code
+that uses it. Objects are built from these in one place (the entry points), never inside constructors.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from diffusers.optimization import SchedulerType
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.data import DataKind
 from koala.data.conditioning import DropoutMode
 from koala.data.indexed import HfFormat
@@ -165,10 +165,3 @@ class TrainConfig:
     # (torch's default is 600 s for NCCL, 1800 s for gloo). Leave room for work one rank does alone: rank 0
     # writing a checkpoint and rendering sample grids while the others wait.
     dist_timeout_s: int = 600
-
-
-def asset_path(name: str) -> str:
-    """Absolute path of a folder shipped in the package (koala/assets/<name>): the `${koala_asset:<name>}` resolver."""
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parents[1] / "assets" / name)

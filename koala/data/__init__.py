@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.data.buckets import sdxl_buckets
 from koala.data.cached import CachedCodec, cached_raw
 from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset

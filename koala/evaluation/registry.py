@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.evaluation.metrics import ClipScorer, feature_stats, frechet_distance, frechet_distance_of_features
 from koala.evaluation.weights import check_clip_model, check_safetensors
 

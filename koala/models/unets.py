@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class LayerSelect(Choice):

@@ -90,7 +90,7 @@ def evaluate_shapes(cfg: DictConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI: compose `configs/shapes_evaluate.yaml` with key=value overrides, sample and score."""
-    return run_command("shapes_evaluate", evaluate_shapes, argv)
+    return run_command("shapes_evaluate", evaluate_shapes, argv, schema=ShapesEvaluateConfig)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def train_teacher(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/shapes_teacher.yaml` with key=value overrides and train the teacher."""
-    return run_command("shapes_teacher", train_teacher, argv)
+    return run_command("shapes_teacher", train_teacher, argv, schema=TeacherTrainConfig)
 
 
 if __name__ == "__main__":

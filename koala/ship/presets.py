@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from diffusers import EulerDiscreteScheduler
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from koala.config.checks import ConfigError
-from koala.config.compose import exit_config_error, register_configs
+from koala.config.compose import exit_config_error, register_schema
+from koala.config.schema import TrainConfig
 from koala.data.stream import TooManySkips
 from koala.train.loop import train
 
@@ -40,8 +41,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Register the schemas and run `hydra_main` on the command line, reporting a refused config in one line."""
-    register_configs()
+    """Register the schema and run `hydra_main` on the command line, reporting a refused config in one line."""
+    register_schema("train", TrainConfig)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it refuses (instead of printing it) so it is caught here
     try:
         hydra_main()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class Tracker(Choice):
