@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from koala.bench.memory import Bf16Autocast, SavedBytes, main, measure_step
+from koala.bench.memory import main
+from koala.bench.saved_bytes import Bf16Autocast, SavedBytes, measure_step
 from koala.models.unets import TINY_UNET_CONFIG
 
 
@@ -60,7 +61,7 @@ def test_budget_for_koala_700m(tmp_path, capsys):
 
 def test_adamw8bit_state_layout_is_what_bitsandbytes_allocates():
     bnb = pytest.importorskip("bitsandbytes")
-    from koala.bench.memory import adamw8bit_bytes
+    from koala.bench.budget import adamw8bit_bytes
     from koala.models.unets import ARCHS, build_unet
 
     model = build_unet(dict(ARCHS["tiny"]))

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from koala.bench.train import PARTS, main
+from koala.bench.step_timing import PARTS
+from koala.bench.train import main
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from koala.generate import generate, load_pipeline, main, make_grid
+from koala.generate import main
 from koala.ship.presets import get_preset, preset_for_kind
+from koala.ship.sampling import generate, load_pipeline, make_grid
 
 
 @pytest.fixture(scope="module")

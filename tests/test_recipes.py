@@ -15,8 +15,8 @@ from koala.cache import (
 )
 from koala.config.compose import CONFIG_DIR, compose_config
 from koala.config.schema import TrainConfig
-from koala.export import export_run
 from koala.fixtures.shards import write_demo_shards
+from koala.ship.export import export_run
 from koala.train.loop import train
 
 SHIPPED = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -12,7 +12,7 @@ from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.fixtures import ensure_fixtures, fixture_command
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
-from koala.shapes.evaluate import eval_prompts
+from koala.shapes.judge import eval_prompts
 from koala.shapes.score import agreement, caption_accuracy, read_scene, score
 from koala.shapes.world import COLOURS, SHAPES, all_captions, caption, draw_scene, parse_caption, render
 
@@ -145,7 +145,7 @@ TEACHER_MIN_ACCURACY = 75.0  # the shipped teacher: 83.3% (15 of 18) on these pr
 @pytest.mark.slow
 def test_shipped_teacher_draws_its_captions():
     from koala.config.compose import compose_config
-    from koala.shapes.evaluate import judge, load_pipeline, sample
+    from koala.shapes.judge import judge, load_pipeline, sample
     from koala.ship.presets import preset_for_kind
 
     cfg = compose_config("train", ["teacher=shapes"], schema=TrainConfig)

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from koala.bench import train_overrides
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
-from koala.export import export_run
 from koala.fixtures import ensure_fixtures
-from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
+from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
+from koala.ship.export import export_run
 from koala.ship.presets import preset_for_kind
 from koala.train.loop import train
 

@@ -222,7 +222,7 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
 
 def record(bench, cfg, shipped, phases: list[Phase], paths: dict[str, Path]) -> dict[str, Any]:
     """What was run and measured, as plain data (the JSON report)."""
-    from koala.export import read_metrics
+    from koala.ship.export import read_metrics
 
     metrics = read_metrics(paths["run"])
     changed = config_changes(OmegaConf.to_container(shipped, resolve=True), OmegaConf.to_container(cfg, resolve=True))

@@ -4,8 +4,8 @@ On a CUDA device: the SDXL teacher (random weights, bf16) -> KOALA-700M and KOAL
 precision, SDPA attention, cached conditioning, over a grid of configurations: recipe (plain: `experiment=koala-700m`
 / `koala-1b`; 24gb: `experiment=koala-700m-24gb`), eager vs `torch.compile` (inductor, the trainer's `compile=true`),
 gradient checkpointing off / on (the plain recipe; the 24 GB recipe always checkpoints). Each configuration is built
-by `koala.bench.train.build_bench` (the trainer's builders) and its step is the trainer's `train_step`, timed by
-`koala.bench.train.measure` (warm-up, then the median of timed steps, CUDA synchronised, peak memory reset per step).
+by `koala.bench.step_timing.build_bench` (the trainer's builders) and its step is the trainer's `train_step`, timed by
+`koala.bench.step_timing.measure` (warm-up, then the median of timed steps, CUDA synchronised, peak memory reset per step).
 It reports samples/s, TFLOP/s and MFU (meta-device FLOP counts, koala/bench/flops.py) and peak memory; a configuration
 that runs out of memory is reported as OOM and the grid goes on. Writes <out>/gpu.md and <out>/gpu.json (rewritten
 after every configuration, so a cut-short run keeps what it measured).
@@ -30,10 +30,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from koala.bench import train_overrides
+from koala.bench.budget import conditioning_params
 from koala.bench.flops import StepFlops, train_step_flops
 from koala.bench.gpu_report import device_peak, environment, table, to_markdown
-from koala.bench.memory import conditioning_params
-from koala.bench.train import BenchTrain, build_bench, measure
+from koala.bench.step_timing import BenchTrain, build_bench, measure
 from koala.choice import Choice
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig

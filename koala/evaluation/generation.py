@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from koala.evaluation.registry import Sample
-from koala.generate import generate
+from koala.ship.sampling import generate
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -62,7 +62,7 @@ def generate_share(
 ) -> dict[str, list[int]]:
     """Sample the missing images of `indices` into `out`; returns what was assigned, generated and skipped.
 
-    `model` (the pipeline's path) and `sampling` (koala.generate.generate's settings) are recorded in every PNG.
+    `model` (the pipeline's path) and `sampling` (koala.ship.sampling.generate's settings) are recorded in every PNG.
     """
     out.mkdir(parents=True, exist_ok=True)
     settings = json.dumps({"model": model, "preset": preset, **sampling}, sort_keys=True)
