@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.devices import DTYPES
+from koala.rng import rng_preserved
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
-from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
 from koala.train.sharding import plain_student, shard_like

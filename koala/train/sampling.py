@@ -10,9 +10,9 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from koala.data.conditioning import SDXLConditioner
 from koala.devices import DTYPES
+from koala.rng import rng_preserved
 from koala.ship.presets import preset_for_kind
 from koala.ship.sampling import generate, make_grid
-from koala.train.rng import rng_preserved
 
 
 class SampleRenderer:
