@@ -9,8 +9,10 @@ from koala.config.schema import TrainConfig
 from koala.distill.pairing import pair_taps
 from koala.distill.taps import unwrap
 from koala.distill.task import DistillationTask, LossWeights
+from koala.models.archs import TINY_UNET_CONFIG
 from koala.models.inherit import inherit_weights
-from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec, resolve
+from koala.models.specs import get_spec
+from koala.models.unets import build_student, build_unet, resolve
 
 
 def models():

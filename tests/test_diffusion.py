@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from koala.distill.losses import feature_loss, mse
-from koala.models.unets import SDXL_SCHEDULER_CONFIG
+from koala.models.archs import SDXL_SCHEDULER_CONFIG
 from koala.train.diffusion import TimestepSampler, min_snr_weights, sample_noise, task_target, teacher_timesteps
 
 
@@ -70,7 +70,7 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
 
     from koala.config.compose import compose_config
     from koala.config.schema import TrainConfig
-    from koala.models.unets import SDXL_SCHEDULER_CONFIG
+    from koala.models.archs import SDXL_SCHEDULER_CONFIG
     from koala.ship.presets import euler_scheduler, preset_for_kind
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"], schema=TrainConfig)

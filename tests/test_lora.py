@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from koala.lora import main
 from koala.models.convert import diffusers_to_original
-from koala.models.unets import SPECS, resolve
+from koala.models.specs import SPECS
+from koala.models.unets import resolve
 from koala.ship.export import export_run
 from koala.ship.lora_remap import remap_file
 

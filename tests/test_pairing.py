@@ -11,15 +11,9 @@ from koala.config.compose import CONFIG_DIR, compose_config
 from koala.config.schema import TrainConfig
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import list_tap_points
-from koala.models.unets import (
-    SDXL_UNET_CONFIG,
-    TINY_UNET_CONFIG,
-    build_student,
-    build_unet,
-    get_spec,
-    resolve,
-    spec_from_fields,
-)
+from koala.models.archs import SDXL_UNET_CONFIG, TINY_UNET_CONFIG
+from koala.models.specs import get_spec, spec_from_fields
+from koala.models.unets import build_student, build_unet, resolve
 
 ALL_STAGES = ["encoder", "mid", "decoder"]
 

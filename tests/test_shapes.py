@@ -109,7 +109,7 @@ def test_teacher_trainer_writes_a_loadable_sdxl_pipeline(tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from koala.models.unets import SHAPES_UNET_CONFIG
+    from koala.models.archs import SHAPES_UNET_CONFIG
     from koala.shapes.teacher import main
 
     out = main(

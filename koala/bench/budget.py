@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from koala.bench.saved_bytes import measure_step
-from koala.models.unets import SDXL_UNET_CONFIG, build_student, count_parameters, get_spec
+from koala.models.archs import SDXL_UNET_CONFIG
+from koala.models.specs import get_spec
+from koala.models.unets import build_student, count_parameters
 
 GiB = 2**30
 

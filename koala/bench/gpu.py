@@ -38,8 +38,9 @@ from koala.choice import Choice
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
 from koala.devices import pick_device
+from koala.models.archs import ARCHS, Arch
 from koala.models.plans import student_plan
-from koala.models.unets import ARCHS, Arch, build_unet, student_config
+from koala.models.unets import build_unet, student_config
 from koala.train.step import Trainable, train_step
 
 GiB = 2**30

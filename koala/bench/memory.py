@@ -27,7 +27,8 @@ from koala.bench.budget import (
     unet_table,
 )
 from koala.config.compose import run_command
-from koala.models.unets import SDXL_UNET_CONFIG, build_unet, count_parameters
+from koala.models.archs import SDXL_UNET_CONFIG
+from koala.models.unets import build_unet, count_parameters
 
 
 @dataclass

@@ -24,9 +24,11 @@ from torch.overrides import TorchFunctionMode
 
 from koala.config.compose import compose_config
 from koala.config.schema import TrainConfig
+from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.forward import random_inputs
+from koala.models.specs import get_spec
 from koala.models.teacher import freeze
-from koala.models.unets import SDXL_UNET_CONFIG, build_student, build_unet, get_spec, resolve
+from koala.models.unets import build_student, build_unet, resolve
 from koala.train.build import make_task
 
 BF16_OPS = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention}

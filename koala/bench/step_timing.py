@@ -22,9 +22,10 @@ from diffusers import DDPMScheduler
 from koala.data import build_dataloader
 from koala.devices import DTYPES
 from koala.distill.losses import mse
+from koala.models.archs import ARCHS, SDXL_SCHEDULER_CONFIG, Arch
 from koala.models.forward import COND_KEYS, random_inputs, unet_forward
 from koala.models.teacher import freeze
-from koala.models.unets import ARCHS, SDXL_SCHEDULER_CONFIG, Arch, build_unet
+from koala.models.unets import build_unet
 from koala.timing import PartTimer
 from koala.train.build import build_trainable, make_accelerator, make_noising, make_task
 from koala.train.step import Trainable, train_step

@@ -29,7 +29,7 @@ from koala.bench.step_timing import PARTS, BenchTrain, build_bench, data_seconds
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
 from koala.devices import pick_device
-from koala.models.unets import Arch
+from koala.models.archs import Arch
 
 
 @dataclass

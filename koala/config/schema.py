@@ -20,7 +20,8 @@ from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
 from koala.distill.losses import FeatureLoss
 from koala.distill.taps import SaPoint, Stage, TapKind
-from koala.models.unets import Arch, LayerSelect, MidMode
+from koala.models.archs import Arch
+from koala.models.specs import LayerSelect, MidMode
 from koala.ship.presets import TeacherKind
 from koala.train.diffusion import TimestepKind
 from koala.train.tracking import Tracker
@@ -34,7 +35,7 @@ class TeacherConfig:
 
     name: str = "tiny"
     kind: TeacherKind = TeacherKind.base  # base | lightning | turbo: sampling preset (koala.ship.presets), spacing
-    arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.unets.ARCHS) for meta-device inspection, single files
+    arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.archs.ARCHS) for meta-device inspection, single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
@@ -44,7 +45,7 @@ class TeacherConfig:
 
 @dataclass
 class UNetConfig:
-    """A student spec: a registered name, optionally with fields overridden (see koala.models.unets.StudentSpec)."""
+    """A student spec: a registered name, optionally with fields overridden (see koala.models.specs.StudentSpec)."""
 
     name: str = "tiny-700m"
     encoder_keep: Optional[Any] = None

@@ -1,10 +1,11 @@
-"""Which student tap is compared with which teacher tap, and a shape check before training.
+"""Which student tap is compared with which teacher tap, with what weight, and a shape check before training.
 
-A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.unets.module_map`),
-with the transformer-layer rule chosen by `distill.pairing` (first / uniform / last) rather than the init rule:
-student `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs with teacher
-`up_blocks.0.attentions.2.transformer_blocks.4.attn1` under "first". Shapes are checked by a forward pass on the
-meta device, which costs no memory even for SDXL at 1024 px.
+A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.inherit.
+module_map` of the run's resolved plan), with the transformer-layer rule chosen by `distill.pairing` (first / uniform
+/ last) rather than the spec's init rule: KOALA-700M's `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs
+with SDXL's `up_blocks.0.attentions.2.transformer_blocks.4.attn1` under `first` (block 9 under `uniform`). A pair's
+weight is `distill.kind_weights[kind] * distill.stage_weights[stage]`; pairs of weight 0 are dropped. Shapes are
+checked by a forward pass on the meta device, which costs no memory even for SDXL at 1024 px.
 """
 
 from __future__ import annotations

@@ -5,13 +5,7 @@ meta device (full-size SDXL needs no weights and almost no memory). What `koala.
 from __future__ import annotations
 
 from koala.models.plans import student_plan, teacher_unet_config
-from koala.models.unets import (
-    build_student,
-    build_unet,
-    count_parameters,
-    count_self_attention,
-    stage_rows,
-)
+from koala.models.unets import build_student, build_unet, count_parameters, count_self_attention, stage_rows
 
 
 def format_stage_table(teacher, student) -> str:

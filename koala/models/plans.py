@@ -8,7 +8,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.models.unets import ARCHS, Arch, Plan, StudentSpec, resolve, spec_from_fields
+from koala.models.archs import ARCHS, Arch
+from koala.models.specs import StudentSpec, spec_from_fields
+from koala.models.unets import Plan, resolve
 
 SPEC_FIELDS = (
     "encoder_keep",

@@ -28,9 +28,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
 from koala.devices import parse_dtype
+from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
 from koala.models.plans import teacher_unet_config
-from koala.models.unets import SDXL_UNET_CONFIG
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_NAME = "diffusion_pytorch_model"

@@ -4,7 +4,7 @@ Three stages, all on pictures drawn by `koala.shapes.world` (fresh random scenes
   1. a small `AutoencoderKL` (64 px -> 16 x 16 x 4 latents) trained to reconstruct the world's pictures; its
      `scaling_factor` is set so the latents have unit standard deviation, as SDXL's is;
   2. the latents of `scenes` pictures are encoded once;
-  3. an SDXL-layout U-Net (`koala.models.unets.SHAPES_UNET_CONFIG`) and the two tiny CLIP text encoders of `koala.fixtures.tiny`
+  3. an SDXL-layout U-Net (`koala.models.archs.SHAPES_UNET_CONFIG`) and the two tiny CLIP text encoders of `koala.fixtures.tiny`
      are trained together as a text-to-image epsilon-prediction model on SDXL's noise schedule (min-SNR weighted,
      constant learning rate after warm-up, EMA weights saved), with captions dropped to zero embeddings 10% of the
      time (what the SDXL pipeline feeds for an empty negative prompt), so classifier-free guidance works.
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from koala.config.compose import run_command
 from koala.fixtures.tiny import build_tiny_pipeline
-from koala.models.unets import SHAPES_UNET_CONFIG
+from koala.models.archs import SHAPES_UNET_CONFIG
 from koala.shapes.teacher_training import Logger, encode_scenes, save_pipeline, train_unet, train_vae
 
 
