@@ -177,11 +177,11 @@ def measure_step(
 ) -> StepBytes:
     """Run teacher + student + taps + losses of one batch-1 step on the meta device and count what it holds."""
     t_config = dict(teacher_config or SDXL_UNET_CONFIG)
-    spec = get_spec(student_name)
+    plan = resolve(t_config, get_spec(student_name))
     teacher = freeze(build_unet(t_config, device="meta").to(torch.bfloat16 if bf16 else torch.float32))
-    student = build_student(t_config, spec, device="meta").train()
+    student = build_student(t_config, plan, device="meta").train()
     cfg = compose_config("train", [f"distill={distill}"], schema=TrainConfig)
-    task = make_task(cfg, student, teacher, resolve(t_config, spec), latent_size=resolution // 8)
+    task = make_task(cfg, student, teacher, plan, latent_size=resolution // 8)
     counter, recompute = SavedBytes(exclude=student.parameters()), []
     if checkpointing:
         student.enable_gradient_checkpointing(counting_checkpoint(counter, recompute))

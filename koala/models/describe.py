@@ -33,7 +33,7 @@ def build_meta_pair(teacher_cfg, unet_cfg):
     """Teacher and student on the meta device, with the resolved plan."""
     t_config = teacher_unet_config(teacher_cfg)
     plan = student_plan(t_config, unet_cfg)  # fail early with the reason
-    return plan, build_unet(t_config, device="meta"), build_student(t_config, plan.spec, device="meta")
+    return plan, build_unet(t_config, device="meta"), build_student(t_config, plan, device="meta")
 
 
 def inspect_unets(teacher_cfg, unet_cfg, models=None) -> str:

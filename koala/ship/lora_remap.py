@@ -67,7 +67,7 @@ def _unit(module: str, kept: set[str]) -> str:
 
 def student_modules(plan: Plan, teacher_config: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Teacher Linear/Conv module -> (student module inherited from it, its weight shape); random layers excluded."""
-    student = build_student(teacher_config, plan.spec, device="meta")
+    student = build_student(teacher_config, plan, device="meta")
     mapping = module_map(plan)
     out = {}
     for name, m in student.named_modules():

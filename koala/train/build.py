@@ -76,7 +76,7 @@ def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionMod
     """The student U-Net, built from the loaded teacher's config and initialised from its weights."""
     config = dict(teacher.config)
     plan = student_plan(config, cfg.unet)
-    student = build_student(config, plan.spec).to(teacher.device)
+    student = build_student(config, plan).to(teacher.device)
     report = inherit_weights(student, teacher, plan)
     student.train().requires_grad_(True)  # fp32 master weights: build_unet builds in fp32
     return student, plan, report
