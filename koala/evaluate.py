@@ -59,7 +59,7 @@ class EvaluateConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     limit: Optional[int] = None  # first N prompts only (smoke runs)
-    preset: PresetName = PresetName.v1
+    preset: PresetName = PresetName.base
     seed: int = 0  # prompt i gets seed + i
     steps: Optional[int] = None
     guidance: Optional[float] = None

@@ -1,4 +1,4 @@
-"""`python -m koala.generate model=<pipeline folder> prompt="..." | prompts=<file> [preset=v1|lightning|turbo]`.
+"""`python -m koala.generate model=<pipeline folder> prompt="..." | prompts=<file> [preset=base|lightning|turbo]`.
 
 Writes numbered PNGs, grid.png and index.json (prompt and seed of each file); sampling, seeding (image i gets
 `seed + i`) and decoding live in koala/ship/sampling.py.
@@ -22,7 +22,7 @@ class GenerateConfig:
     model: Optional[str] = None  # a diffusers SDXL pipeline folder (e.g. <run>/export)
     prompt: Optional[str] = None
     prompts: Optional[str] = None  # a text file: one prompt per line (blank lines and # comments skipped)
-    preset: PresetName = PresetName.v1  # v1 | lightning | turbo
+    preset: PresetName = PresetName.base  # base | lightning | turbo
     seed: int = 0  # image i gets seed + i
     negative_prompt: Optional[str] = None
     batch_size: int = 1

@@ -109,7 +109,8 @@ BAD_CHOICES = [
     ("train", "report_to=[tensorbord]", "expected one of [tensorboard, wandb]"),
     ("train", "teacher=lightening", "Could not find 'teacher/lightening'; Available options in 'teacher': sdxl-base"),
     ("cache", "cache.dtype=int8", "expected one of [bf16, fp16, fp32]"),
-    ("generate", "preset=fast", "expected one of [v1, lightning, turbo]"),
+    ("generate", "preset=fast", "expected one of [base, lightning, turbo]"),
+    ("generate", "preset=v1", "expected one of [base, lightning, turbo]"),  # base was called v1 before issue 23
     ("generate", "dtype=fp8", "expected one of [auto, bf16, fp16, fp32]"),
     ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, pickscore, clip]"),
     ("evaluate", "protocol.metrics=[fid,imagereward]", "expected one of [fid, fd_clip, clip_score, hps, pickscore]"),
@@ -215,7 +216,7 @@ def test_every_command_reports_a_bad_config_in_one_line(capsys):
     err = capsys.readouterr().err
     assert (
         exit.value.code == 2
-        and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
+        and err == "error: preset=fast: Invalid value 'fast', expected one of [base, lightning, turbo]\n"
     )
 
 

@@ -71,12 +71,12 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
     from koala.config.compose import compose_config
     from koala.config.schema import TrainConfig
     from koala.models.archs import SDXL_SCHEDULER_CONFIG
-    from koala.ship.presets import euler_scheduler, preset_for_kind
+    from koala.ship.presets import euler_scheduler, get_preset
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"], schema=TrainConfig)
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
     scheduler = euler_scheduler(
-        EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, preset_for_kind(cfg.teacher.kind)
+        EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, get_preset(cfg.teacher.kind)
     )
     scheduler.set_timesteps(cfg.teacher.steps)
     assert trained == {round(t) for t in scheduler.timesteps.tolist()} and len(trained) == 4

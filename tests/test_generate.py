@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from koala.generate import main
-from koala.ship.presets import get_preset, preset_for_kind
+from koala.ship.presets import get_preset
 from koala.ship.sampling import generate, load_pipeline, make_grid
 
 
@@ -17,11 +17,12 @@ def pipe(tiny_pipeline_dir):
 
 
 def test_presets():
-    assert (get_preset("v1").steps, get_preset("v1").guidance, get_preset("v1").timestep_spacing) == (25, 7.5, None)
+    assert (get_preset("base").steps, get_preset("base").guidance, get_preset("base").timestep_spacing) == (25, 7.5, None)
     assert (get_preset("lightning").steps, get_preset("lightning").guidance) == (10, 3.5)
-    assert preset_for_kind("turbo").guidance == 0.0 and preset_for_kind("turbo").timestep_spacing == "trailing"
-    with pytest.raises(ValueError, match="expected one of v1, lightning, turbo"):
-        get_preset("fast")
+    assert get_preset("turbo").guidance == 0.0 and get_preset("turbo").timestep_spacing == "trailing"
+    for name in ("fast", "v1"):  # v1: the base preset's name before issue 23, refused naming the choices
+        with pytest.raises(ValueError, match=f"'{name}' is not a valid PresetName: expected one of base, lightning, turbo"):
+            get_preset(name)
 
 
 def test_seeds_are_per_image(pipe):

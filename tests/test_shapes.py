@@ -146,11 +146,11 @@ TEACHER_MIN_ACCURACY = 75.0  # the shipped teacher: 83.3% (15 of 18) on these pr
 def test_shipped_teacher_draws_its_captions():
     from koala.config.compose import compose_config
     from koala.shapes.judge import judge, load_pipeline, sample
-    from koala.ship.presets import preset_for_kind
+    from koala.ship.presets import get_preset
 
     cfg = compose_config("train", ["teacher=shapes"], schema=TrainConfig)
     prompts = eval_prompts(18)  # every (shape, colour) pair once
-    pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
+    pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, get_preset(cfg.teacher.kind))
     assert judge(pictures, prompts)["caption_accuracy"] >= TEACHER_MIN_ACCURACY
 
 

@@ -26,7 +26,7 @@ from koala.config.schema import TrainConfig
 from koala.fixtures import ensure_fixtures
 from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
 from koala.ship.export import export_run
-from koala.ship.presets import preset_for_kind
+from koala.ship.presets import get_preset
 from koala.train.loop import train
 
 METRICS = (("caption_accuracy", "caption accuracy (%)"), ("psnr", "PSNR vs teacher (dB)"), ("mae", "MAE vs teacher"))
@@ -57,7 +57,7 @@ def run_one(overrides: list[str], prompts: list[str], teacher_pictures: list) ->
     cfg = compose_config("train", overrides, schema=TrainConfig)
     run_dir = train(cfg)
     export = export_run(run_dir, checkpoint="latest", ema=cfg.ema)
-    pictures = sample(load_pipeline(export), prompts, preset_for_kind(cfg.teacher.kind))
+    pictures = sample(load_pipeline(export), prompts, get_preset(cfg.teacher.kind))
     return {**judge(pictures, prompts, teacher_pictures), "minutes": (time.perf_counter() - t0) / 60}
 
 
@@ -118,7 +118,7 @@ def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
     cfg = compose_config("train", base, schema=TrainConfig)
     ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
     prompts = eval_prompts(bench.prompts)
-    teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
+    teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, get_preset(cfg.teacher.kind))
     teacher = judge(teacher_pictures, prompts)
     record = out / "runs.jsonl"
     runs = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []

@@ -22,7 +22,7 @@ from koala.distill.losses import FeatureLoss
 from koala.distill.taps import SaPoint, Stage, TapKind
 from koala.models.archs import Arch
 from koala.models.specs import LayerSelect, MidMode
-from koala.ship.presets import TeacherKind
+from koala.ship.presets import PresetName
 from koala.train.diffusion import TimestepKind
 from koala.train.tracking import Tracker
 
@@ -34,7 +34,7 @@ class TeacherConfig:
     """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
 
     name: str = "tiny"
-    kind: TeacherKind = TeacherKind.base  # base | lightning | turbo: sampling preset (koala.ship.presets), spacing
+    kind: PresetName = PresetName.base  # base | lightning | turbo: its students' sampling preset (koala.ship.presets)
     arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.archs.ARCHS) for meta-device inspection, single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
@@ -156,7 +156,7 @@ class TrainConfig:
         default_factory=lambda: ["a koala bear eating leaves", "a red sports car on a mountain road"]
     )
     sample_seed: int = 0
-    sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (v1: 25)
+    sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (base: 25)
     resume: Optional[str] = None  # latest | a checkpoint folder
     report_to: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])  # tensorboard | wandb
     compile: bool = False

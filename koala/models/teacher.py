@@ -138,12 +138,14 @@ def _stay_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return torch.nn.Module.train(self, False)
 
 
-def freeze(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Freeze in place: no grads, eval mode now and after any later `train()` call, SDPA attention."""
+def freeze(unet: torch.nn.Module) -> torch.nn.Module:
+    """Freeze in place: no grads, eval mode now and after any later `train()` call, SDPA attention (a diffusers
+    U-Net); the one way a teacher is frozen (koala.models.teacher.load_teacher, koala.distill.task)."""
     unet.requires_grad_(False)
     unet.train = types.MethodType(_stay_eval, unet)  # instance attribute shadows nn.Module.train
     unet.eval()
-    unet.set_attn_processor(AttnProcessor2_0())
+    if isinstance(unet, UNet2DConditionModel):
+        unet.set_attn_processor(AttnProcessor2_0())
     return unet
 
 

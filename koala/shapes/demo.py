@@ -25,7 +25,7 @@ from koala.fixtures.shards import write_demo_shards
 from koala.models.teacher import load_teacher
 from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
 from koala.ship.export import export_run
-from koala.ship.presets import preset_for_kind
+from koala.ship.presets import get_preset
 from koala.ship.sampling import make_grid
 from koala.train.build import make_student
 from koala.train.diffusion import build_noise_scheduler
@@ -112,7 +112,7 @@ def run_demo(cfg: DictConfig, prompts: int = PROMPTS, samples: int | None = None
     run_dir, teacher_dir = Path(cfg.output_dir), Path(cfg.teacher.pipeline)
     run_dir.mkdir(parents=True, exist_ok=True)
     ensure_fixtures(cfg, samples)  # the shapes-world shards (the teacher ships in the package)
-    prompts, preset = eval_prompts(prompts), preset_for_kind(cfg.teacher.kind)
+    prompts, preset = eval_prompts(prompts), get_preset(cfg.teacher.kind)
 
     print(f"== sampling the teacher and the inherited student ({len(prompts)} prompts, seeds 0-{len(prompts) - 1})")
     teacher = load_teacher(cfg.teacher)

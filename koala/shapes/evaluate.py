@@ -28,7 +28,7 @@ class ShapesEvaluateConfig:
     compare: Optional[str] = None  # a second pipeline, sampled on the same prompts and seeds (e.g. the teacher)
     n: int = 36  # prompts, one picture each
     seed: int = 0  # picture i is seeded seed + i
-    preset: PresetName = PresetName.v1
+    preset: PresetName = PresetName.base
     out: Optional[str] = None  # default samples/<model folder name>-shapes
 
 
@@ -36,7 +36,7 @@ def evaluate_shapes(cfg: DictConfig) -> dict:
     """Sample and score what a composed `shapes_evaluate` config names; write the grid and the scores."""
     if not cfg.model:
         raise SystemExit("usage: python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] "
-                         "[seed=0] [preset=v1] [out=<dir>]")  # fmt: skip
+                         "[seed=0] [preset=base] [out=<dir>]")  # fmt: skip
     prompts, seed, preset = eval_prompts(cfg.n), cfg.seed, cfg.preset
     images = sample(load_pipeline(cfg.model), prompts, preset, seed)
     reference = sample(load_pipeline(cfg.compare), prompts, preset, seed) if cfg.compare else None

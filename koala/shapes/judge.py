@@ -40,7 +40,7 @@ def load_pipeline(folder: str | Path, unet: UNet2DConditionModel | None = None) 
     return pipe
 
 
-def sample(pipe: StableDiffusionXLPipeline, prompts: list[str], preset: str | Preset = "v1", seed: int = 0,
+def sample(pipe: StableDiffusionXLPipeline, prompts: list[str], preset: str | Preset = "base", seed: int = 0,
            batch_size: int = 16) -> list[Image.Image]:  # fmt: skip
     """One picture per prompt at the world's resolution; picture i from its own generator seeded `seed + i`."""
     return generate(pipe, prompts, preset, seeds=seed, height=RESOLUTION, width=RESOLUTION, batch_size=batch_size)

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.ship.presets import preset_for_kind
+from koala.ship.presets import get_preset
 
 
 def final_losses(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -30,7 +30,7 @@ def render_model_card(
 ) -> str:
     """Markdown model card with Hugging Face front matter."""
     kind = _get(cfg, "teacher.kind", "base")
-    preset = preset_for_kind(kind)
+    preset = get_preset(kind)
     losses = final_losses(metrics)
     loss_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in losses.items() if k != "step") or "| (no metrics.jsonl) | |"
     spacing = preset.timestep_spacing or "as the teacher's scheduler"

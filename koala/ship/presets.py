@@ -1,6 +1,8 @@
-"""Inference presets: sampler, steps and guidance per teacher kind (KOALA.md section 5).
+"""Inference presets: sampler, steps and guidance per teacher kind (KOALA.md section 5), named by the kind.
 
-v1 students (SDXL-Base teacher) sample like SDXL: Euler, 25 steps, guidance 7.5, the scheduler's own spacing.
+A student samples with the preset of its teacher's kind (`teacher.kind`); `preset=` of generate and evaluate names
+the same presets. Base students (SDXL-Base teacher, the paper's "v1") sample like SDXL: Euler, 25 steps, guidance
+7.5, the scheduler's own spacing.
 KOALA-Lightning samples with Euler and `timestep_spacing="trailing"`, 10 steps, guidance 3.5 (the released
 scheduler config says "leading", which is why the export overrides it). KOALA-Turbo: Euler trailing, 4 steps,
 no guidance (SDXL-Turbo itself is typically sampled in 1 step; the student gets a few more).
@@ -26,24 +28,18 @@ class Preset:
     timestep_spacing: Optional[str]  # None keeps the model's own scheduler spacing
 
 
+# Keyed by teacher kind. `v1` (koala before issue 23 called the base preset so) is refused, naming these choices.
 PRESETS: dict[str, Preset] = {
-    "v1": Preset("v1", steps=25, guidance=7.5, timestep_spacing=None),
+    "base": Preset("base", steps=25, guidance=7.5, timestep_spacing=None),
     "lightning": Preset("lightning", steps=10, guidance=3.5, timestep_spacing="trailing"),
     "turbo": Preset("turbo", steps=4, guidance=0.0, timestep_spacing="trailing"),
 }
-KIND_PRESETS = {"base": "v1", "lightning": "lightning", "turbo": "turbo"}  # teacher kind -> preset
-PresetName = Choice("PresetName", list(PRESETS))  # generate.preset, evaluate.preset(s): a key of PRESETS
-TeacherKind = Choice("TeacherKind", list(KIND_PRESETS))  # teacher.kind: a key of KIND_PRESETS
+PresetName = Choice("PresetName", list(PRESETS))  # teacher.kind, generate.preset, evaluate.preset(s)
 
 
 def get_preset(name: str) -> Preset:
-    """Look up a preset by name, naming the valid choices when it is unknown."""
+    """The preset of a teacher kind (`base`, `lightning`, `turbo`), naming the valid choices when it is unknown."""
     return PRESETS[PresetName(name)]
-
-
-def preset_for_kind(kind: str) -> Preset:
-    """The preset a student of a `base`, `lightning` or `turbo` teacher samples with."""
-    return PRESETS[KIND_PRESETS[TeacherKind(kind)]]
 
 
 def euler_scheduler(scheduler_config: dict[str, Any], preset: Preset) -> EulerDiscreteScheduler:

@@ -54,7 +54,7 @@ def read_prompts(path: str | Path) -> list[str]:
 def generate(
     pipeline: StableDiffusionXLPipeline,
     prompts: Sequence[str],
-    preset: str | Preset = "v1",
+    preset: str | Preset = "base",
     seeds: int | Sequence[int] = 0,
     negative_prompt: str | None = None,
     steps: int | None = None,

@@ -88,7 +88,7 @@ def make_task(cfg, student, teacher: UNet2DConditionModel, plan: Plan, latent_si
     pairs = pair_taps(plan, d, student, teacher)
     check_pair_shapes(pairs, student, teacher, sample_size=latent_size, sa_point=d.sa_point)
     weights = LossWeights(d.task_weight, d.out_weight, d.feat_weight)
-    return DistillationTask(student, teacher, pairs, weights, feature_kind=d.loss, sa_point=d.sa_point)
+    return DistillationTask(student, teacher, pairs, weights, feature_loss=d.loss, sa_point=d.sa_point)
 
 
 def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
