@@ -37,7 +37,7 @@ def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp
     teacher.to(torch.bfloat16)
     student = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")  # fp32
     renderer = SampleRenderer(cfg, conditioner, Accelerator(cpu=True), tmp_path)
-    for path in (renderer.render_teacher(teacher), renderer.render_student(student, 1)):
+    for path in (renderer.render(teacher, "teacher"), renderer.render(student, "student-00000001", 1)):
         pixels = np.asarray(Image.open(path))
         assert pixels.shape == (32, 64, 3) and pixels.std() > 0
 
