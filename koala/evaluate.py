@@ -75,7 +75,7 @@ class EvaluateConfig:
     tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
 
 
-def evaluate_command(cfg: Any) -> dict[str, Any] | Path:
+def evaluate_command(cfg: EvaluateConfig) -> dict[str, Any] | Path:
     """Convert weights or evaluate, as a composed `evaluate` config asks."""
     return convert(cfg) if cfg.convert else evaluate(cfg)
 

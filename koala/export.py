@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.ship.export import export_run
 
@@ -29,7 +27,7 @@ class ExportConfig:
     out: Optional[str] = None  # default <run_dir>/export
 
 
-def export_command(cfg: DictConfig) -> Path:
+def export_command(cfg: ExportConfig) -> Path:
     """Export the run a composed `export` config names."""
     if not cfg.run_dir:
         raise SystemExit(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.config.schema import TrainConfig
 from koala.distill.describe import inspect_distill
@@ -24,7 +22,7 @@ class InspectConfig(TrainConfig):
     list_taps: bool = False  # also list every tap point of both models
 
 
-def inspect_config(cfg: DictConfig) -> str:
+def inspect_config(cfg: InspectConfig) -> str:
     """The inspection of a composed config, printed."""
     text = inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, cfg.list_taps)
     print(text)

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.config.schema import TeacherConfig, UNetConfig
 from koala.models.plans import config_plan, run_plan
@@ -29,12 +27,12 @@ class LoraRemapConfig:
     run_dir: Optional[str] = None  # take teacher and unet from this run's config.yaml instead
 
 
-def _teacher_and_plan(cfg: DictConfig) -> tuple[dict, Plan]:
+def _teacher_and_plan(cfg: LoraRemapConfig) -> tuple[dict, Plan]:
     """The teacher U-Net config and the student plan, from a run's config.yaml or from the composed groups."""
     return run_plan(cfg.run_dir) if cfg.run_dir else config_plan(cfg)
 
 
-def lora_command(cfg: DictConfig) -> RemapReport:
+def lora_command(cfg: LoraRemapConfig) -> RemapReport:
     """Remap the LoRA a composed `lora` config names and print the report."""
     if not cfg.lora or not cfg.out:
         raise SystemExit(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.config.checks import ConfigError
 from koala.config.compose import CONFIG_DIR, compose_config, run_command
@@ -125,7 +125,7 @@ def run_phase(name: str, command: list[str], log_dir: Path, skip: bool = False) 
     return phase
 
 
-def settings(cfg: DictConfig, argv: list[str]) -> BenchFullsize:
+def settings(cfg: BenchFullsizeJob, argv: list[str]) -> BenchFullsize:
     """The bench settings of a composed `bench_fullsize` config; the student and the train overrides from `argv`."""
     bench = OmegaConf.to_object(cfg.bench)
     bench.unet = str(cfg.unet.name)
@@ -220,7 +220,7 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
     return record(bench, cfg, shipped, phases, paths)
 
 
-def record(bench, cfg, shipped, phases: list[Phase], paths: dict[str, Path]) -> dict[str, Any]:
+def record(bench, cfg: TrainConfig, shipped, phases: list[Phase], paths: dict[str, Path]) -> dict[str, Any]:
     """What was run and measured, as plain data (the JSON report)."""
     from koala.ship.export import read_metrics
 

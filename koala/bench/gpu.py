@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.bench import train_overrides
 from koala.bench.budget import conditioning_params
@@ -116,7 +116,7 @@ def plan(s: BenchGPU) -> list[Case]:
     return cases
 
 
-def settings_row(case: Case, cfg: Any, s: BenchGPU) -> dict[str, Any]:
+def settings_row(case: Case, cfg: TrainConfig, s: BenchGPU) -> dict[str, Any]:
     """What a configuration runs, as the report's row starts."""
     return {
         "student": case.unet, "recipe": case.recipe, "experiment": cfg.name,
@@ -133,7 +133,7 @@ def compiled(run: Trainable, backend: str) -> Trainable:
     return dataclasses.replace(run, student=student, task=run.task.running(student))
 
 
-def time_case(cfg: Any, case: Case, s: BenchGPU, device: torch.device) -> dict[str, Any]:
+def time_case(cfg: TrainConfig, case: Case, s: BenchGPU, device: torch.device) -> dict[str, Any]:
     """Build one configuration with the trainer's builders and time its step; median seconds and peak memory."""
     bt = BenchTrain(arch=s.arch, resolution=s.resolution, batch=s.batch or cfg.batch_size, steps=s.steps,
                     warmup=s.warmup, device=str(device), presets=[s.distill])  # fmt: skip
@@ -181,7 +181,7 @@ def free(device: torch.device) -> None:
 
 
 def run_case(
-    case: Case, cfg: Any, s: BenchGPU, device: torch.device, flops: StepFlops, peak: float | None
+    case: Case, cfg: TrainConfig, s: BenchGPU, device: torch.device, flops: StepFlops, peak: float | None
 ) -> dict[str, Any]:
     """One row: the settings, then the numbers, or OOM / skipped / error with the reason."""
     row = settings_row(case, cfg, s)
@@ -206,7 +206,7 @@ def run_case(
     return row
 
 
-def case_flops(cfg: Any, s: BenchGPU, batch: int) -> StepFlops:
+def case_flops(cfg: TrainConfig, s: BenchGPU, batch: int) -> StepFlops:
     """The meta-device FLOP count of one step of this configuration."""
     t_config = dict(ARCHS[s.arch])
     spec = student_plan(t_config, cfg.unet).spec
@@ -274,7 +274,7 @@ class BenchGPUJob(TrainConfig):
     bench: BenchGPU = field(default_factory=BenchGPU)
 
 
-def bench_gpu(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
+def bench_gpu(cfg: BenchGPUJob, argv: list[str]) -> dict[str, Any]:
     """Run (or plan) the grid a composed `bench_gpu` config (from the command line `argv`) describes; write the report."""
     s: BenchGPU = OmegaConf.to_object(cfg.bench)
     report = run(s, train_overrides(argv))

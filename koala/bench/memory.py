@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.bench.budget import (
     HEADER,
@@ -49,7 +49,7 @@ class BenchMemoryJob:
     bench: BenchMemory = field(default_factory=BenchMemory)
 
 
-def bench_memory(cfg: DictConfig) -> list[dict]:
+def bench_memory(cfg: BenchMemoryJob) -> list[dict]:
     """Build, print and write the budget a composed `bench_memory` config describes."""
     bench: BenchMemory = OmegaConf.to_object(cfg.bench)
     budget = bench.budget_gib * GiB

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDPMScheduler
@@ -30,6 +30,9 @@ from koala.timing import PartTimer
 from koala.train.build import build_trainable, make_accelerator, make_noising, make_task
 from koala.train.step import Trainable, train_step
 from koala.train.tracking import MetricsLog
+
+if TYPE_CHECKING:
+    from koala.config.schema import DataConfig
 
 # The parts of one step, in the order it runs them (koala.train.step and DistillationTask.forward name them)
 PARTS = ("noise", "teacher forward", "student forward", "losses", "backward", "clip", "optimizer", "ema", "logging")
@@ -62,7 +65,7 @@ class Bench:
     timer: PartTimer
 
 
-def data_seconds(data_cfg: Any, batch: int, n: int) -> list[float]:
+def data_seconds(data_cfg: DataConfig, batch: int, n: int) -> list[float]:
     """Seconds to fetch each of `n` batches from the configured loader (after its first batch)."""
     it = iter(build_dataloader(data_cfg, batch_size=batch, seed=0))
     next(it)  # workers start, files open

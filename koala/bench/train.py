@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.bench import train_overrides
 from koala.bench.step_timing import PARTS, BenchTrain, build_bench, data_seconds, measure, measurements
@@ -124,7 +124,7 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_train(cfg: DictConfig, argv: list[str]) -> dict:
+def bench_train(cfg: BenchTrainJob, argv: list[str]) -> dict:
     """Run the benchmark a composed `bench_train` config (from the command line `argv`) describes; print and write."""
     bench = OmegaConf.to_object(cfg.bench)
     overrides = train_overrides(argv)

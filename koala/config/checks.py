@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -66,7 +69,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def check_values(cfg) -> None:
+def check_values(cfg: TrainConfig) -> None:
     """Ranges of plain settings."""
     for key, (ok, allowed) in RANGES.items():
         value = OmegaConf.select(cfg, key)
@@ -91,7 +94,7 @@ def _refuse_pickle(key: str, path: str) -> None:
         )
 
 
-def _fixture_hint(cfg) -> str:
+def _fixture_hint(cfg: TrainConfig) -> str:
     """For the tiny teacher and the generated data sets: how to write them."""
     from koala.fixtures import fixture_command
 
@@ -99,7 +102,7 @@ def _fixture_hint(cfg) -> str:
     return f" (a generated fixture: write it with `{command}`)" if command else ""
 
 
-def check_teacher_paths(cfg) -> None:
+def check_teacher_paths(cfg: TrainConfig) -> None:
     """The teacher's folders and files exist and are not pickles."""
     t = cfg.teacher
     if not t.pipeline:
@@ -132,7 +135,7 @@ def _size_multiple(t) -> int:
     return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
 
 
-def check_data(cfg) -> None:
+def check_data(cfg: TrainConfig) -> None:
     """Resolution fits the models; the data path names something that exists (local paths only)."""
     data = cfg.data
     multiple = _size_multiple(cfg.teacher)
@@ -169,7 +172,7 @@ def check_data(cfg) -> None:
         raise ConfigError(f"data.path={data.path!r} does not exist")
 
 
-def check_config(cfg) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
     check_values(cfg)
     check_distill(cfg.distill)

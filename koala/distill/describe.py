@@ -5,9 +5,14 @@ structure (koala.models.describe).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import Stage, TapKind, list_tap_points
 from koala.models.describe import build_meta_pair, inspect_unets
+
+if TYPE_CHECKING:
+    from koala.config.schema import DistillConfig, TeacherConfig, UNetConfig
 
 
 def format_tap_points(unet, title: str) -> str:
@@ -18,7 +23,9 @@ def format_tap_points(unet, title: str) -> str:
     return "\n".join(lines)
 
 
-def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg, resolution: int) -> str:
+def format_pairs(
+    pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg: DistillConfig, resolution: int
+) -> str:
     """The distilled pairs: a count table per stage and kind, then one line per pair with its shape."""
     counts = pair_counts(pairs)
     kinds = [k for k in TapKind if any(kk == k for _, kk in counts)]
@@ -40,7 +47,13 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     return "\n".join(lines)
 
 
-def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_taps: bool = False) -> str:
+def inspect_distill(
+    teacher_cfg: TeacherConfig,
+    unet_cfg: UNetConfig,
+    distill_cfg: DistillConfig,
+    resolution: int,
+    list_taps: bool = False,
+) -> str:
     """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives."""
     models = build_meta_pair(teacher_cfg, unet_cfg)
     plan, teacher, student = models

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,6 +21,9 @@ from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
 from koala.models.unets import Plan, build_unet
+
+if TYPE_CHECKING:
+    from koala.config.schema import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class TapPair:
 
 
 def pair_taps(
-    plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
+    plan: Plan, distill_cfg: DistillConfig, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
 ) -> list[TapPair]:
     """Pair every student tap selected by the `distill` section with its teacher tap; zero-weight taps are dropped.
 

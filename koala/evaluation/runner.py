@@ -9,7 +9,7 @@ and writes results.json, results.md and image grids; `convert` turns a metric's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from koala.devices import multi_cpu
 from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
@@ -20,13 +20,16 @@ from koala.evaluation.weights import CONVERTERS
 from koala.ship.presets import get_preset
 from koala.ship.sampling import load_pipeline
 
+if TYPE_CHECKING:
+    from koala.evaluate import EvaluateConfig
 
-def _preset(cfg: Any, name: str) -> str:
+
+def _preset(cfg: EvaluateConfig, name: str) -> str:
     """The sampling preset of one model."""
     return (cfg.presets or {}).get(name, cfg.preset)
 
 
-def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, Path]]:
+def check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, Optional[str]]], dict[str, Path]]:
     """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
     if not cfg.models or not hasattr(cfg.models, "items"):
         raise SystemExit(
@@ -42,7 +45,7 @@ def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, P
     return pairs, check_metrics(cfg.protocol.metrics, cfg.weights, cfg.protocol)
 
 
-def default_out(cfg: Any) -> Path:
+def default_out(cfg: EvaluateConfig) -> Path:
     """<run>/eval/<protocol> when the first model is a run's `export` folder, else eval/<protocol>."""
     first = Path(next(iter(cfg.models.values())))
     return (first.parent if first.name == "export" else Path()) / "eval" / cfg.protocol.name
@@ -55,7 +58,7 @@ def _distributed():
     return PartialState(cpu=multi_cpu())
 
 
-def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
+def generate_all(cfg: EvaluateConfig, pairs: list, out: Path, state: Any) -> None:
     """Every model samples this rank's share of the prompts into out/<model>/images."""
     device = cfg.device or str(state.device)
     prompts = [p for p, _ in pairs]
@@ -80,7 +83,7 @@ def generate_all(cfg: Any, pairs: list, out: Path, state: Any) -> None:
         del pipe
 
 
-def evaluate(cfg: Any) -> dict[str, Any]:
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Sample every model on the protocol's prompts (split across ranks) and score them on rank 0."""
     pairs, weights = check_inputs(cfg)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
@@ -113,7 +116,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     return {"out": str(out), **meta, "results": results}
 
 
-def convert(cfg: Any) -> Path:
+def convert(cfg: EvaluateConfig) -> Path:
     """One-time conversion of a metric's original (pickled) weights to safetensors."""
     if not cfg.src or not cfg.out:
         raise SystemExit(

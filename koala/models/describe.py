@@ -4,8 +4,13 @@ meta device (full-size SDXL needs no weights and almost no memory). What `koala.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from koala.models.plans import student_plan, teacher_unet_config
 from koala.models.unets import build_student, build_unet, count_parameters, count_self_attention, stage_rows
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig, UNetConfig
 
 
 def format_stage_table(teacher, student) -> str:
@@ -29,14 +34,14 @@ def format_stage_table(teacher, student) -> str:
     return "\n".join(lines)
 
 
-def build_meta_pair(teacher_cfg, unet_cfg):
+def build_meta_pair(teacher_cfg: TeacherConfig, unet_cfg: UNetConfig):
     """Teacher and student on the meta device, with the resolved plan."""
     t_config = teacher_unet_config(teacher_cfg)
     plan = student_plan(t_config, unet_cfg)  # fail early with the reason
     return plan, build_unet(t_config, device="meta"), build_student(t_config, plan, device="meta")
 
 
-def inspect_unets(teacher_cfg, unet_cfg, models=None) -> str:
+def inspect_unets(teacher_cfg: TeacherConfig, unet_cfg: UNetConfig, models=None) -> str:
     """Build teacher and student on the meta device and describe both."""
     plan, teacher, student = models or build_meta_pair(teacher_cfg, unet_cfg)
     spec = plan.spec

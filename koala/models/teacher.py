@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
@@ -31,6 +31,9 @@ from koala.devices import parse_dtype
 from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
 from koala.models.plans import teacher_unet_config
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_NAME = "diffusion_pytorch_model"
@@ -149,7 +152,7 @@ def freeze(unet: torch.nn.Module) -> torch.nn.Module:
     return unet
 
 
-def load_teacher(teacher_cfg: Any, dtype: str | torch.dtype | None = "config") -> UNet2DConditionModel:
+def load_teacher(teacher_cfg: TeacherConfig, dtype: str | torch.dtype | None = "config") -> UNet2DConditionModel:
     """The frozen teacher a `teacher` config section names (`pipeline`, `unet`, `arch`, `dtype`).
 
     `dtype`: "config" casts to `teacher.dtype`; None keeps the stored precision (the trainer inherits the student's

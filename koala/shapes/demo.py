@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 
 from koala.data import build_dataloader
@@ -31,13 +32,16 @@ from koala.train.build import make_student
 from koala.train.diffusion import build_noise_scheduler
 from koala.train.loop import train
 
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
+
 PROMPTS = 24  # evaluation prompts (each shape-colour pair at least once), one seeded picture each
 
 
 GRID_COLUMNS = 12
 
 
-def held_out_batches(cfg, out_dir: Path, n: int = 32) -> list[dict]:
+def held_out_batches(cfg: TrainConfig, out_dir: Path, n: int = 32) -> list[dict]:
     """Captioned images the student never trains on (another seed of the generator), as online batches."""
     shards = write_demo_shards(out_dir, n, cfg.data.resolution, samples_per_shard=n, seed=999,
                                world=DATASETS[cfg.data.name][0])  # fmt: skip
@@ -105,7 +109,7 @@ def quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_demo(cfg: DictConfig, prompts: int = PROMPTS, samples: int | None = None) -> dict:
+def run_demo(cfg: TrainConfig, prompts: int = PROMPTS, samples: int | None = None) -> dict:
     """Sample and score teacher and inherited student, distil, export, and score the student, on a composed config."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     quiet()

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
 from koala.ship.presets import PresetName
@@ -32,7 +30,7 @@ class ShapesEvaluateConfig:
     out: Optional[str] = None  # default samples/<model folder name>-shapes
 
 
-def evaluate_shapes(cfg: DictConfig) -> dict:
+def evaluate_shapes(cfg: ShapesEvaluateConfig) -> dict:
     """Sample and score what a composed `shapes_evaluate` config names; write the grid and the scores."""
     if not cfg.model:
         raise SystemExit("usage: python -m koala.shapes.evaluate model=<pipeline folder> [compare=<folder>] [n=36] "

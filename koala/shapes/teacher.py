@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.config.compose import run_command
 from koala.fixtures.tiny import build_tiny_pipeline
@@ -50,7 +50,7 @@ class TeacherTrainConfig:
     save_every: int = 250  # write the pipeline so far (a run stopped early still leaves a usable teacher)
 
 
-def train_teacher(cfg: DictConfig) -> Path:
+def train_teacher(cfg: TeacherTrainConfig) -> Path:
     """Train the teacher a composed `shapes_teacher` config describes; writes the pipeline folder."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ import json
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -28,6 +28,9 @@ from koala.models.unets import count_parameters
 from koala.ship.model_card import write_model_card
 from koala.ship.presets import euler_scheduler, get_preset
 from koala.train.checkpoint import find_checkpoint, step_of
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig, TrainConfig
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
 
@@ -67,7 +70,9 @@ def resolve_local_path(path: str, run_dir: Path, what: str) -> Path:
     raise FileNotFoundError(f"{what} {path!r} (from {run_dir / 'config.yaml'}) not found, nor under {run_dir}")
 
 
-def assemble_pipeline(teacher_cfg: Any, student: UNet2DConditionModel, run_dir: Path) -> StableDiffusionXLPipeline:
+def assemble_pipeline(
+    teacher_cfg: TeacherConfig, student: UNet2DConditionModel, run_dir: Path
+) -> StableDiffusionXLPipeline:
     """The teacher's SDXL pipeline with its U-Net swapped for the student and the scheduler set for its kind."""
     if not teacher_cfg.get("pipeline"):
         raise ValueError("the run config has no teacher.pipeline: nothing to take text encoders, tokenizers, VAE from")
@@ -204,7 +209,7 @@ def export_run(
 
 
 def _write_export(
-    tmp: Path, pipe: StableDiffusionXLPipeline, student: UNet2DConditionModel, cfg: DictConfig, ckpt: Path,
+    tmp: Path, pipe: StableDiffusionXLPipeline, student: UNet2DConditionModel, cfg: TrainConfig, ckpt: Path,
     run_dir: Path, *, ema: bool, fp16: bool, single_file: bool,
 ) -> None:  # fmt: skip
     """Write the pipeline, its variants, the model card and last the marker into the staging folder `tmp`."""

@@ -12,7 +12,6 @@ import sys
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
 
 from koala.config.checks import ConfigError
 from koala.config.compose import exit_config_error, register_schema
@@ -22,7 +21,7 @@ from koala.train.loop import train
 
 
 @hydra.main(version_base=None, config_path="../../configs", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: TrainConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -31,10 +32,13 @@ from koala.train.sharding import accelerator_kwargs
 from koala.train.step import Noising, Trainable
 from koala.train.tracking import resolve_trackers
 
+if TYPE_CHECKING:
+    from koala.config.schema import OptimConfig, TrainConfig
+
 log = logging.getLogger("koala.train")
 
 
-def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, project_dir: str | Path | None = None) -> Accelerator:
     """The run's Accelerator: mixed precision, accumulation, trackers (with a run folder); gloo for CPU processes."""
     # accelerate keeps its settings process-wide; a second run in the same process (a notebook, an in-process
     # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
@@ -50,7 +54,9 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
     )
 
 
-def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner | CachedConditioner, Noising, UNet2DConditionModel]:
+def load_frozen(
+    cfg: TrainConfig, device: torch.device
+) -> tuple[SDXLConditioner | CachedConditioner, Noising, UNet2DConditionModel]:
     """Conditioner (text encoders + VAE; for a cache, none of them), how latents are noised, and the teacher in its
     stored precision."""
     if cfg.data.kind == "cached" and cfg.data.caption_dropout_mode == "zeros":  # nothing to encode during training
@@ -64,7 +70,7 @@ def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner | CachedCond
     return conditioner, make_noising(cfg, build_noise_scheduler(cfg.teacher.pipeline)), teacher
 
 
-def make_noising(cfg, scheduler) -> Noising:
+def make_noising(cfg: TrainConfig, scheduler) -> Noising:
     """Timestep sampling, noise offset and Min-SNR around the teacher's noise schedule."""
     sample_t = TimestepSampler(
         cfg.timesteps, scheduler.config.num_train_timesteps, cfg.teacher.steps, cfg.timestep_jitter
@@ -72,7 +78,9 @@ def make_noising(cfg, scheduler) -> Noising:
     return Noising(scheduler, sample_t, cfg.noise_offset, cfg.snr_gamma)
 
 
-def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:
+def make_student(
+    cfg: TrainConfig, teacher: UNet2DConditionModel
+) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:
     """The student U-Net, built from the loaded teacher's config and initialised from its weights."""
     config = dict(teacher.config)
     plan = student_plan(config, cfg.unet)
@@ -82,7 +90,9 @@ def make_student(cfg, teacher: UNet2DConditionModel) -> tuple[UNet2DConditionMod
     return student, plan, report
 
 
-def make_task(cfg, student, teacher: UNet2DConditionModel, plan: Plan, latent_size: int) -> DistillationTask:
+def make_task(
+    cfg: TrainConfig, student, teacher: UNet2DConditionModel, plan: Plan, latent_size: int
+) -> DistillationTask:
     """The distillation task of `cfg.distill`: its tap pairs (shapes checked on meta) and loss weights."""
     d = cfg.distill
     pairs = pair_taps(plan, d, student, teacher)
@@ -91,7 +101,7 @@ def make_task(cfg, student, teacher: UNet2DConditionModel, plan: Plan, latent_si
     return DistillationTask(student, teacher, pairs, weights, feature_loss=d.loss, sa_point=d.sa_point)
 
 
-def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
+def make_optimizer(optim_cfg: OptimConfig, params) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW when asked for and installed."""
     kwargs = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps)
     if optim_cfg.use_8bit:
@@ -104,7 +114,7 @@ def make_optimizer(optim_cfg, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kwargs, fused=True)
 
 
-def make_ema(cfg, student: UNet2DConditionModel) -> EMAModel | None:
+def make_ema(cfg: TrainConfig, student: UNet2DConditionModel) -> EMAModel | None:
     """diffusers' EMA of the student (foreach), initialised from the inherited weights; None when `ema=false`."""
     if not cfg.ema:
         return None
@@ -118,7 +128,7 @@ def make_ema(cfg, student: UNet2DConditionModel) -> EMAModel | None:
 
 
 def build_trainable(
-    cfg, accelerator: Accelerator, teacher: UNet2DConditionModel, noising: Noising, latent_size: int
+    cfg: TrainConfig, accelerator: Accelerator, teacher: UNet2DConditionModel, noising: Noising, latent_size: int
 ) -> Trainable:
     """Student (inherited from the teacher), its task, EMA, optimizer and LR schedule, prepared by accelerate."""
     student, plan, report = make_student(cfg, teacher)
