@@ -17,11 +17,17 @@ def pipe(tiny_pipeline_dir):
 
 
 def test_presets():
-    assert (get_preset("base").steps, get_preset("base").guidance, get_preset("base").timestep_spacing) == (25, 7.5, None)
+    assert (get_preset("base").steps, get_preset("base").guidance, get_preset("base").timestep_spacing) == (
+        25,
+        7.5,
+        None,
+    )
     assert (get_preset("lightning").steps, get_preset("lightning").guidance) == (10, 3.5)
     assert get_preset("turbo").guidance == 0.0 and get_preset("turbo").timestep_spacing == "trailing"
     for name in ("fast", "v1"):  # v1: the base preset's name before issue 23, refused naming the choices
-        with pytest.raises(ValueError, match=f"'{name}' is not a valid PresetName: expected one of base, lightning, turbo"):
+        with pytest.raises(
+            ValueError, match=f"'{name}' is not a valid PresetName: expected one of base, lightning, turbo"
+        ):
             get_preset(name)
 
 
