@@ -10,13 +10,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load
 
-from koala.cache import (
-    CacheJobConfig,
-    build_cache,  # the command registers its schema (koala_cache)
-)
+from koala.cache import CacheJobConfig  # the command's schema (koala_cache)
 from koala.config.compose import compose_config
 from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
+from koala.data.cache_writer import build_cache
 from koala.data.conditioning import CachedConditioner, SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 from koala.train.build import load_frozen

@@ -9,12 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.cache import (
-    CacheJobConfig,
-    build_cache,  # the command registers its schema (koala_cache)
-)
+from koala.cache import CacheJobConfig  # the command's schema (koala_cache)
 from koala.config.compose import CONFIG_DIR, compose_config
 from koala.config.schema import TrainConfig
+from koala.data.cache_writer import build_cache
 from koala.fixtures.shards import write_demo_shards
 from koala.ship.export import export_run
 from koala.train.loop import train
