@@ -10,6 +10,7 @@ class _DropNotices(logging.Filter):
         "requires torchvision (not installed); falling back to",  # transformers: we never use its image processors
         "that should be kept in float32: []",  # diffusers: casting a model with no fp32-only modules
         "Failed to load CPU gemm_4bit_forward",  # bitsandbytes: 4-bit inference kernels; we use its 8-bit AdamW only
+        "Skipping publisher trust check for",  # kernels (via diffusers' bitsandbytes quantizer) in offline mode
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -17,5 +18,10 @@ class _DropNotices(logging.Filter):
         return not any(n in message for n in self.NOTICES)
 
 
-for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils", "bitsandbytes.backends.cpu.ops"):
+for _name in (
+    "transformers.utils.import_utils",
+    "diffusers.models.modeling_utils",
+    "bitsandbytes.backends.cpu.ops",
+    "kernels._internals.hf_hub",
+):
     logging.getLogger(_name).addFilter(_DropNotices())

@@ -10,6 +10,7 @@ from PIL import Image
 from koala.config.compose import compose_config
 from koala.config.schema import TrainConfig
 from koala.distill.task import DistillationTask, LossWeights
+from koala.models.plans import student_plan
 from koala.train.build import build_trainable, load_frozen
 from koala.train.sampling import SampleRenderer
 
@@ -46,7 +47,8 @@ def test_student_inherits_the_stored_precision_not_the_teacher_dtype(tiny_pipeli
     cfg = recipe(tiny_pipeline_dir)
     _, noising, teacher = load_frozen(cfg, torch.device("cpu"))
     stored = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").state_dict()
-    run = build_trainable(cfg, Accelerator(cpu=True), teacher, noising, latent_size=16)
+    plan = student_plan(dict(teacher.config), cfg.unet)
+    run = build_trainable(cfg, Accelerator(cpu=True), teacher, noising, plan, latent_size=16)
     s = run.student.state_dict()
     for name in ("conv_in.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
         assert s[name].dtype == torch.float32 and torch.equal(s[name], stored[name]), name  # not bf16-rounded

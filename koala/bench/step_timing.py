@@ -24,6 +24,7 @@ from koala.devices import DTYPES
 from koala.distill.losses import mse
 from koala.models.archs import ARCHS, SDXL_SCHEDULER_CONFIG, Arch
 from koala.models.forward import COND_KEYS, random_inputs, unet_forward
+from koala.models.plans import student_plan
 from koala.models.teacher import freeze
 from koala.models.unets import build_unet
 from koala.timing import PartTimer
@@ -85,7 +86,7 @@ def build_bench(bench: BenchTrain, cfgs: dict, device: torch.device, log_dir: Pa
     accelerator = make_accelerator(cfg)
     noising = make_noising(cfg, DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     latent = bench.resolution // 8
-    first = build_trainable(cfg, accelerator, teacher, noising, latent)
+    first = build_trainable(cfg, accelerator, teacher, noising, student_plan(t_config, cfg.unet), latent)
     teacher.to(device, DTYPES[cfg.teacher.dtype])
     bare = accelerator.unwrap_model(first.student)
     runs = {}

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 if TYPE_CHECKING:
     from koala.config.schema import TrainConfig
+    from koala.models.unets import Plan
 
 
 class ConfigError(ValueError):
@@ -172,16 +173,17 @@ def check_data(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.path={data.path!r} does not exist")
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
+def check_config(cfg: TrainConfig) -> Plan:
+    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here. Returns the
+    student plan, resolved on configs alone (the teacher folder's config.json, no weights): the run builds from it."""
     check_values(cfg)
     check_distill(cfg.distill)
     check_teacher_paths(cfg)
-    # The student spec must fit the teacher: resolved on configs alone (the teacher folder's config.json), no weights.
     from koala.models.plans import config_plan
 
     try:
-        config_plan(cfg)
+        plan = config_plan(cfg)[1]  # the student spec must fit the teacher
     except (KeyError, ValueError) as e:
         raise ConfigError(f"unet={cfg.unet.name}: {e}") from e
     check_data(cfg)
+    return plan

@@ -23,6 +23,7 @@ from koala.data.conditioning import SDXLConditioner
 from koala.evaluation.agreement import held_out_inputs, relative_error
 from koala.fixtures import DATASETS, ensure_fixtures
 from koala.fixtures.shards import write_demo_shards
+from koala.models.plans import student_plan
 from koala.models.teacher import load_teacher
 from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
 from koala.ship.export import export_run
@@ -122,7 +123,7 @@ def run_demo(cfg: TrainConfig, prompts: int = PROMPTS, samples: int | None = Non
     teacher = load_teacher(cfg.teacher)
     inputs = held_out_inputs(SDXLConditioner.from_pretrained(teacher_dir), held_out_batches(cfg, run_dir / "held-out"),
                              build_noise_scheduler(teacher_dir))  # fmt: skip
-    inherited = make_student(cfg, teacher)[0].eval()
+    inherited = make_student(teacher, student_plan(dict(teacher.config), cfg.unet))[0].eval()
     pictures = {
         "teacher": sample(load_pipeline(teacher_dir), prompts, preset),
         "student before distillation": sample(load_pipeline(teacher_dir, unet=inherited), prompts, preset),

@@ -24,7 +24,6 @@ from koala.devices import DTYPES, multi_cpu
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
 from koala.models.inherit import InheritanceReport, inherit_weights
-from koala.models.plans import student_plan
 from koala.models.teacher import load_teacher
 from koala.models.unets import Plan, build_student
 from koala.train.diffusion import TimestepSampler, build_noise_scheduler
@@ -78,16 +77,13 @@ def make_noising(cfg: TrainConfig, scheduler) -> Noising:
     return Noising(scheduler, sample_t, cfg.noise_offset, cfg.snr_gamma)
 
 
-def make_student(
-    cfg: TrainConfig, teacher: UNet2DConditionModel
-) -> tuple[UNet2DConditionModel, Plan, InheritanceReport]:
-    """The student U-Net, built from the loaded teacher's config and initialised from its weights."""
-    config = dict(teacher.config)
-    plan = student_plan(config, cfg.unet)
-    student = build_student(config, plan).to(teacher.device)
+def make_student(teacher: UNet2DConditionModel, plan: Plan) -> tuple[UNet2DConditionModel, InheritanceReport]:
+    """The student U-Net of the run's resolved plan, built from the loaded teacher's config and initialised from its
+    weights."""
+    student = build_student(dict(teacher.config), plan).to(teacher.device)
     report = inherit_weights(student, teacher, plan)
     student.train().requires_grad_(True)  # fp32 master weights: build_unet builds in fp32
-    return student, plan, report
+    return student, report
 
 
 def make_task(
@@ -128,10 +124,16 @@ def make_ema(cfg: TrainConfig, student: UNet2DConditionModel) -> EMAModel | None
 
 
 def build_trainable(
-    cfg: TrainConfig, accelerator: Accelerator, teacher: UNet2DConditionModel, noising: Noising, latent_size: int
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    teacher: UNet2DConditionModel,
+    noising: Noising,
+    plan: Plan,
+    latent_size: int,
 ) -> Trainable:
-    """Student (inherited from the teacher), its task, EMA, optimizer and LR schedule, prepared by accelerate."""
-    student, plan, report = make_student(cfg, teacher)
+    """Student (of the resolved `plan`, inherited from the teacher), its task, EMA, optimizer and LR schedule,
+    prepared by accelerate."""
+    student, report = make_student(teacher, plan)
     log.info("student %s: %s", cfg.unet.name, report.summary().splitlines()[0])
     task = make_task(cfg, student, teacher, plan, latent_size)
     log.info("distilling %d feature pairs (distill=%s)", len(task.pairs), cfg.distill.name)

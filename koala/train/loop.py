@@ -127,14 +127,14 @@ def open_metrics(
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
-    check_config(cfg)  # before any model is loaded
+    plan = check_config(cfg)  # before any model is loaded; the student plan, resolved once
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
 
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
     conditioner, noising, teacher = load_frozen(cfg, device)
-    run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
+    run = build_trainable(cfg, accelerator, teacher, noising, plan, cfg.data.resolution // conditioner.vae_scale_factor)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step = resume(cfg, run, ckpt)
