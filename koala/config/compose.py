@@ -5,8 +5,8 @@ dataclass the command passes as `schema=`, which `register_schema` stores under 
 command). `run_command(name, fn, argv, schema=...)` composes it with the `key=value` / `group=option` overrides
 through Hydra's compose API and returns `fn(cfg)`; a config that cannot work (a misspelt key or group option, a
 value the schema's type refuses, a `ConfigError`) prints `error: <one line>` and exits with status 2 before any
-model is loaded. `koala.train` keeps `@hydra.main`
-(for sweeps), registers its schema with `register_schema` and reports errors the same way.
+model is loaded. `koala.train` keeps `@hydra.main` (for sweeps), registers its schema with `register_schema` and
+reports errors the same way.
 """
 
 from __future__ import annotations
