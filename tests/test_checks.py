@@ -112,8 +112,14 @@ BAD_CHOICES = [
     ("generate", "preset=fast", "expected one of [base, lightning, turbo]"),
     ("generate", "preset=v1", "expected one of [base, lightning, turbo]"),  # base was called v1 before issue 23
     ("generate", "dtype=fp8", "expected one of [auto, bf16, fp16, fp32]"),
-    ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, pickscore, clip]"),
-    ("evaluate", "protocol.metrics=[fid,imagereward]", "expected one of [fid, fd_clip, clip_score, hps, pickscore]"),
+    ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, open_clip, pickscore, clip]"),
+    (
+        "evaluate",
+        "protocol.metrics=[fid,imagereward]",
+        "expected one of [fid, fd_clip, clip_score, clip_cosine, hps, pickscore]",
+    ),
+    ("evaluate", "protocol.fid_input=clean-fid", "expected one of [torch-fidelity, pytorch-fid]"),
+    ("evaluate", "protocol=coco30k-256", "coco30k-bksdm"),
     ("fixtures", "world=moon", "expected one of [demo, shapes]"),
     ("bench_unet", "bench.arch=sd15", "expected one of [sdxl, tiny, medium, shapes]"),
     ("bench_train", "bench.arch=large", "expected one of [sdxl, tiny, medium, shapes]"),

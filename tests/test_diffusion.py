@@ -71,11 +71,11 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
     from koala.config.compose import compose_config
     from koala.config.schema import TrainConfig
     from koala.models.archs import SDXL_SCHEDULER_CONFIG
-    from koala.ship.presets import euler_scheduler, get_preset
+    from koala.ship.presets import get_preset, preset_scheduler
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"], schema=TrainConfig)
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
-    scheduler = euler_scheduler(
+    scheduler = preset_scheduler(
         EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, get_preset(cfg.teacher.kind)
     )
     scheduler.set_timesteps(cfg.teacher.steps)

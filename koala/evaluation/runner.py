@@ -33,7 +33,7 @@ def check_inputs(cfg: EvaluateConfig) -> tuple[list[tuple[str, Optional[str]]], 
     """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
     if not cfg.models or not hasattr(cfg.models, "items"):
         raise SystemExit(
-            "usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
+            "usage: python -m koala.evaluate protocol=<coco30k-bksdm|coco30k-torchmetrics|mjhq30k|hpsv2|custom> "
             "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
             f"(got models={cfg.models})"
         )
@@ -107,7 +107,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "processes": state.num_processes,
         "models": dict(cfg.models),
         "presets": {n: _preset(cfg, n) for n in cfg.models},
-        "fid_size": cfg.protocol.fid_size,
+        "image_size": cfg.protocol.image_size,
+        "jpeg": cfg.protocol.jpeg,
+        "fid_input": str(cfg.protocol.fid_input),
         "weights": {k: str(v) for k, v in weights.items()},
     }
     table = write_report(out, results, meta)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from koala.models.convert import diffusers_to_original
 from koala.models.unets import count_parameters
 from koala.ship.model_card import write_model_card
-from koala.ship.presets import euler_scheduler, get_preset
+from koala.ship.presets import get_preset, preset_scheduler
 from koala.train.checkpoint import find_checkpoint, step_of
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def assemble_pipeline(
     return StableDiffusionXLPipeline.from_pretrained(
         teacher_dir,
         unet=student,
-        scheduler=euler_scheduler(scheduler_cfg, get_preset(teacher_cfg.get("kind", "base"))),
+        scheduler=preset_scheduler(scheduler_cfg, get_preset(teacher_cfg.get("kind", "base"))),
         use_safetensors=True,
         **extra,
     )

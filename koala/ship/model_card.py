@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.ship.presets import get_preset
+from koala.ship.presets import SAMPLER_NAMES, get_preset
 
 if TYPE_CHECKING:
     from koala.config.schema import TrainConfig
@@ -67,7 +67,7 @@ def render_model_card(
         "",
         "## Use",
         "",
-        f"Sampler: Euler, timestep spacing {spacing}, {preset.steps} steps, guidance {preset.guidance} (preset `{preset.name}`).",
+        f"Sampler: {SAMPLER_NAMES[preset.sampler]}, timestep spacing {spacing}, {preset.steps} steps, guidance {preset.guidance} (preset `{preset.name}`).",
         "",
         "```python",
         "import torch",
