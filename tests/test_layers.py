@@ -28,14 +28,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("benchmarks and the demo", ("koala.bench", "koala.shapes.demo")),
     ("config composition", ("koala.config.compose",)),
     ("train schema", ("koala.config.schema",)),
-    # a run and what follows it: training, evaluation, export, LoRA remapping, the shapes world's judging and teacher
-    ("runs", ("koala.train", "koala.evaluation", "koala.ship.export", "koala.ship.lora_remap", "koala.shapes")),
-    ("config checks", ("koala.config.checks",)),
+    # a run and what follows it: the checks of its config and launch, training, evaluation, export, LoRA remapping,
+    # the shapes world's judging and teacher
+    ("runs", ("koala.config.checks", "koala.train", "koala.evaluation", "koala.ship.export", "koala.ship.lora_remap",
+              "koala.shapes")),
     ("fixtures", ("koala.fixtures",)),
     # the parts a run is built from
     ("parts", ("koala.distill", "koala.data", "koala.ship", "koala.shapes.world", "koala.shapes.score")),
     ("models", ("koala.models",)),
-    ("ground floor", ("koala", "koala.choice", "koala.devices", "koala.timing", "koala.rng")),
+    ("ground floor", ("koala", "koala.choice", "koala.errors", "koala.devices", "koala.timing", "koala.rng")),
 ]
 
 UPWARD: set[tuple[str, str]] = set()  # (importer, imported) allowed to run back up; the target is at most 2

@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from koala.config.checks import ConfigError
 from koala.config.compose import CONFIG_DIR, compose_config, run_command
 from koala.config.schema import TrainConfig
+from koala.errors import ConfigError
 from koala.train.runs import config_changes
 
 GiB = 2**30

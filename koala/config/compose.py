@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra / OmegaConf raise for a config they refuse

@@ -107,10 +107,17 @@ def inputs_in_dtype_of(unet: torch.nn.Module):
     student beside bf16 text encoders, as in a mixed-precision run) could not sample at all without this.
     """
     dtype = unet.dtype
-    hook = unet.register_forward_pre_hook(
-        lambda module, args, kwargs: (tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)),
-        with_kwargs=True,
-    )
+
+    def cast_inputs(module, args, kwargs):
+        """Every floating input in the U-Net's dtype, but time ids fp32 (koala.models.forward.unet_forward)."""
+        added = kwargs.get("added_cond_kwargs") or {}
+        time_ids = added.get("time_ids")
+        args, kwargs = tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"]["time_ids"] = time_ids.float()
+        return args, kwargs
+
+    hook = unet.register_forward_pre_hook(cast_inputs, with_kwargs=True)
     try:
         yield
     finally:

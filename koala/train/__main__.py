@@ -13,10 +13,10 @@ import sys
 import hydra
 from hydra.errors import HydraException
 
-from koala.config.checks import ConfigError
 from koala.config.compose import exit_config_error, register_schema
 from koala.config.schema import TrainConfig
 from koala.data.stream import TooManySkips
+from koala.errors import ConfigError
 from koala.train.loop import train
 
 

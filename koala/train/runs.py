@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 from koala.train.checkpoint import find_checkpoint, list_checkpoints, read_state
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
 from koala.rng import rng_preserved
 from koala.ship.presets import get_preset
@@ -44,6 +44,7 @@ class SampleRenderer:
             self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
         self.conditioner = conditioner
         self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
+        self.text_dtype = DTYPES[conditioning_dtype(cfg, accelerator.device)]  # and their precision then
         self.accelerator = accelerator
         self.out_dir = out_dir
 
@@ -57,7 +58,7 @@ class SampleRenderer:
                 self.teacher.pipeline,
                 vae=self.teacher.vae,
                 device=self.accelerator.device,
-                dtype=DTYPES[self.teacher.dtype],
+                dtype=self.text_dtype,
             )
         )
         pipe = StableDiffusionXLPipeline(
