@@ -86,13 +86,15 @@ def inherited_student(pipeline: Path) -> dict[str, torch.Tensor]:
     """The student every run starts from: tiny-700m inherited from the tiny teacher (every tensor copied)."""
     from koala.config.compose import compose_config
     from koala.config.schema import TrainConfig
+    from koala.models.plans import student_plan
     from koala.models.teacher import load_teacher
     from koala.train.build import make_student
 
     cfg = compose_config(
         "train", ["teacher=tiny", "unet=tiny-700m", f"teacher.pipeline={pipeline}"], schema=TrainConfig
     )
-    student, _, report = make_student(cfg, load_teacher(cfg.teacher, dtype=None))
+    teacher = load_teacher(cfg.teacher, dtype=None)
+    student, report = make_student(teacher, student_plan(dict(teacher.config), cfg.unet))
     assert "0 left random" in report.summary()
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -227,6 +229,7 @@ def test_an_accumulation_the_launch_config_fixes_against_grad_accum_is_refused_i
 def test_deepspeed_settings_koala_cannot_run_are_refused(env, overrides, message, monkeypatch):
     from koala.config.checks import ConfigError
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.train.deepspeed import check_launch
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")

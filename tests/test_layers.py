@@ -30,8 +30,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train schema", ("koala.config.schema",)),
     # a run and what follows it: the checks of its config and launch, training, evaluation, export, LoRA remapping,
     # the shapes world's judging and teacher
-    ("runs", ("koala.config.checks", "koala.train", "koala.evaluation", "koala.ship.export", "koala.ship.lora_remap",
-              "koala.shapes")),
+    (
+        "runs",
+        (
+            "koala.config.checks",
+            "koala.train",
+            "koala.evaluation",
+            "koala.ship.export",
+            "koala.ship.lora_remap",
+            "koala.shapes",
+        ),
+    ),
     ("fixtures", ("koala.fixtures",)),
     # the parts a run is built from
     ("parts", ("koala.distill", "koala.data", "koala.ship", "koala.shapes.world", "koala.shapes.score")),
