@@ -245,6 +245,7 @@ def test_deepspeed_settings_koala_cannot_run_are_refused(env, overrides, message
 
 def test_the_engine_config_comes_from_koalas_settings(monkeypatch):
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.train.deepspeed import deepspeed_kwargs
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
