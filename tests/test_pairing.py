@@ -293,10 +293,11 @@ def test_mean_reduction_makes_the_feature_term_the_mean_over_pairs(tiny_teacher)
 
 
 def test_inspect_prints_each_pairs_effective_weight():
-    from koala.inspect import inspect_config
+    from koala.inspect import InspectConfig, inspect_config
 
     cfg = compose_config("inspect", ["teacher=tiny", "unet=tiny-700m", "distill.feat_weight=2",
-                                     "distill.reduction=mean", "distill.kind_weights={sa: 3.0}"])  # fmt: skip
+                                     "distill.reduction=mean", "distill.kind_weights={sa: 3.0}"],
+                         schema=InspectConfig)  # fmt: skip
     text = inspect_config(cfg)
     n = int(text.split(" pairs at ")[0].rsplit(" ", 1)[1])
     assert f"w = feat_weight 2 x kind weight x stage weight / {n} pairs (distill.reduction=mean" in text
