@@ -4,7 +4,6 @@ and a searched spec at SDXL size on the meta device."""
 import copy
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +51,9 @@ def tiny_costs():
 
 
 def inputs(batch=2, seed=0) -> dict:
-    return random_inputs(TINY_UNET_CONFIG, 16, batch, vae_scale=1, device="cpu", generator=torch.Generator().manual_seed(seed))
+    return random_inputs(
+        TINY_UNET_CONFIG, 16, batch, vae_scale=1, device="cpu", generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @torch.no_grad()
@@ -204,7 +205,9 @@ def test_searched_spec_at_sdxl_size_builds_inherits_and_pairs(sdxl_costs, tmp_pa
     text = inspect_config(cfg)
     assert f"student {result.params:,}" in text and re.search(r"\d+ pairs at 1024 px", text)
     plan = resolve(SDXL_UNET_CONFIG, result.spec)
-    report = inherit_weights(build_student(SDXL_UNET_CONFIG, result.spec, device="meta"), build_unet(SDXL_UNET_CONFIG, device="meta"), plan)
+    report = inherit_weights(
+        build_student(SDXL_UNET_CONFIG, result.spec, device="meta"), build_unet(SDXL_UNET_CONFIG, device="meta"), plan
+    )
     assert report.copied and not report.random_init
     main(["teacher=sdxl-base", "data.resolution=1024", "search.dry_run=true", "search.params=0.305", "search.name=x"])
     assert "79 units to measure on 256 calibration latents" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from typing import Any
 from koala.config.checks import ConfigError
 from koala.config.choice import Choice
 from koala.models.unets import SPECS, LayerSelect, StudentSpec, layout, resolve, student_config
-from koala.pruning.moves import Costs, Move, explicit_spec, moves
+from koala.pruning.moves import Costs, explicit_spec, moves
 
 Evaluate = Callable[[list[StudentSpec]], list[float]]  # specs -> output error of each inherited student
 
@@ -107,7 +107,8 @@ def greedy(costs: Costs, start: StudentSpec, budget: Budget, evaluate: Evaluate,
         steps.append(Step(move.name, cost[0], cost[1], err, scores[best]))
         log(f"  step {len(steps):>3}: {move.name:<52} params {cost[0]:>14,}  GFLOPs {cost[1] / 1e9:>10.2f}  "
             f"eps rel. err {err:.4f}  (+{scores[best]:.3g} per {'M param' if budget.kind == 'params' else 'GFLOP'})")  # fmt: skip
-    note = "" if budget.within(budget.value(cost)) else _nearest_note(budget, budget.value(cost), bool(moves(costs, state)))
+    value = budget.value(cost)
+    note = "" if budget.within(value) else _nearest_note(budget, value, bool(moves(costs, state)))
     return Result(state, cost[0], cost[1], err, steps, note)
 
 
@@ -119,6 +120,7 @@ def _nearest_note(budget: Budget, value: int, more: bool) -> str:
 
 def additive_errors(table: dict[str, float], costs: Costs) -> Evaluate:
     """Estimate a student's error as the sum of the table's errors of the teacher units it removes (no forward)."""
+
     def estimate(spec: StudentSpec) -> float:
         return sum(table.get(unit, 0.0) for unit in removed_units(costs, spec))
 
@@ -146,8 +148,6 @@ def removed_units(costs: Costs, spec: StudentSpec) -> list[str]:
 COMFYUI_LAYOUTS = {"KOALA_700M": "koala-700m", "KOALA_1B": "koala-1b", "SSD1B": "ssd-1b", "Segmind_Vega": "vega"}
 COMFYUI_WIDTHS = {"block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
                   "projection_class_embeddings_input_dim": 2816}  # fmt: skip
-_STRUCTURE = ("layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
-              "mid_block_type")  # fmt: skip
 
 
 def structure(config: dict[str, Any]) -> tuple:
@@ -184,15 +184,17 @@ def layout_variants(costs: Costs, spec: StudentSpec) -> list[StudentSpec]:
     transformer keeps) whose student inherits: what a search may choose inside a fixed layout."""
     plan = resolve(costs.config, spec)
     base, out = explicit_spec(plan, spec.name), []
-    n_dec = [len(k) for k in plan.decoder_keep]
-    enc_choices = [list(itertools.combinations(range(len(d)), len(k))) for d, k in zip(plan.teacher.down_depth, plan.encoder_keep)]
+    n_dec, target = [len(k) for k in plan.decoder_keep], structure(student_config(costs.config, spec))
+    enc_choices = [
+        list(itertools.combinations(range(len(d)), len(k))) for d, k in zip(plan.teacher.down_depth, plan.encoder_keep)
+    ]
     dec_choices = [list(itertools.combinations(range(len(d)), n)) for d, n in zip(plan.teacher.up_depth, n_dec)]
     for ek in itertools.product(*enc_choices):
         for dk in itertools.product(*dec_choices):
             for rule in LayerSelect:
                 candidate = replace(base, encoder_keep=ek, decoder_keep=dk, layer_select=rule)
                 try:
-                    same = structure(student_config(costs.config, candidate)) == structure(student_config(costs.config, spec))
+                    same = structure(student_config(costs.config, candidate)) == target
                 except ValueError:  # a kept teacher layer too shallow for the layout's depth
                     continue
                 if same and costs.fits(candidate):

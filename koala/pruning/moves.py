@@ -62,7 +62,9 @@ def explicit_spec(plan: Plan, name: str) -> StudentSpec:
 
 def teacher_spec(teacher_config: dict[str, Any], layer_select: str = LayerSelect.first) -> StudentSpec:
     """The search's starting state: the teacher itself as an explicit spec."""
-    return explicit_spec(resolve(teacher_config, StudentSpec("teacher", layer_select=LayerSelect(layer_select))), "teacher")
+    return explicit_spec(
+        resolve(teacher_config, StudentSpec("teacher", layer_select=LayerSelect(layer_select))), "teacher"
+    )
 
 
 def _set(t: tuple, i: int, value: Any) -> tuple:
@@ -121,9 +123,13 @@ def mid_moves(plan: Plan) -> list[Move]:
     """The mid block's transformer (keep -> resnet), or the whole mid block (-> none)."""
     spec, out = explicit_spec(plan, plan.spec.name), []
     if plan.mid == MidMode.keep:
-        out.append(Move("mid: keep -> resnet", MoveKind.mid, "mid_block", replace(spec, mid=MidMode.resnet, mid_depth=None)))
+        out.append(
+            Move("mid: keep -> resnet", MoveKind.mid, "mid_block", replace(spec, mid=MidMode.resnet, mid_depth=None))
+        )
     if plan.mid != MidMode.none:
-        out.append(Move(f"mid: {plan.mid} -> none", MoveKind.mid, "mid_block", replace(spec, mid=MidMode.none, mid_depth=None)))
+        out.append(
+            Move(f"mid: {plan.mid} -> none", MoveKind.mid, "mid_block", replace(spec, mid=MidMode.none, mid_depth=None))
+        )
     return out
 
 
@@ -184,7 +190,9 @@ class Costs:
         """Tensor shapes of the U-Net `config` describes (built once per distinct config, on meta)."""
         key = json.dumps(config, sort_keys=True)
         if key not in self._shapes_of:
-            self._shapes_of[key] = {k: tuple(v.shape) for k, v in build_unet(config, device="meta").state_dict().items()}
+            self._shapes_of[key] = {
+                k: tuple(v.shape) for k, v in build_unet(config, device="meta").state_dict().items()
+            }
         return self._shapes_of[key]
 
 
@@ -195,7 +203,9 @@ def _depth_one(spec: StudentSpec) -> StudentSpec:
         return tuple(tuple(min(d, 1) for d in layers) for layers in depths)
 
     mid_depth = 1 if spec.mid == MidMode.keep else None
-    return replace(spec, encoder_depth=one(spec.encoder_depth), decoder_depth=one(spec.decoder_depth), mid_depth=mid_depth)
+    return replace(
+        spec, encoder_depth=one(spec.encoder_depth), decoder_depth=one(spec.decoder_depth), mid_depth=mid_depth
+    )
 
 
 def moves(costs: Costs, spec: StudentSpec) -> list[Move]:

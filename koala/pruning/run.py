@@ -21,13 +21,14 @@ from koala.config.checks import ConfigError
 from koala.config.compose import CONFIG_DIR
 from koala.data import build_dataloader
 from koala.data.conditioning import SDXLConditioner
-from koala.fixtures import ensure_fixtures
 from koala.devices import DTYPES, pick_device
+from koala.fixtures import ensure_fixtures
+from koala.models.forward import pooled_dim
 from koala.models.plans import teacher_unet_config
 from koala.models.teacher import load_teacher
 from koala.models.unets import SPECS, build_student, count_parameters, resolve, student_config
 from koala.pruning.greedy import Budget, Result, additive_errors, comfyui_layout, greedy, layout_variants
-from koala.pruning.moves import Costs, teacher_spec
+from koala.pruning.moves import Costs, moves, teacher_spec
 from koala.pruning.report import atomic_write, heat_map, table_markdown, table_rows, write_spec
 from koala.pruning.sensitivity import calibration_inputs, measure
 from koala.pruning.surgery import plan_selection
@@ -58,16 +59,27 @@ def check_budget(s: Any) -> tuple[str, float] | None:
     return given[0] if given else None
 
 
-def expected(costs: Costs, units: list[Unit], s: Any, dtype: torch.dtype, latent: int) -> dict[str, float]:
-    """What the table pass will compute and hold, from the FLOP and parameter counters (before loading weights)."""
+def expected(costs: Costs, units: list[Unit], s: Any, dtype: torch.dtype, latent: int, budget) -> dict[str, float]:
+    """What the table pass (and a re-measuring greedy, at most) will compute and hold, from the FLOP and parameter
+    counters, before any weight is loaded."""
     flops = s.samples * (costs.teacher_flops + sum(costs.teacher_flops - u.flops for u in units))
-    per_sample = (4 * latent * latent + 77 * costs.config["cross_attention_dim"] + 2816) * 4  # fp32 inputs
-    return {
+    per_sample = (4 * latent * latent + 77 * costs.config["cross_attention_dim"] + pooled_dim(costs.config)) * 4
+    plan = {
         "forwards": s.samples * (1 + len(units)),
         "tflops": flops / 1e12,
         "weights_gib": costs.teacher_params * dtype.itemsize / GiB,
         "calibration_gib": s.samples * per_sample / GiB,
     }
+    if budget is not None and s.remeasure and not s.comfyui:
+        # Removals: the cost to remove over the median block unit's saving; candidates: the moves from the teacher.
+        savings = sorted(budget.value((u.params, u.flops)) for u in units if u.kind == "block") or [1]
+        saving = savings[len(savings) // 2]
+        total = budget.value((costs.teacher_params, costs.teacher_flops))
+        removals = max(1, round((total - budget.target) / max(saving, 1)))
+        candidates = len(moves(costs, teacher_spec(costs.config, s.layer_select)))
+        plan["greedy_tflops"] = removals * candidates * (s.greedy_samples or s.samples) * costs.teacher_flops / 1e12
+        plan["greedy_removals"], plan["greedy_candidates"] = removals, candidates
+    return plan
 
 
 def calibration(cfg: Any, device: torch.device, latent_size: int) -> list[dict]:
@@ -124,7 +136,9 @@ def choose(cfg: Any, costs: Costs, budget: Budget, teacher, inputs, table: dict[
     if s.comfyui:
         model, layout_spec = comfyui_layout(costs, budget)
         variants = layout_variants(costs, layout_spec)
-        print(f"ComfyUI layout {model} ({layout_spec.name}): measuring {len(variants)} ways to fill it from the teacher")
+        print(
+            f"ComfyUI layout {model} ({layout_spec.name}): measuring {len(variants)} ways to fill it from the teacher"
+        )
         errors = measured(variants)
         best = min(range(len(variants)), key=errors.__getitem__)
         params, flops = costs.cost(variants[best])
@@ -185,12 +199,15 @@ def run_search(cfg: Any) -> dict[str, Any]:
                        s.tolerance) if asked else None  # fmt: skip
     units = table_units(costs, s.layer_select)
     dtype = DTYPES[cfg.teacher.dtype]
-    plan = expected(costs, units, s, dtype, latent)
+    plan = expected(costs, units, s, dtype, latent, budget)
     print(f"teacher {cfg.teacher.name}: {costs.teacher_params:,} parameters, {costs.teacher_flops / 1e12:.4g} TFLOPs "
           f"per forward at {resolution} px; {len(units)} units to measure on {s.samples} calibration latents\n"
           f"expected: {plan['forwards']:,} U-Net forwards, {plan['tflops']:,.1f} TFLOPs in all; memory: teacher "
           f"{plan['weights_gib']:.2f} GiB ({cfg.teacher.dtype}), calibration set {plan['calibration_gib']:.2f} GiB, "
           f"plus one batch of {s.batch_size} activations and the text encoders + VAE while encoding")  # fmt: skip
+    if "greedy_tflops" in plan:
+        print(f"greedy: about {plan['greedy_removals']} removals x <= {plan['greedy_candidates']} candidates x "
+              f"{s.greedy_samples or s.samples} latents: <= {plan['greedy_tflops']:,.1f} TFLOPs")  # fmt: skip
     if budget is not None and s.comfyui:
         comfyui_layout(costs, budget)  # says now, before any weight is loaded, when no layout fits
     for name in s.compare:
@@ -215,7 +232,11 @@ def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | No
     teacher = load_teacher(cfg.teacher).to(device).eval()
     inputs = calibration(cfg, device, latent)
     rate = throughput(teacher, inputs, costs.teacher_flops)
-    print(f"measured {rate / 1e12:.3g} TFLOP/s on {device}: the table takes about {plan['tflops'] * 1e12 / rate:.0f} s")
+    greedy_s = (
+        f", the greedy at most about {plan['greedy_tflops'] * 1e12 / rate:.0f} s" if "greedy_tflops" in plan else ""
+    )
+    print(f"measured {rate / 1e12:.3g} TFLOP/s on {device}: the table takes about "
+          f"{plan['tflops'] * 1e12 / rate:.0f} s{greedy_s}")  # fmt: skip
     sens = measure(teacher, inputs, {u.name: u.selection for u in units}, {u.name: u.block for u in units},
                    progress=progress_printer("sensitivity"))  # fmt: skip
     rows = table_rows(units, sens.out, sens.feat, sens.point)
@@ -225,6 +246,8 @@ def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | No
     atomic_write(out / "sensitivity.json", json.dumps({"rows": rows, "seconds": sens.seconds}, indent=1))
     heat_map(rows, out / "sensitivity.png", f"{cfg.teacher.name}: sensitivity to removing each unit")
     print(f"wrote {out / 'sensitivity.md'}, sensitivity.json and sensitivity.png ({sens.seconds:.0f} s)")
+    if device.type == "cuda":
+        print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated() / GiB:.2f} GiB")
     summary: dict[str, Any] = {"table": str(out / "sensitivity.md"), "rows": rows}
     if budget is None:
         return summary
@@ -240,8 +263,10 @@ def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | No
     record = {"spec": str(path), "params": params, "flops": flops, "error": result.error, "note": result.note,
               "steps": [asdict(st) for st in result.steps], "compare": compare}  # fmt: skip
     atomic_write(out / "search.json", json.dumps(record, indent=1))
-    print(f"wrote {path}: {params:,} parameters ({params / costs.teacher_params:.4f}), {flops / 1e9:,.3f} GFLOPs, "
-          f"eps rel. err {result.error:.5f}" + (f"; {result.note}" if result.note else ""))
+    print(
+        f"wrote {path}: {params:,} parameters ({params / costs.teacher_params:.4f}), {flops / 1e9:,.3f} GFLOPs, "
+        f"eps rel. err {result.error:.5f}" + (f"; {result.note}" if result.note else "")
+    )
     for n, e in compare.items():
         print(f"  for comparison, {n}: {costs.cost(SPECS[n])[0]:,} parameters, eps rel. err {e:.5f}")
     return {**summary, **record}

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from koala.distill.taps import block_names, unwrap
 from koala.models.forward import COND_KEYS, unet_forward
 from koala.pruning.surgery import Selection, bypassed
-from koala.train.step import Noising
 from koala.train.diffusion import sample_noise
+from koala.train.step import Noising
 
 
 def calibration_inputs(batches, conditioner, noising: Noising, samples: int, seed: int, device) -> list[dict]:
