@@ -152,7 +152,7 @@ def test_comfyui_restricts_to_the_layouts_it_detects(sdxl_costs, tiny_costs):
 
 
 @pytest.mark.slow
-def test_search_at_tiny_size_writes_a_spec_that_trains(shared, tmp_path):
+def test_search_at_tiny_size_writes_a_spec_that_trains(shared, tmp_path, capsys):
     """`python -m koala.search` end to end on the tiny teacher and data: the table, the picture, a spec at the
     budget with its exact counts, which koala.train composes and trains; refusals exit 2 before any weight loads."""
     from koala.search import main
@@ -171,9 +171,11 @@ def test_search_at_tiny_size_writes_a_spec_that_trains(shared, tmp_path):
     cfg = compose_config("train", [f"hydra.searchpath=[file://{tmp_path}]", "unet=tiny-searched",
                                    *[b for b in base if not b.startswith("search.")], "max_steps=2", "batch_size=2",
                                    f"output_dir={tmp_path / 'run'}", "sample_every=0", "report_to=[]"])  # fmt: skip
-    teacher = build_unet(dict(TINY_UNET_CONFIG, sample_size=4), device="meta")
-    assert abs(out["params"] - 0.5 * count_parameters(teacher)) <= 0.01 * 0.5 * count_parameters(teacher)
+    assert abs(out["params"] - 0.5 * out["teacher"][0]) <= 0.01 * 0.5 * out["teacher"][0]
     assert (train(cfg) / "checkpoints").is_dir()
+    again = main([*base, "search.flops=0.6", "search.remeasure=false", "search.name=tiny-flops"])  # summed table
+    assert "reusing the table" in capsys.readouterr().out and again["rows"] == out["rows"]
+    assert abs(again["flops"] - 0.6 * again["teacher"][1]) <= 0.01 * 0.6 * again["teacher"][1] and again["error"] > 0
     for bad, message in (
         (["search.params=0.5", "search.name=tiny-searched", "search.comfyui=true"], "only at SDXL's widths"),
         (["search.params=0.5", "search.flops=0.5", "search.name=x"], "give one budget"),

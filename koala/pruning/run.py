@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from koala.bench.flops import forward_flops
 from koala.config.checks import ConfigError
@@ -222,6 +223,38 @@ def run_search(cfg: Any) -> dict[str, Any]:
     return measure_and_choose(cfg, costs, units, budget, plan, (config, scale, resolution, latent))
 
 
+def table_settings(cfg: Any) -> dict[str, Any]:
+    """Everything the table's numbers depend on: a saved table with the same settings is reused."""
+    keys = ("samples", "seed", "layer_select")
+    return {
+        "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "noise": [str(cfg.timesteps), cfg.timestep_jitter, cfg.noise_offset],
+        **{k: str(cfg.search[k]) if k == "layer_select" else cfg.search[k] for k in keys},
+    }
+
+
+def sensitivity_table(cfg: Any, costs: Costs, units: list[Unit], teacher, inputs: list[dict]) -> list[dict]:
+    """Measure every unit (or reuse `sensitivity.json` measured with the same settings); write the table and map."""
+    out, settings = Path(cfg.search.out), table_settings(cfg)
+    saved = json.loads((out / "sensitivity.json").read_text()) if (out / "sensitivity.json").is_file() else {}
+    if saved.get("settings") == settings and [r["unit"] for r in saved["rows"]] == [u.name for u in units]:
+        print(f"reusing the table in {out / 'sensitivity.json'} (same settings; delete it to measure again)")
+        return saved["rows"]
+    sens = measure(teacher, inputs, {u.name: u.selection for u in units}, {u.name: u.block for u in units},
+                   progress=progress_printer("sensitivity"))  # fmt: skip
+    rows = table_rows(units, sens.out, sens.feat, sens.point)
+    s = cfg.search
+    header = (f"# Sensitivity of {cfg.teacher.name} ({costs.teacher_params:,} parameters): {s.samples} noisy latents "
+              f"of data={cfg.data.name}, seed {s.seed}, layer_select={s.layer_select}; {sens.seconds:.0f} s")  # fmt: skip
+    atomic_write(out / "sensitivity.md", table_markdown(rows, header))
+    heat_map(rows, out / "sensitivity.png", f"{cfg.teacher.name}: sensitivity to removing each unit")
+    record = {"settings": settings, "rows": rows, "seconds": sens.seconds}
+    atomic_write(out / "sensitivity.json", json.dumps(record, indent=1))  # last: it marks the table complete
+    print(f"wrote {out / 'sensitivity.md'}, sensitivity.json and sensitivity.png ({sens.seconds:.0f} s)")
+    return rows
+
+
 def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | None, plan, geometry) -> dict[str, Any]:
     """The part that needs weights: calibration, the table, the picture, and the spec at the budget."""
     s = cfg.search
@@ -237,21 +270,13 @@ def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | No
     )
     print(f"measured {rate / 1e12:.3g} TFLOP/s on {device}: the table takes about "
           f"{plan['tflops'] * 1e12 / rate:.0f} s{greedy_s}")  # fmt: skip
-    sens = measure(teacher, inputs, {u.name: u.selection for u in units}, {u.name: u.block for u in units},
-                   progress=progress_printer("sensitivity"))  # fmt: skip
-    rows = table_rows(units, sens.out, sens.feat, sens.point)
-    header = (f"# Sensitivity of {cfg.teacher.name} ({costs.teacher_params:,} parameters): {s.samples} noisy latents "
-              f"of data={cfg.data.name}, seed {s.seed}, layer_select={s.layer_select}; {sens.seconds:.0f} s")  # fmt: skip
-    atomic_write(out / "sensitivity.md", table_markdown(rows, header))
-    atomic_write(out / "sensitivity.json", json.dumps({"rows": rows, "seconds": sens.seconds}, indent=1))
-    heat_map(rows, out / "sensitivity.png", f"{cfg.teacher.name}: sensitivity to removing each unit")
-    print(f"wrote {out / 'sensitivity.md'}, sensitivity.json and sensitivity.png ({sens.seconds:.0f} s)")
+    rows = sensitivity_table(cfg, costs, units, teacher, inputs)
     if device.type == "cuda":
         print(f"peak GPU memory so far: {torch.cuda.max_memory_allocated() / GiB:.2f} GiB")
     summary: dict[str, Any] = {"table": str(out / "sensitivity.md"), "rows": rows}
     if budget is None:
         return summary
-    result = choose(cfg, costs, budget, teacher, inputs, sens.out)
+    result = choose(cfg, costs, budget, teacher, inputs, {r["unit"]: r["out_rel_err"] for r in rows})
     spec = replace(result.spec, name=s.name)
     params, flops = exact_counts(config, spec, resolution, scale, costs)
     path = Path(s.spec_dir or CONFIG_DIR / "unet") / f"{s.name}.yaml"
@@ -260,7 +285,7 @@ def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | No
     final = measure(teacher, inputs, {n: plan_selection(resolve(config, sp)) for n, sp in specs.items()}).out
     result.error, compare = final[s.name], {n: final[n] for n in s.compare}
     write_spec(path, spec, spec_comments(cfg, result, params, flops, costs, budget, resolution))
-    record = {"spec": str(path), "params": params, "flops": flops, "error": result.error, "note": result.note,
+    record = {"spec": str(path), "teacher": [costs.teacher_params, costs.teacher_flops], "params": params, "flops": flops, "error": result.error, "note": result.note,
               "steps": [asdict(st) for st in result.steps], "compare": compare}  # fmt: skip
     atomic_write(out / "search.json", json.dumps(record, indent=1))
     print(
