@@ -175,7 +175,8 @@ def test_search_at_tiny_size_writes_a_spec_that_trains(shared, tmp_path, capsys)
     assert (train(cfg) / "checkpoints").is_dir()
     again = main([*base, "search.flops=0.6", "search.remeasure=false", "search.name=tiny-flops"])  # summed table
     assert "reusing the table" in capsys.readouterr().out and again["rows"] == out["rows"]
-    assert abs(again["flops"] - 0.6 * again["teacher"][1]) <= 0.01 * 0.6 * again["teacher"][1] and again["error"] > 0
+    off = again["flops"] / (0.6 * again["teacher"][1]) - 1  # within 1%, or the nearest the moves reach, said so
+    assert again["error"] > 0 and (abs(off) <= 0.01 or f"{off:+.2%} from the target" in again["note"]), again["note"]
     for bad, message in (
         (["search.params=0.5", "search.name=tiny-searched", "search.comfyui=true"], "only at SDXL's widths"),
         (["search.params=0.5", "search.flops=0.5", "search.name=x"], "give one budget"),

@@ -81,8 +81,11 @@ def _per(budget: Budget) -> float:
     return 1e6 if budget.kind == BudgetKind.params else 1e9
 
 
-def greedy(costs: Costs, start: StudentSpec, budget: Budget, evaluate: Evaluate, log=print) -> Result:
-    """Remove moves from `start` until the student's cost is within the budget's band (or nothing is left)."""
+def greedy(
+    costs: Costs, start: StudentSpec, budget: Budget, evaluate: Evaluate, log=print, label: str = "eps rel. err"
+) -> Result:
+    """Remove moves from `start` until the student's cost is within the budget's band (or nothing is left); `label`
+    names what `evaluate` returns in the log."""
     state, err = start, 0.0
     cost = costs.cost(state)
     steps: list[Step] = []
@@ -106,7 +109,7 @@ def greedy(costs: Costs, start: StudentSpec, budget: Budget, evaluate: Evaluate,
         state = move.spec
         steps.append(Step(move.name, cost[0], cost[1], err, scores[best]))
         log(f"  step {len(steps):>3}: {move.name:<52} params {cost[0]:>14,}  GFLOPs {cost[1] / 1e9:>10.2f}  "
-            f"eps rel. err {err:.4f}  (+{scores[best]:.3g} per {'M param' if budget.kind == 'params' else 'GFLOP'})")  # fmt: skip
+            f"{label} {err:.4f}  (+{scores[best]:.3g} per {'M param' if budget.kind == 'params' else 'GFLOP'})")  # fmt: skip
     value = budget.value(cost)
     note = "" if budget.within(value) else _nearest_note(budget, value, bool(moves(costs, state)))
     return Result(state, cost[0], cost[1], err, steps, note)

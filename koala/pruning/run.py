@@ -148,7 +148,8 @@ def choose(cfg: Any, costs: Costs, budget: Budget, teacher, inputs, table: dict[
     evaluate = measured if s.remeasure else additive_errors(table, costs)
     print(f"greedy to {budget.kind} {budget.target:,} (+-{budget.tolerance:.0%}), "
           f"{'re-measuring every candidate' if s.remeasure else 'summing the table errors'}:")  # fmt: skip
-    return greedy(costs, teacher_spec(costs.config, s.layer_select), budget, evaluate)
+    label = "eps rel. err" if s.remeasure else "summed table eps err"
+    return greedy(costs, teacher_spec(costs.config, s.layer_select), budget, evaluate, label=label)
 
 
 def _first_samples(inputs: list[dict], n: int) -> list[dict]:
