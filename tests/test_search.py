@@ -25,14 +25,8 @@ from koala.models.unets import (
     resolve,
     student_config,
 )
-from koala.pruning.greedy import (
-    Budget,
-    additive_errors,
-    comfyui_layout,
-    greedy,
-    layout_variants,
-    structure,
-)
+from koala.pruning.comfyui import comfyui_layout, layout_variants, structure
+from koala.pruning.greedy import Budget, additive_errors, greedy
 from koala.pruning.moves import Costs, MoveKind, moves, teacher_spec
 from koala.pruning.sensitivity import measure
 from koala.pruning.surgery import bypassed, plan_selection, without_block

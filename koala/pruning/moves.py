@@ -72,6 +72,11 @@ def _set(t: tuple, i: int, value: Any) -> tuple:
     return t[:i] + (value,) + t[i + 1 :]
 
 
+def _drop(t: tuple, i: int) -> tuple:
+    """`t` without item `i`."""
+    return t[:i] + t[i + 1 :]
+
+
 def depth_moves(plan: Plan) -> list[Move]:
     """Every kept transformer one block shallower (the mid block's along with the deepest encoder layer 0)."""
     spec, n, out = explicit_spec(plan, plan.spec.name), plan.teacher.num_stages, []
@@ -103,12 +108,11 @@ def layer_moves(plan: Plan) -> list[Move]:
             continue
         for p in range(len(ek)):
             for q in range(len(dk)):
-                drop = lambda t, k: t[:k] + t[k + 1 :]  # noqa: E731
                 edit = {
-                    "encoder_keep": _set(plan.encoder_keep, i, drop(ek, p)),
-                    "encoder_depth": _set(plan.encoder_depth, i, drop(ed, p)),
-                    "decoder_keep": _set(plan.decoder_keep, j, drop(dk, q)),
-                    "decoder_depth": _set(plan.decoder_depth, j, drop(dd, q)),
+                    "encoder_keep": _set(plan.encoder_keep, i, _drop(ek, p)),
+                    "encoder_depth": _set(plan.encoder_depth, i, _drop(ed, p)),
+                    "decoder_keep": _set(plan.decoder_keep, j, _drop(dk, q)),
+                    "decoder_depth": _set(plan.decoder_depth, j, _drop(dd, q)),
                 }
                 if i == n - 1 and p == 0 and plan.mid == MidMode.keep:
                     edit["mid_depth"] = ed[1]  # the new layer 0 sets the mid depth: only if it equals it

@@ -28,7 +28,8 @@ from koala.models.forward import pooled_dim
 from koala.models.plans import teacher_unet_config
 from koala.models.teacher import load_teacher
 from koala.models.unets import SPECS, build_student, count_parameters, resolve, student_config
-from koala.pruning.greedy import Budget, Result, additive_errors, comfyui_layout, greedy, layout_variants
+from koala.pruning.comfyui import comfyui_layout, layout_variants
+from koala.pruning.greedy import Budget, Result, additive_errors, greedy
 from koala.pruning.moves import Costs, moves, teacher_spec
 from koala.pruning.report import atomic_write, heat_map, table_markdown, table_rows, write_spec
 from koala.pruning.sensitivity import calibration_inputs, measure

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,6 @@ class Sensitivity:
     point: dict[str, str]  # where each feature error was measured
     forwards: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _predict(unet: nn.Module, x: dict, dtype: torch.dtype) -> Tensor:
