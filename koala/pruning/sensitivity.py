@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from koala.config.checks import ConfigError
 from koala.distill.taps import block_names, unwrap
 from koala.models.forward import COND_KEYS, unet_forward
 from koala.pruning.surgery import Selection, bypassed
@@ -46,7 +47,7 @@ def calibration_inputs(batches, conditioner, noising: Noising, samples: int, see
             have += lat.shape[0]
             if have >= samples:
                 return out
-    raise ValueError(f"the data gave {have} samples, fewer than search.samples={samples}")
+    raise ConfigError(f"the data gave {have} samples, fewer than search.samples={samples}: lower it or add data")
 
 
 def next_point(unet: nn.Module, block: str, selection: Selection) -> str:
