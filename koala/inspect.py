@@ -93,11 +93,21 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     for stage in [s for s in Stage if s in distill_cfg.stages]:
         row = [counts.get((stage, k), 0) for k in kinds]
         lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
-    lines.append("")
+    lines += ["", "  " + weight_rule(distill_cfg, len(pairs))]
     for p in pairs:
         shape = "x".join(str(d) for d in shapes[p.student.name])
-        lines.append(f"  {p.student.kind:<4} {p.student.name:<52} <- {p.teacher.name:<52} w={p.weight:g}  {shape}")
+        weight = distill_cfg.feat_weight * p.weight  # the pair's effective weight in the objective
+        lines.append(f"  {p.student.kind:<4} {p.student.name:<52} <- {p.teacher.name:<52} w={weight:.4g}  {shape}")
     return "\n".join(lines)
+
+
+def weight_rule(distill_cfg, n: int) -> str:
+    """How the effective weight `w` of each pair below is made (koala.distill.pairing.pair_weights)."""
+    per = f" / {n} pairs" if distill_cfg.reduction == "mean" else ""
+    return (
+        f"w = feat_weight {distill_cfg.feat_weight:g} x kind weight x stage weight{per} "
+        f"(distill.reduction={distill_cfg.reduction}: the feature term is the {distill_cfg.reduction} over pairs)"
+    )
 
 
 def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_taps: bool = False) -> str:
