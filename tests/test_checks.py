@@ -137,6 +137,7 @@ COMMAND_SCHEMAS = {
     "generate": "koala.generate:GenerateConfig",
     "evaluate": "koala.evaluate:EvaluateConfig",
     "lora": "koala.lora:LoraRemapConfig",
+    "search": "koala.search:SearchConfig",
     "fixtures": "koala.fixtures.__main__:FixturesConfig",
     "shapes_evaluate": "koala.shapes.evaluate:ShapesEvaluateConfig",
     "shapes_teacher": "koala.shapes.teacher:TeacherTrainConfig",
@@ -239,7 +240,7 @@ def test_every_command_config_composes_on_its_registered_schema():
 def test_importing_a_command_registers_no_schema():
     code = ("import koala.train.loop, koala.export, koala.generate, koala.evaluate, koala.lora, koala.cache, "
             "koala.inspect, koala.demo, koala.bench.__main__, koala.fixtures.__main__, koala.shapes.evaluate, "
-            "koala.shapes.teacher\n"
+            "koala.shapes.teacher, koala.search\n"
             "from hydra.core.config_store import ConfigStore\n"
             "print(sorted(ConfigStore.instance().repo))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

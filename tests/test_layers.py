@@ -15,7 +15,7 @@ import grimp
 # The command modules: `python -m <module>` (and the `koala.bench <name>` subcommands).
 COMMANDS = (
     "koala.train.__main__", "koala.demo", "koala.export", "koala.generate", "koala.evaluate", "koala.cache",
-    "koala.lora", "koala.inspect", "koala.fixtures.__main__", "koala.shapes.evaluate", "koala.shapes.teacher",
+    "koala.lora", "koala.inspect", "koala.search", "koala.fixtures.__main__", "koala.shapes.evaluate", "koala.shapes.teacher",
     "koala.bench.ablation", "koala.bench.data", "koala.bench.fullsize", "koala.bench.gpu", "koala.bench.memory",
     "koala.bench.train", "koala.bench.unet",
 )  # fmt: skip
@@ -24,8 +24,9 @@ ENTRY_POINTS = {"koala.bench.__main__": "koala.bench."}  # an entry point that d
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("koala.bench.__main__",)),
     ("commands", COMMANDS),
-    # what only commands use: the benchmarks' measurements and the demo (which trains, exports and samples)
-    ("benchmarks and the demo", ("koala.bench", "koala.shapes.demo")),
+    # what only commands use: the benchmarks' measurements, the student search (koala.pruning) and the demo (which
+    # trains, exports and samples)
+    ("benchmarks, search and the demo", ("koala.bench", "koala.pruning", "koala.shapes.demo")),
     ("config composition", ("koala.config.compose",)),
     ("train schema", ("koala.config.schema",)),
     # a run and what follows it: the checks of its config and launch, training, evaluation, export, LoRA remapping,
