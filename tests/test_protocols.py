@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_code import import_reference_code, write_open_clip_tokenizer
+from reference_code import reference_code_importable, write_open_clip_tokenizer
 from safetensors.torch import load_file, save_file
 
 import koala.evaluation.runner
@@ -28,7 +28,8 @@ BKSDM = "inception-2015-12-05/pytorch-fid/256/jpeg75"
 
 @pytest.fixture(scope="module")
 def reference_code():
-    import_reference_code()
+    with reference_code_importable():
+        yield
 
 
 @pytest.fixture(scope="module")
