@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from koala.models.plans import config_plan
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import save_checkpoint
 from koala.train.loop import resume
@@ -16,7 +17,8 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
     cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
     accelerator = make_accelerator(cfg)
     conditioner, noising, teacher = load_frozen(cfg, accelerator.device)
-    run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
+    plan, latent = config_plan(cfg)[1], cfg.data.resolution // conditioner.vae_scale_factor
+    run = build_trainable(cfg, accelerator, teacher, noising, plan, latent)
     step, position = resume(cfg, run, Path(checkpoint))
     state = {"config": OmegaConf.to_container(cfg), "data": position.to_json()}
     save_checkpoint(accelerator, out, step, run.student, run.ema, state, keep=0)

@@ -18,11 +18,13 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from rundir import write_run_dir
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from koala.export import export_run
 from koala.fixtures.tiny import TINY_TEXT, build_tiny_pipeline, unet_config_for
+from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.pipeline_parts import SDXL_BASE_CONFIG
-from koala.models.unets import SDXL_UNET_CONFIG, SPECS, StudentSpec, build_student
+from koala.models.specs import SPECS, StudentSpec
+from koala.models.unets import build_student
 from koala.ship.checkpoint_file import COMFY_SDXL_MODELS, checkpoint_state, comfy_model_name, warn_unless_comfy_detects
+from koala.ship.export import export_run
 
 # The shipped student layouts at tiny size: no mid block, mid kept, and SSD-1B's and Vega's shapes (all layers,
 # per-layer decoder depths, a mid block without transformer). Overrides of the `unet` config group.

@@ -20,6 +20,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data.position import DataPosition
 from koala.fixtures.shards import write_demo_shards
 from koala.train.loop import train
@@ -46,7 +47,7 @@ def recipe(run: Path, assets: dict, **extra) -> list[str]:
 def launch(config: str | None, run: Path, assets: dict, **extra) -> None:
     """The run on 2 ranks (`accelerate launch --config_file configs/accelerate/<config>`), or in this process."""
     if config is None:
-        train(compose_config("train", recipe(run, assets, **extra)))
+        train(compose_config("train", recipe(run, assets, **extra), schema=TrainConfig))
         return
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / config),
            "--main_process_port", str(free_port()), "-m", "koala.train", *recipe(run, assets, **extra)]  # fmt: skip
@@ -160,7 +161,7 @@ def test_a_checkpoint_loaded_on_another_layout_saves_back_the_same_state(runs, s
 
 
 def test_deepspeed_state_on_another_launch_is_refused_before_any_model_loads(tmp_path, monkeypatch):
-    from koala.config.checks import ConfigError
+    from koala.errors import ConfigError
     from koala.train.resume import check_launch
 
     ds, whole = tmp_path / "ds" / "accelerate", tmp_path / "whole" / "accelerate"

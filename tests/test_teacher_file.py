@@ -20,14 +20,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from koala.config.checks import ConfigError, check_teacher_paths
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.devices import parse_dtype
 from koala.fixtures.pipeline import CLIP_L, OPENCLIP_BIGG, SDXL_VAE_CONFIG
+from koala.models.archs import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG
 from koala.models.clip_vocab import BPE_MERGES, clip_vocab
 from koala.models.convert_parts import pipeline_to_original
 from koala.models.pipeline_parts import SDXL_BASE_CONFIG, PipelineSource, check_parts
 from koala.models.single_file import CheckpointInfo, describe_checkpoint, require_full_sdxl
 from koala.models.teacher import load_teacher
-from koala.models.unets import SDXL_SCHEDULER_CONFIG, SDXL_UNET_CONFIG, count_parameters
+from koala.models.unets import count_parameters
 from koala.ship.checkpoint_file import write_checkpoint_file
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -248,7 +250,9 @@ def test_derived_vocabulary_is_the_clip_vocabulary_comfyui_ships():
 def test_teacher_config_and_moved_paths_are_resume_safe():
     from koala.train.runs import MAY_CHANGE, MOVED_PATHS
 
-    cfg = compose_config("train", ["teacher.pipeline=/models/fine-tune.safetensors", "teacher.config=/models/cfg"])
+    cfg = compose_config(
+        "train", ["teacher.pipeline=/models/fine-tune.safetensors", "teacher.config=/models/cfg"], schema=TrainConfig
+    )
     assert cfg.teacher.pipeline.endswith(".safetensors") and cfg.teacher.config == "/models/cfg"
     assert "teacher.config" in MAY_CHANGE and "teacher.config" in MOVED_PATHS
 
@@ -271,7 +275,7 @@ def distilled(files, shared, tmp_path_factory):
             "batch_size": 2, "max_steps": 3, "log_every": 1, "checkpoint_every": 3, "sample_every": 3,
             "sample_steps": 2, "report_to": "[]", **teacher,
         }  # fmt: skip
-        runs[name] = train(compose_config("train", [f"{k}={v}" for k, v in overrides.items()]))
+        runs[name] = train(compose_config("train", [f"{k}={v}" for k, v in overrides.items()], schema=TrainConfig))
     return runs
 
 
@@ -292,7 +296,7 @@ def test_distilling_from_the_file_gives_the_folders_losses_and_samples(distilled
 
 @pytest.mark.slow
 def test_a_run_on_a_file_teacher_exports_the_same_pipeline(distilled, tmp_path):
-    from koala.export import export_run
+    from koala.ship.export import export_run
 
     exports = {name: export_run(run, out=tmp_path / name, full_checkpoint=None) for name, run in distilled.items()}
     a = StableDiffusionXLPipeline.from_pretrained(exports["folder"])
@@ -354,3 +358,20 @@ def test_caching_from_the_file_equals_caching_from_the_folder(files, shared, tmp
         if k.endswith(".safetensors"):
             ta, tb = load(a[k]), load(b[k])
             assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta), k
+
+
+def test_a_tiny_single_file_teacher_is_never_taken_for_the_generated_folder(tmp_path):
+    """teacher=tiny with a file: the fixtures writer leaves it alone (it wrote a folder over its path before), and a
+    missing file gets no `koala.fixtures pipeline=` hint, which would write a folder."""
+    from koala.fixtures import ensure_fixtures, fixture_command
+
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(b"a user's file")
+    for pipeline in (path, tmp_path / "missing.safetensors"):
+        cfg = OmegaConf.create({"teacher": {"name": "tiny", "pipeline": str(pipeline)}, "data": {"name": "mine"}})
+        assert ensure_fixtures(cfg) == [] and fixture_command(cfg) is None
+    assert path.read_bytes() == b"a user's file" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    folder = OmegaConf.create(
+        {"teacher": {"name": "tiny", "pipeline": str(tmp_path / "tiny-sdxl")}, "data": {"name": "mine"}}
+    )
+    assert fixture_command(folder) == f"python -m koala.fixtures pipeline={tmp_path / 'tiny-sdxl'}"

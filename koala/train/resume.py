@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 from koala.train.deepspeed import deepspeed_requested
 from koala.train.sharding import is_sharded
 
