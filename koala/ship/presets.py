@@ -31,7 +31,14 @@ PRESETS: dict[str, Preset] = {
     "lightning": Preset("lightning", steps=10, guidance=3.5, timestep_spacing="trailing"),
     "turbo": Preset("turbo", steps=4, guidance=0.0, timestep_spacing="trailing"),
 }
-KIND_PRESETS = {"base": "v1", "lightning": "lightning", "turbo": "turbo"}  # teacher kind -> preset
+KIND_PRESETS = {"base": "v1", "lightning": "lightning", "turbo": "turbo"}  # teacher kind -> its students' preset
+# The teacher's own sampling (`koala.synth`), by teacher kind; its steps are `teacher.steps`. SDXL-Base samples as
+# v1; SDXL-Lightning and SDXL-Turbo as their model cards do: Euler on trailing timesteps, no guidance.
+TEACHER_PRESETS: dict[str, Preset] = {
+    "base": Preset("sdxl", steps=25, guidance=7.5, timestep_spacing=None),
+    "lightning": Preset("sdxl-lightning", steps=4, guidance=0.0, timestep_spacing="trailing"),
+    "turbo": Preset("sdxl-turbo", steps=4, guidance=0.0, timestep_spacing="trailing"),
+}
 PresetName = Choice("PresetName", list(PRESETS))  # generate.preset, evaluate.preset(s): a key of PRESETS
 TeacherKind = Choice("TeacherKind", list(KIND_PRESETS))  # teacher.kind: a key of KIND_PRESETS
 
@@ -44,6 +51,12 @@ def get_preset(name: str) -> Preset:
 def preset_for_kind(kind: str) -> Preset:
     """The preset a student of a `base`, `lightning` or `turbo` teacher samples with."""
     return PRESETS[KIND_PRESETS[TeacherKind(kind)]]
+
+
+def teacher_preset(kind: str, steps: int | None = None) -> Preset:
+    """How a `base`, `lightning` or `turbo` teacher itself samples, with `steps` (its `teacher.steps`) when given."""
+    preset = TEACHER_PRESETS[TeacherKind(kind)]
+    return preset if steps is None else Preset(preset.name, steps, preset.guidance, preset.timestep_spacing)
 
 
 def euler_scheduler(scheduler_config: dict[str, Any], preset: Preset) -> EulerDiscreteScheduler:
