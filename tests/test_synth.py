@@ -145,6 +145,7 @@ def test_bad_parquet_rows_and_missing_sources_are_named(tmp_path):
         (["license=x"], "prompts= is required"),
         (["prompts=p.txt", "license=x", "per_prompt=0"], "per_prompt=0: expected a number >= 1"),
         (["prompts=p.txt", "license=x", "identity=md5"], "identity"),
+        (["prompts=p.txt", "license=x", "teacher.pipeline=/no/such/sdxl"], "teacher.pipeline=/no/such/sdxl: no such"),
     ],
 )
 def test_missing_or_bad_settings_fail_at_start(args, message, tmp_path, capsys, monkeypatch):

@@ -41,7 +41,7 @@ from koala.ship.presets import Preset, euler_scheduler, teacher_preset
 
 FORMAT = "koala-synth/1"
 INFO = "info.json"
-LIMITS = {  # setting -> (smallest value, or None where null is allowed too)
+LIMITS = {  # setting -> its smallest value (null, where the schema allows it, takes the default)
     "per_prompt": 1, "batch_size": 1, "samples_per_shard": 1, "preview": 0, "limit": 1, "steps": 1, "guidance": 0,
     "resolution": 1,
 }  # fmt: skip
@@ -100,8 +100,15 @@ def check_settings(cfg: DictConfig) -> None:
     for key, low in LIMITS.items():
         if cfg[key] is not None and cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]}: expected a number >= {low}")
-    if not cfg.teacher.pipeline:
-        raise ConfigError(f"teacher.pipeline is not set for teacher={cfg.teacher.name}: a diffusers SDXL folder")
+
+
+def check_teacher(teacher: DictConfig) -> None:
+    """Refuse a teacher whose weights are not where its config says."""
+    if not teacher.pipeline:
+        raise ConfigError(f"teacher.pipeline is not set for teacher={teacher.name}: a diffusers SDXL folder")
+    for key in ("pipeline", "unet", "vae"):
+        if teacher[key] and not Path(teacher[key]).exists():
+            raise ConfigError(f"teacher.{key}={teacher[key]}: no such file or folder")
 
 
 def sampling_preset(cfg: DictConfig) -> Preset:
@@ -251,6 +258,9 @@ def draw(sampler: TeacherSampler, writer: CacheWriter, mine: list[Item], batch_s
                 extra = {"json": json.dumps(meta).encode(), **({"jpg": previews[i]} if previews[i] else {})}
                 writer.add(item.key, {k: v[i] for k, v in tensors.items()}, meta, extra)
             bar.update(len(batch))
+            bar.set_postfix_str(
+                f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.2f} samples/s"
+            )  # tqdm shows s/it below 1
     writer.close()
 
 
@@ -260,6 +270,7 @@ def synthesize(cfg: DictConfig) -> Path:
 
     check_settings(cfg)
     prompts = read_prompts(cfg.prompts, cfg.column, cfg.caption_key)  # bad files fail here, on every rank alike
+    check_teacher(cfg.teacher)
     items = plan_items(prompts, cfg.per_prompt, cfg.seed, cfg.limit)
     state = PartialState(cpu=multi_cpu())  # gloo on CPU processes (else each would think itself rank 0 of 1)
     rank, world = state.process_index, state.num_processes
