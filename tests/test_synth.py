@@ -291,7 +291,7 @@ def test_two_process_launch_draws_disjoint_shares_covering_everything(synth_run,
     assert res.returncode == 0, res.stderr[-3000:]
     samples, reference = read_samples(out), read_samples(single)
     ranks = {r: {k for k, s in samples.items() if json.loads(s["json"])["rank"] == r} for r in (0, 1)}
-    assert ranks[0] and ranks[1] and not ranks[0] & ranks[1]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and not ranks[0] & ranks[1]
     assert ranks[0] | ranks[1] == set(reference) and all(s["count"] == 1 for s in samples.values())
     for key, sample in samples.items():  # the same sample whichever rank drew it (batched with other items)
         torch.testing.assert_close(sample["latents"], reference[key]["latents"], rtol=1e-4, atol=1e-3)

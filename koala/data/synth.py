@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from koala.config.checks import ConfigError
@@ -213,15 +213,20 @@ def check_resume(out: Path, expected: dict) -> None:
                           "rerun with the same settings to resume, or choose another out=")  # fmt: skip
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary name, fsync, rename)."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically (temporary name, fsync, rename): a crash leaves the old file or none."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1))
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     sync_dir(path.parent)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically."""
+    write_atomic(path, json.dumps(data, indent=1).encode())
 
 
 def prepare(out: Path, info: dict, pipe) -> None:
@@ -232,9 +237,8 @@ def prepare(out: Path, info: dict, pipe) -> None:
         write_json(out / INFO, {**info, "samples": 0, "complete": False})
     if not (out / EMPTY_PROMPT).is_file():  # caption_dropout_mode=empty reads it, as for a koala.cache folder
         embeds, pooled = encode(pipe, [""])
-        save_file({"prompt_embeds": embeds[0].float().cpu().contiguous(),
-                   "pooled_prompt_embeds": pooled[0].float().cpu().contiguous()}, str(out / "empty.tmp"))  # fmt: skip
-        os.replace(out / "empty.tmp", out / EMPTY_PROMPT)
+        tensors = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+        write_atomic(out / EMPTY_PROMPT, save({k: v.float().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def sample_meta(item: Item, rank: int, info: dict) -> dict[str, Any]:
@@ -258,9 +262,8 @@ def draw(sampler: TeacherSampler, writer: CacheWriter, mine: list[Item], batch_s
                 extra = {"json": json.dumps(meta).encode(), **({"jpg": previews[i]} if previews[i] else {})}
                 writer.add(item.key, {k: v[i] for k, v in tensors.items()}, meta, extra)
             bar.update(len(batch))
-            bar.set_postfix_str(
-                f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.2f} samples/s"
-            )  # tqdm shows s/it below 1
+            rate = bar.n / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{rate:.2f} samples/s")  # tqdm's own rate turns into s/sample below 1
     writer.close()
 
 
@@ -287,6 +290,7 @@ def synthesize(cfg: DictConfig) -> Path:
         prepare(out, info, pipe)
     state.wait_for_everyone()
     done = done_keys(out)
+    state.wait_for_everyone()  # every rank has read the same set before anyone adds to it
     mine = my_share(items, done, rank, world)
     writer = CacheWriter(out, rank, cfg.samples_per_shard, DTYPES[cfg.dtype], shard_name=shard_name)
     t0 = time.perf_counter()
