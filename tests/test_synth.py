@@ -249,13 +249,25 @@ def test_a_rerun_adds_nothing_and_another_setup_is_refused(synth_run, tiny_pipel
 
 def test_lightning_and_turbo_teachers_sample_with_their_own_preset(tmp_path, tiny_pipeline_dir):
     (tmp_path / "p.txt").write_text("a red circle\n")
-    for kind in ("lightning", "turbo"):
+    for kind, sampler in (("lightning", "EulerDiscreteScheduler"), ("turbo", "EulerAncestralDiscreteScheduler")):
         out = tmp_path / kind
         args = synth_args(tiny_pipeline_dir, tmp_path / "p.txt", out, per_prompt=1, steps="null",
                           **{"teacher.kind": kind, "teacher.steps": 4})  # fmt: skip
         synthesize(compose_config("synth", args))
         settings = json.loads((out / "info.json").read_text())["settings"]
         assert (settings["steps"], settings["guidance"], settings["timestep_spacing"]) == (4, 0.0, "trailing")
+        assert settings["scheduler"] == sampler and settings["preset"] == f"sdxl-{kind}"
+
+
+def test_teacher_presets_sample_as_the_teachers_releases_ship():
+    from koala.ship.presets import SAMPLERS, TEACHER_PRESETS, preset_scheduler, shipped_scheduler_config
+
+    for kind, preset in TEACHER_PRESETS.items():
+        shipped = shipped_scheduler_config(kind)
+        scheduler = preset_scheduler(shipped, preset)
+        assert SAMPLERS[preset.sampler].__name__ == type(scheduler).__name__ == shipped["_class_name"], kind
+        assert scheduler.config.timestep_spacing == shipped["timestep_spacing"], kind
+    assert [TEACHER_PRESETS[k].guidance for k in ("base", "lightning", "turbo")] == [7.5, 0.0, 0.0]
 
 
 def test_identity_sha256_sees_new_weights_header_only_a_new_layout(tmp_path):

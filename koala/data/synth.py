@@ -16,6 +16,7 @@ settings, prompts); a rerun with anything different is refused instead of mixing
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ from koala.data.cached import EMPTY_PROMPT
 from koala.data.prompts import read_prompts
 from koala.devices import DTYPES, multi_cpu
 from koala.models.identity import teacher_identity
-from koala.ship.presets import Preset, euler_scheduler, teacher_preset
+from koala.ship.presets import Preset, preset_scheduler, teacher_preset
 
 FORMAT = "koala-synth/1"
 INFO = "info.json"
@@ -114,8 +115,7 @@ def check_teacher(teacher: DictConfig) -> None:
 def sampling_preset(cfg: DictConfig) -> Preset:
     """The teacher's own preset (its kind, `teacher.steps`), with `steps` / `guidance` when set."""
     preset = teacher_preset(cfg.teacher.kind, cfg.steps or cfg.teacher.steps)
-    guidance = preset.guidance if cfg.guidance is None else float(cfg.guidance)
-    return Preset(preset.name, preset.steps, guidance, preset.timestep_spacing)
+    return preset if cfg.guidance is None else dataclasses.replace(preset, guidance=float(cfg.guidance))
 
 
 def load_pipeline(teacher: DictConfig, device: torch.device, dtype: torch.dtype):
@@ -141,7 +141,7 @@ class TeacherSampler:
 
     def __init__(self, pipe, preset: Preset, resolution: int | None, negative_prompt: str | None, preview: int) -> None:
         self.pipe, self.preset, self.negative, self.preview = pipe, preset, negative_prompt, preview
-        pipe.scheduler = euler_scheduler(pipe.scheduler.config, preset)
+        pipe.scheduler = preset_scheduler(pipe.scheduler.config, preset)
         size = resolution or pipe.default_sample_size * pipe.vae_scale_factor
         self.height = self.width = size
 
