@@ -47,7 +47,7 @@ class SynthConfig:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/synth.yaml` with the overrides and draw the samples."""
-    return run_command("synth", synthesize, argv)
+    return run_command("synth", synthesize, argv, schema=SynthConfig)
 
 
 if __name__ == "__main__":

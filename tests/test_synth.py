@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load, save_file
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data.prompts import PromptFileError, read_prompts
 from koala.data.synth import synthesize
-from koala.synth import main
+from koala.synth import SynthConfig, main
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a koala", "a yellow circle"]
@@ -52,7 +53,7 @@ def read_samples(out: Path) -> dict[str, dict]:
 def synth_run(tmp_path_factory, tiny_pipeline_dir):
     root = tmp_path_factory.mktemp("synth")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = compose_config("synth", synth_args(tiny_pipeline_dir, root / "prompts.txt", root / "out"))
+    cfg = compose_config("synth", synth_args(tiny_pipeline_dir, root / "prompts.txt", root / "out"), schema=SynthConfig)
     return cfg, synthesize(cfg)
 
 
@@ -204,9 +205,9 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 def test_latents_decode_to_the_preview_and_are_the_pipelines_own_sample(synth_run, tiny_pipeline_dir):
-    from koala.generate import decode_latents, generate
-    from koala.shapes.evaluate import load_pipeline
+    from koala.shapes.judge import load_pipeline
     from koala.ship.presets import teacher_preset
+    from koala.ship.sampling import decode_latents, generate
 
     _, out = synth_run
     samples = read_samples(out)
@@ -217,7 +218,7 @@ def test_latents_decode_to_the_preview_and_are_the_pipelines_own_sample(synth_ru
         own = psnr(decoded[key], previews[key])
         others = max(psnr(decoded[key], previews[k]) for k in samples if k != key)
         assert own > 25 and own > others + 10, (key, own, others)  # its own picture (JPEG of noise), no neighbour's
-    # the stock pipeline (koala.generate) with the teacher's preset draws the same pictures for the same prompt and seed
+    # the stock pipeline (koala.ship.sampling) with the teacher's preset draws the same pictures for the same prompt and seed
     keys = ["00000000", "00000007"]
     stock = generate(pipe, [PROMPTS[0], PROMPTS[3]], teacher_preset("base", 4), seeds=[0, 7], height=32, width=32)
     for key, image in zip(keys, stock):
@@ -225,14 +226,26 @@ def test_latents_decode_to_the_preview_and_are_the_pipelines_own_sample(synth_ru
 
 
 def test_data_synth_reads_the_folder_as_a_cache(synth_run, tiny_pipeline_dir):
+    from koala.config.checks import ConfigError, check_config
     from koala.data import build_dataloader
 
     _, out = synth_run
-    cfg = compose_config("train", ["data=synth", f"data.path={out}", "data.resampled=false", "data.shuffle=false"])
+    cfg = compose_config(
+        "train", ["data=synth", f"data.path={out}", "data.resampled=false", "data.shuffle=false"], schema=TrainConfig
+    )
     assert cfg.data.kind == "cached"
     keys = [k for b in build_dataloader(cfg.data, batch_size=4, seed=0) for k in b["keys"]]
     assert sorted(keys) == [f"{i:08d}" for i in range(10)]
-    assert compose_config("train", ["data=synth", "teacher=shapes"]).data.path == ".cache/koala/synth/shapes"
+    # the teacher sampled on CPU in fp32: training checks conditioning.dtype against that, as for a koala.cache folder
+    assert json.loads((out / "info.json").read_text())["conditioning_dtype"] == "fp32"
+    args = ["data=synth", f"data.path={out}", f"teacher.pipeline={tiny_pipeline_dir}"]
+    check_config(compose_config("train", [*args, "conditioning.dtype=fp32"], schema=TrainConfig))
+    with pytest.raises(ConfigError, match="conditioning.dtype=bf16 differs from the cache's: .* encoded in fp32"):
+        check_config(compose_config("train", [*args, "conditioning.dtype=bf16"], schema=TrainConfig))
+    assert (
+        compose_config("train", ["data=synth", "teacher=shapes"], schema=TrainConfig).data.path
+        == ".cache/koala/synth/shapes"
+    )
 
 
 def test_a_rerun_adds_nothing_and_another_setup_is_refused(synth_run, tiny_pipeline_dir, capsys):
@@ -253,7 +266,7 @@ def test_lightning_and_turbo_teachers_sample_with_their_own_preset(tmp_path, tin
         out = tmp_path / kind
         args = synth_args(tiny_pipeline_dir, tmp_path / "p.txt", out, per_prompt=1, steps="null",
                           **{"teacher.kind": kind, "teacher.steps": 4})  # fmt: skip
-        synthesize(compose_config("synth", args))
+        synthesize(compose_config("synth", args, schema=SynthConfig))
         settings = json.loads((out / "info.json").read_text())["settings"]
         assert (settings["steps"], settings["guidance"], settings["timestep_spacing"]) == (4, 0.0, "trailing")
         assert settings["scheduler"] == sampler and settings["preset"] == f"sdxl-{kind}"
@@ -346,7 +359,7 @@ def test_training_on_synth_samples(synth_run, tiny_pipeline_dir, tmp_path):
     args = ["data=synth", f"data.path={out}", f"teacher.pipeline={tiny_pipeline_dir}", "unet=tiny-700m",
             f"output_dir={tmp_path / 'run'}", "batch_size=2", "max_steps=3", "log_every=1", "checkpoint_every=3",
             "sample_every=0", "report_to=[]", "record_ranks=true"]  # fmt: skip
-    run = train(compose_config("train", args))
+    run = train(compose_config("train", args, schema=TrainConfig))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
     seen = json.loads((run / "ranks" / "rank0.json").read_text())["keys"]

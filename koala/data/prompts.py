@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from koala.config.checks import ConfigError
 from koala.data.records import UnreadableSource, caption_from_sample
 from koala.data.shards import expand_shards, read_tar
+from koala.errors import ConfigError
 
 log = logging.getLogger("koala.data")
 

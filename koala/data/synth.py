@@ -25,20 +25,24 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 from safetensors.torch import save
 from tqdm import tqdm
 
-from koala.config.checks import ConfigError
 from koala.data.cache_writer import CacheWriter, sync_dir
 from koala.data.cached import EMPTY_PROMPT
 from koala.data.prompts import read_prompts
 from koala.devices import DTYPES, multi_cpu
+from koala.errors import ConfigError
 from koala.models.identity import teacher_identity
 from koala.ship.presets import Preset, preset_scheduler, teacher_preset
+from koala.ship.sampling import decode_latents, inputs_in_dtype_of
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig
+    from koala.synth import SynthConfig
 
 FORMAT = "koala-synth/1"
 INFO = "info.json"
@@ -90,7 +94,7 @@ def my_share(items: list[Item], done: set[str], rank: int, world: int) -> list[I
     return [item for item in items if item.key not in done][rank::world]
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: SynthConfig) -> None:
     """Refuse settings that cannot work, in one line, before any model is loaded."""
     if not cfg.prompts:
         raise ConfigError("prompts= is required: a .txt, .csv, .json, .jsonl or .parquet file, a folder of them, or "
@@ -103,7 +107,7 @@ def check_settings(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={cfg[key]}: expected a number >= {low}")
 
 
-def check_teacher(teacher: DictConfig) -> None:
+def check_teacher(teacher: TeacherConfig) -> None:
     """Refuse a teacher whose weights are not where its config says."""
     if not teacher.pipeline:
         raise ConfigError(f"teacher.pipeline is not set for teacher={teacher.name}: a diffusers SDXL folder")
@@ -112,13 +116,13 @@ def check_teacher(teacher: DictConfig) -> None:
             raise ConfigError(f"teacher.{key}={teacher[key]}: no such file or folder")
 
 
-def sampling_preset(cfg: DictConfig) -> Preset:
+def sampling_preset(cfg: SynthConfig) -> Preset:
     """The teacher's own preset (its kind, `teacher.steps`), with `steps` / `guidance` when set."""
     preset = teacher_preset(cfg.teacher.kind, cfg.steps or cfg.teacher.steps)
     return preset if cfg.guidance is None else dataclasses.replace(preset, guidance=float(cfg.guidance))
 
 
-def load_pipeline(teacher: DictConfig, device: torch.device, dtype: torch.dtype):
+def load_pipeline(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype):
     """The teacher as an SDXL pipeline: the frozen teacher U-Net (`teacher.unet` or the pipeline's) in `dtype`, the
     pipeline's text encoders, and its VAE (or `teacher.vae`) kept in fp32 unless given (SDXL's overflows in fp16)."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
@@ -156,8 +160,6 @@ class TeacherSampler:
     @torch.no_grad()
     def __call__(self, items: list[Item]) -> tuple[dict[str, torch.Tensor], list[bytes]]:
         """Draw a batch: {latents, prompt_embeds, pooled_prompt_embeds, time_ids} and JPEG previews."""
-        from koala.generate import decode_latents, inputs_in_dtype_of
-
         pipe, prompts = self.pipe, [item.prompt for item in items]
         embeds, pooled = encode(pipe, prompts)
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]  # the same noise on any device
@@ -191,7 +193,7 @@ def jpeg(image, size: int) -> bytes:
     return buf.getvalue()
 
 
-def manifest(cfg: DictConfig, prompts: list[str], items: list[Item], settings: dict, identity: dict) -> dict:
+def manifest(cfg: SynthConfig, prompts: list[str], items: list[Item], settings: dict, identity: dict) -> dict:
     """What a synth folder is a sample of; a rerun into the same folder must match it."""
     digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
     return {"format": FORMAT, "teacher": identity, "license": str(cfg.license), "settings": settings,
@@ -267,7 +269,7 @@ def draw(sampler: TeacherSampler, writer: CacheWriter, mine: list[Item], batch_s
     writer.close()
 
 
-def synthesize(cfg: DictConfig) -> Path:
+def synthesize(cfg: SynthConfig) -> Path:
     """Draw every item of `cfg.prompts` not yet in `cfg.out` (this rank's share) and write it as cached shards."""
     from accelerate import PartialState
 
@@ -278,11 +280,12 @@ def synthesize(cfg: DictConfig) -> Path:
     state = PartialState(cpu=multi_cpu())  # gloo on CPU processes (else each would think itself rank 0 of 1)
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
-    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
+    dtype_name = str(cfg.teacher.dtype) if device.type != "cpu" else "fp32"
+    dtype = DTYPES[dtype_name]
     identity = teacher_identity(cfg.teacher, cfg.identity)  # every rank: no collective before the checks
     pipe = load_pipeline(cfg.teacher, device, dtype)
     sampler = TeacherSampler(pipe, sampling_preset(cfg), cfg.resolution, cfg.negative_prompt, cfg.preview)
-    info = manifest(cfg, prompts, items, sampler.settings(), identity)
+    info = {**manifest(cfg, prompts, items, sampler.settings(), identity), "conditioning_dtype": dtype_name}
     out = Path(cfg.out)
     check_resume(out, info)  # every rank refuses alike, before anyone waits
     out.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,12 @@ import hashlib
 import struct
 from enum import auto
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from koala.config.choice import Choice
+from koala.choice import Choice
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")  # the SDXL pipeline parts holding weights
 CHUNK = 8 << 20
@@ -40,7 +43,7 @@ def component_files(path: Path) -> list[Path]:
     return plain or files
 
 
-def weight_files(teacher: Any) -> dict[str, list[Path]]:
+def weight_files(teacher: TeacherConfig) -> dict[str, list[Path]]:
     """Component -> the weight files a `teacher` config section loads (`pipeline`, `unet`, `vae`)."""
     root = Path(teacher.pipeline)
     if root.is_file():  # one checkpoint file holding every part
@@ -70,7 +73,7 @@ def file_hash(path: Path, mode: str = IdentityMode.sha256) -> str:
     return digest.hexdigest()
 
 
-def teacher_identity(teacher: Any, mode: str = IdentityMode.sha256) -> dict[str, Any]:
+def teacher_identity(teacher: TeacherConfig, mode: str = IdentityMode.sha256) -> dict[str, Any]:
     """{name, kind, mode, sha256 (of the per-file hashes), files: {component/file: hash}} of a teacher config."""
     files = {
         f"{name}/{path.name}": file_hash(path, mode) for name, paths in weight_files(teacher).items() for path in paths
