@@ -26,6 +26,7 @@ from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES, multi_cpu
+from koala.models.pipeline_parts import PipelineSource
 
 if TYPE_CHECKING:
     from koala.cache import CacheJobConfig
@@ -130,7 +131,7 @@ def build_cache(cfg: CacheJobConfig) -> Path:
     state.wait_for_everyone()
     text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
     conditioner = SDXLConditioner.from_pretrained(
-        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype]
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype], config=cfg.teacher.config
     )
     out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,11 +159,18 @@ def build_cache(cfg: CacheJobConfig) -> Path:
 
 
 def resolve_pipeline(teacher: DictConfig) -> str:
-    """The teacher's diffusers folder."""
+    """The teacher's diffusers folder, or its full single-file checkpoint (checked to fit its configs)."""
     if not teacher.pipeline:
-        raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
-    if not (Path(teacher.pipeline) / "model_index.json").is_file():
         raise ValueError(
-            f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)"
+            f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder or a full "
+            "SDXL .safetensors checkpoint"
+        )
+    source = PipelineSource.of(teacher)
+    if source.is_file and Path(teacher.pipeline).is_file():
+        source.check_file()  # what the file is, and that every part fits its configs, before any weight is read
+    elif not (Path(teacher.pipeline) / "model_index.json").is_file():
+        raise ValueError(
+            f"teacher.pipeline={teacher.pipeline!r} is neither a diffusers pipeline folder (no model_index.json) nor a "
+            "full SDXL .safetensors checkpoint"
         )
     return str(teacher.pipeline)

@@ -7,8 +7,9 @@ target size, and only then decodes the batches it yields. Skipping the first bat
 the cheap checks only. Per-sample randomness (crop, flip, caption dropout) is seeded by (seed, g, position), so it
 does not depend on what was skipped.
 
-A torch DataLoader takes batches from its workers round-robin; a resumed run that consumed `n` batches rotates
-the roles so that its worker 0 plays the role that would have produced batch n.
+Which batches of which stream a worker makes follows the run's `DataPosition` (koala.data.position): on the first
+start one stream per worker; a resume on the same layout lets DataLoader worker 0 play the role that would have made
+the next batch; a resume on another number of ranks or workers deals the streams afresh from where each stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from koala.data.position import DataPosition
 from koala.data.records import SKIP_REASONS, Raw
 
 log = logging.getLogger("koala.data")
@@ -84,61 +86,71 @@ def group_batches(items: Iterator[tuple[int, Raw, Any]], batch_size: int) -> Ite
     yield from pending.values()
 
 
-def worker_role(resume_batches: int) -> tuple[int, int, int]:
-    """(role, workers per rank, batches this role skips) of the calling dataloader worker."""
+def current_worker() -> tuple[int, int]:
+    """(DataLoader worker id, workers of this DataLoader): (0, 1) in the main process."""
     info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    role = (worker + resume_batches) % workers  # DataLoader takes worker i's batches at positions i, i+K, ...
-    skip = resume_batches // workers + (1 if role < resume_batches % workers else 0)
-    return role, workers, skip
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class _Cursor:
+    """One stream's batches (checked, not decoded), taken by index in increasing order."""
+
+    def __init__(self, batches: Iterator[list]) -> None:
+        self.batches, self.next_index = batches, 0
+
+    def take(self, index: int) -> list | None:
+        """Batch `index` of the stream (earlier ones are passed over undecoded); None once the stream has ended."""
+        for items in self.batches:
+            self.next_index += 1
+            if self.next_index - 1 == index:
+                return items
+        return None
 
 
 class BatchStream(IterableDataset):
     """Yields whole batches (use `DataLoader(batch_size=None)`), each with `keys`, `skipped` and `worker_id`.
 
-    With `final_tally`, a finite stream may end with a `tally_only` item that carries only the final skip counts
-    (read it through `SkipTally.batches`).
+    The batches a worker makes and the streams they come from follow `position` (koala.data.position): by default a
+    fresh run's, or `resume_batches` into it on the same layout. With `final_tally`, a finite stream may end with a
+    `tally_only` item that carries only the final skip counts (read it through `SkipTally.batches`).
     """
 
     def __init__(
         self, reader: Reader, codec: Codec, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
         resume_batches: int = 0, max_consecutive_skips: int = 10_000, final_tally: bool = False,
+        position: DataPosition | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.reader, self.codec, self.batch_size, self.seed = reader, codec, batch_size, seed
         self.rank, self.world_size, self.resume_batches = rank, world_size, resume_batches
-        self.max_skips, self.final_tally = max_consecutive_skips, final_tally
+        self.max_skips, self.final_tally, self.position = max_consecutive_skips, final_tally, position
+
+    def layout(self, workers: int) -> DataPosition:
+        """This session's position: the one given, else a fresh run's advanced by `resume_batches`."""
+        if self.position is not None:
+            if (self.position.ranks, self.position.workers) != (self.world_size, workers):
+                raise ValueError(f"data position for {self.position.ranks} x {self.position.workers} workers used by "
+                                 f"{self.world_size} ranks x {workers}")  # fmt: skip
+            return self.position
+        return DataPosition.start(self.world_size, workers).advanced(self.resume_batches)
 
     def __iter__(self) -> Iterator[dict]:
-        role, workers, skip = worker_role(self.resume_batches)
-        g, total = self.rank * workers + role, self.world_size * workers
+        worker, workers = current_worker()
+        position = self.layout(workers)
+        g = self.rank * workers + worker  # this worker's id in the skip tallies
         counts = dict.fromkeys(SKIP_REASONS, 0)
-        warned: set[str] = set()
-
-        def on_bad(url: str, exc: Exception) -> None:
-            counts["bad_shard"] += 1
-            if url not in warned:
-                warned.add(url)
-                log.warning("skipping unreadable shard %s (%s)", url, exc)
-
-        def checked() -> Iterator[tuple[int, Raw, Any]]:
-            in_a_row = 0
-            for position, raw in enumerate(self.reader(g, total, on_bad)):
-                reason, group = self.codec.probe(raw)
-                if not reason:
-                    in_a_row = 0
-                    yield position, raw, group
-                    continue
-                counts[reason] += 1
-                in_a_row += 1
-                if in_a_row >= self.max_skips:
-                    raise skip_limit_error(counts, self.max_skips, self.rank, role)
-
+        cursors = {s: _Cursor(group_batches(self._checked(s, position, counts, g), self.batch_size))
+                   for s in position.streams_of(self.rank, worker)}  # fmt: skip
+        ended: set[int] = set()
         sent = None
-        for index, items in enumerate(group_batches(checked(), self.batch_size)):
-            if index < skip:
-                continue  # consumed before the resume: never decoded
-            batch = self._decode(items, counts, g)
+        for stream, index in position.plan(self.rank, worker):
+            if len(ended) == len(cursors):
+                break
+            items = None if stream in ended else cursors[stream].take(index)
+            if items is None:
+                ended.add(stream)  # a finite stream ran out; the worker's other streams go on
+                continue
+            batch = self._decode(items, counts, g, stream)
             if batch is not None:
                 sent = dict(counts)
                 yield batch
@@ -147,12 +159,40 @@ class BatchStream(IterableDataset):
         ):  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
             yield {"skipped": dict(counts), "worker_id": g, "tally_only": True}
 
-    def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int) -> dict | None:
-        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted."""
+    def _checked(self, stream: int, position: DataPosition, counts: dict[str, int], g: int) -> Iterator[tuple]:
+        """A stream's records that pass the cheap checks, as (position in the stream, record, group).
+
+        A stream several workers share is read by each of them; only its first worker counts what it skips.
+        """
+        counting = owner(position, stream) == (self.rank, g - self.rank * position.workers)
+        mine = counts if counting else dict.fromkeys(SKIP_REASONS, 0)
+        warned: set[str] = set()
+
+        def on_bad(url: str, exc: Exception) -> None:
+            mine["bad_shard"] += 1
+            if url not in warned and counting:
+                warned.add(url)
+                log.warning("skipping unreadable shard %s (%s)", url, exc)
+
+        in_a_row = 0
+        for index, raw in enumerate(self.reader(stream, position.streams, on_bad)):
+            reason, group = self.codec.probe(raw)
+            if not reason:
+                in_a_row = 0
+                yield index, raw, group
+                continue
+            mine[reason] += 1
+            in_a_row += 1
+            if in_a_row >= self.max_skips:
+                raise skip_limit_error(mine, self.max_skips, self.rank, stream)
+
+    def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int, stream: int) -> dict | None:
+        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted.
+        A sample's randomness (crop, flip, dropout) is seeded by its stream and its place in it."""
         samples = []
         for position, raw, group in items:
             try:
-                samples.append(self.codec.decode(raw, group, random.Random(f"sample:{self.seed}:{g}:{position}")))
+                samples.append(self.codec.decode(raw, group, random.Random(f"sample:{self.seed}:{stream}:{position}")))
             except Exception as exc:
                 counts["corrupt_image"] += 1
                 log.debug("skipping %s: %s", raw.key, exc)
@@ -162,6 +202,13 @@ class BatchStream(IterableDataset):
         batch["skipped"] = dict(counts)
         batch["worker_id"] = g
         return batch
+
+
+def owner(position: DataPosition, stream: int) -> tuple[int, int]:
+    """(rank, DataLoader worker) that makes a stream's first batch of this deal: the one that counts its skips."""
+    v, r, taken = position.streams, position.ranks, position.ranks * position.batches
+    first = taken + (position.order.index(stream) - taken) % v  # the first Q slot of `stream` not yet taken
+    return first % r, (first // r - position.batches) % position.workers
 
 
 class SkipTally:

@@ -6,7 +6,9 @@ Accepted sources (`load_unet`):
   (c) one `.safetensors` file of U-Net weights in diffusers key layout, placed onto a base config
       (SDXL-Lightning / Turbo U-Net files);
   (d) one `.safetensors` single-file checkpoint in the original SGM / ComfyUI layout
-      (`model.diffusion_model.input_blocks...`), converted with diffusers' own single-file conversion.
+      (`model.diffusion_model.input_blocks...`), converted with diffusers' own single-file conversion: a U-Net
+      alone, or the U-Net of a full checkpoint (text encoders and VAE in the same file; only the U-Net's tensors
+      are read). `teacher.pipeline` may name such a full checkpoint (koala.models.pipeline_parts).
 The layout of a single file is detected from its keys. Pickle formats are refused: they can run code on load.
 
 Freezing (`freeze`): no parameter requires grad, and the instance's `train` method is replaced by one that
@@ -30,7 +32,9 @@ from safetensors.torch import load_file
 from koala.devices import parse_dtype
 from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
+from koala.models.pipeline_parts import PipelineSource
 from koala.models.plans import teacher_unet_config
+from koala.models.single_file import read_header, read_part
 
 if TYPE_CHECKING:
     from koala.config.schema import TeacherConfig
@@ -66,14 +70,16 @@ def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _single_file_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read one safetensors file; convert the original SGM / ComfyUI layout to diffusers keys."""
-    state = load_file(path)
-    if not is_original_layout(state):
-        return state
+    """Read one safetensors file's U-Net; convert the original SGM / ComfyUI layout to diffusers keys."""
+    keys = read_header(path)[0]
+    if not is_original_layout(keys):
+        return load_file(path)
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    if not any(k.startswith(ORIGINAL_PREFIX) for k in state):  # a bare U-Net file without the model prefix
-        state = {ORIGINAL_PREFIX + k: v for k, v in state.items()}
+    if any(k.startswith(ORIGINAL_PREFIX) for k in keys):
+        state = read_part(path, "unet")  # of a full checkpoint, the U-Net's tensors only
+    else:  # a bare U-Net file without the model prefix
+        state = {ORIGINAL_PREFIX + k: v for k, v in load_file(path).items()}
     if isinstance(config.get("layers_per_block"), (list, tuple)):
         raise ValueError(f"{path}: original-layout files need a config with one int layers_per_block")
     return convert_ldm_unet_checkpoint(state, config)
@@ -161,6 +167,8 @@ def load_teacher(teacher_cfg: TeacherConfig, dtype: str | torch.dtype | None = "
     source = teacher_cfg.unet or teacher_cfg.pipeline
     if not source:
         raise ValueError("no teacher weights: set teacher.pipeline (a diffusers SDXL folder) and/or teacher.unet")
+    if source == teacher_cfg.pipeline and PipelineSource.of(teacher_cfg).is_file:
+        PipelineSource.of(teacher_cfg).check_header()  # a full SDXL checkpoint, or an error naming what the file is
     base = teacher_unet_config(teacher_cfg) if Path(source).suffix.lower() == ".safetensors" else None
     dtype = teacher_cfg.dtype if dtype == "config" else dtype
     return freeze(load_unet(source, base_config=base, dtype=dtype))

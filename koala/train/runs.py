@@ -29,9 +29,10 @@ log = logging.getLogger("koala.train.runs")
 MAY_CHANGE = (
     "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
     "sample_seed", "report_to", "resume", "compile", "record_ranks", "gradient_checkpointing", "optim.lr",
-    "dist_timeout_s", "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "data.path", "output_dir",
+    "dist_timeout_s", "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path",
+    "output_dir",
 )  # fmt: skip
-MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "data.path")
+MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
