@@ -365,3 +365,32 @@ def test_training_on_synth_samples(synth_run, tiny_pipeline_dir, tmp_path):
     seen = json.loads((run / "ranks" / "rank0.json").read_text())["keys"]
     assert len(seen) == 6 and set(seen) <= set(read_samples(out))
     assert (run / "checkpoints" / "step-00000003" / "COMPLETE").exists()
+
+
+def test_a_single_file_teacher_draws_the_folders_samples(synth_run, tiny_pipeline_dir, tmp_path, capsys):
+    """teacher.pipeline=<file>.safetensors (the SGM layout community checkpoints use) samples exactly what the
+    folder does; a file that is not a full SDXL checkpoint is refused in one line before anything loads."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from koala.ship.checkpoint_file import write_checkpoint_file
+
+    _, folder_out = synth_run
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipeline_dir)
+    file = write_checkpoint_file(pipe, tmp_path / "tiny.safetensors", torch.float32)
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "config", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    args = synth_args(file, tmp_path / "prompts.txt", tmp_path / "out", **{"teacher.config": tmp_path / "config"})
+    out = synthesize(compose_config("synth", args, schema=SynthConfig))
+    got, want = read_samples(out), read_samples(folder_out)
+    assert got.keys() == want.keys()
+    for key in want:
+        for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids"):
+            assert torch.equal(got[key][name], want[key][name]), (key, name)
+
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(unet_only))
+    with pytest.raises(SystemExit) as e:
+        main(synth_args(unet_only, tmp_path / "prompts.txt", tmp_path / "out2"))
+    assert e.value.code == 2 and "teacher.pipeline=" in capsys.readouterr().err

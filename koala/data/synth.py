@@ -37,6 +37,7 @@ from koala.data.prompts import read_prompts
 from koala.devices import DTYPES, multi_cpu
 from koala.errors import ConfigError
 from koala.models.identity import teacher_identity
+from koala.models.pipeline_parts import PipelineSource
 from koala.ship.presets import Preset, preset_scheduler, teacher_preset
 from koala.ship.sampling import decode_latents, inputs_in_dtype_of
 
@@ -108,12 +109,24 @@ def check_settings(cfg: SynthConfig) -> None:
 
 
 def check_teacher(teacher: TeacherConfig) -> None:
-    """Refuse a teacher whose weights are not where its config says."""
+    """Refuse a teacher whose weights are not where its config says, or a single file that is not a full SDXL
+    checkpoint (read from its header, before any weight loads)."""
     if not teacher.pipeline:
-        raise ConfigError(f"teacher.pipeline is not set for teacher={teacher.name}: a diffusers SDXL folder")
+        raise ConfigError(
+            f"teacher.pipeline is not set for teacher={teacher.name}: a diffusers SDXL folder or a full SDXL "
+            ".safetensors checkpoint"
+        )
     for key in ("pipeline", "unet", "vae"):
         if teacher[key] and not Path(teacher[key]).exists():
             raise ConfigError(f"teacher.{key}={teacher[key]}: no such file or folder")
+    source = PipelineSource.of(teacher)
+    if Path(teacher.pipeline).is_file() and not source.is_file:
+        raise ConfigError(f"teacher.pipeline={teacher.pipeline!r} is a file but not .safetensors")
+    if source.is_file:
+        try:
+            source.check_file()
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"teacher.pipeline={teacher.pipeline!r}: {e}") from None
 
 
 def sampling_preset(cfg: SynthConfig) -> Preset:
@@ -125,15 +138,16 @@ def sampling_preset(cfg: SynthConfig) -> Preset:
 def load_pipeline(teacher: TeacherConfig, device: torch.device, dtype: torch.dtype):
     """The teacher as an SDXL pipeline: the frozen teacher U-Net (`teacher.unet` or the pipeline's) in `dtype`, the
     pipeline's text encoders, and its VAE (or `teacher.vae`) kept in fp32 unless given (SDXL's overflows in fp16)."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
 
     from koala.models.teacher import load_teacher
 
+    source = PipelineSource.of(teacher)  # a diffusers folder or a full single-file checkpoint
     vae = AutoencoderKL.from_pretrained(teacher.vae, torch_dtype=dtype) if teacher.vae else None
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        teacher.pipeline, unet=load_teacher(teacher, dtype=dtype), torch_dtype=dtype, use_safetensors=True,
-        **({"vae": vae} if vae is not None else {}),
-    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler.from_config(source.component_config("scheduler"))  # replaced by the preset's
+    pipe = source.pipeline(load_teacher(teacher, dtype=dtype), scheduler, vae)
+    pipe.text_encoder.to(dtype)
+    pipe.text_encoder_2.to(dtype)
     if vae is None:
         pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
