@@ -1,20 +1,27 @@
-"""`python -m koala.inspect unet=<spec> [teacher=<teacher>] [distill=<preset>] [list_taps=true]`.
+"""`python -m koala.inspect unet=<spec> [teacher=<teacher>] [distill=<preset>] [list_taps=true]`, or `run_dir=<run>`.
 
 Prints the per-stage structure and exact parameter counts of teacher and student, the feature pairs the `distill`
 preset will distil (counts per stage and kind, shapes at `data.resolution`), and with `list_taps=true` every tap
-point of both models. Teacher and student are built on the meta device, so full-size SDXL needs no weights and
+point of both models. Each pair's weight is the one training uses (`koala.distill.pairing.pair_weight`); `run_dir=`
+inspects a run from its saved config, with the balance factors `distill.balance=grad` measured for it. Teacher and
+student are built on the meta device, so full-size SDXL needs no weights and
 almost no memory.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from koala.config.checks import ConfigError
 from koala.config.compose import run_command
 from koala.config.schema import TrainConfig
-from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
+from koala.distill.balance import describe
+from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps, rebalance
 from koala.distill.taps import Stage, TapKind, list_tap_points
 from koala.models.plans import student_plan, teacher_unet_config
 from koala.models.unets import (
@@ -100,8 +107,11 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     return "\n".join(lines)
 
 
-def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_taps: bool = False) -> str:
-    """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives."""
+def inspect_distill(
+    teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_taps: bool = False, balance: dict | None = None
+) -> str:
+    """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives, each with the
+    weight training gives it (with a run's measured `balance` factors when given)."""
     models = build_meta_pair(teacher_cfg, unet_cfg)
     plan, teacher, student = models
     out = [inspect_unets(teacher_cfg, unet_cfg, models)]
@@ -109,8 +119,27 @@ def inspect_distill(teacher_cfg, unet_cfg, distill_cfg, resolution: int, list_ta
         out += ["", format_tap_points(teacher, "teacher"), "", format_tap_points(student, "student")]
     pairs = pair_taps(plan, distill_cfg, student, teacher)
     shapes = check_pair_shapes(pairs, student, teacher, resolution // 8, sa_point=distill_cfg.sa_point)
-    out += ["", format_pairs(pairs, shapes, distill_cfg, resolution)]
+    out += ["", format_pairs(rebalance(pairs, distill_cfg, (balance or {}).get("weights")), shapes, distill_cfg,
+                             resolution)]  # fmt: skip
+    if distill_cfg.balance == "grad":
+        out.append(
+            "  " + describe(balance)
+            if balance
+            else "  balance=grad: each kind's factor is measured when a run "
+            "starts (the weights above leave it out); `python -m koala.inspect run_dir=<run>` shows a run's"
+        )
     return "\n".join(out)
+
+
+def run_balance(run_dir: Path) -> dict | None:
+    """A run's measured balance factors: from its newest complete checkpoint, else its `balance.json`."""
+    from koala.train.checkpoint import list_checkpoints, read_state
+
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        if "balance" in read_state(ckpt):
+            return read_state(ckpt)["balance"]
+    path = run_dir / "balance.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @dataclass
@@ -118,11 +147,20 @@ class InspectConfig(TrainConfig):
     """Settings of `python -m koala.inspect` (configs/inspect.yaml): the train groups, plus"""
 
     list_taps: bool = False  # also list every tap point of both models
+    run_dir: Optional[str] = None  # inspect this run: its config.yaml and its measured balance factors
 
 
 def inspect_config(cfg: DictConfig) -> str:
-    """The inspection of a composed config, printed."""
-    text = inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, cfg.list_taps)
+    """The inspection of a composed config (or of a run's saved one), printed."""
+    balance = None
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"run_dir={cfg.run_dir!r} holds no config.yaml: not a koala.train run directory")
+        cfg = OmegaConf.merge(OmegaConf.structured(InspectConfig), OmegaConf.load(run_dir / "config.yaml"),
+                              {"list_taps": cfg.list_taps, "run_dir": str(run_dir)})  # fmt: skip
+        balance = run_balance(run_dir)
+    text = inspect_distill(cfg.teacher, cfg.unet, cfg.distill, cfg.data.resolution, cfg.list_taps, balance)
     print(text)
     return text
 

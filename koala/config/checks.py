@@ -42,6 +42,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "snr_gamma": _positive_or_null(),
     "timestep_jitter": _at_least(0),
     "dist_timeout_s": _at_least(1),
+    "distill.balance_batches": _at_least(1),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": _at_least(0.0),
     "optim.eps": (lambda v: v > 0, "a number > 0"),
@@ -79,6 +80,13 @@ def check_distill(d) -> None:
     for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
         if any(w < 0 for w in weights.values()):
             _fail(key, dict(weights), "weights >= 0")
+    if d.balance == "grad":
+        from koala.train.sharding import fsdp_requested
+
+        if fsdp_requested():
+            raise ConfigError("distill.balance=grad is not supported under FSDP yet (it measures gradients of the "
+                              "unsharded student); measure the weights in a DDP or one-process run and pass them "
+                              "as distill.kind_weights, or use distill.balance=none")  # fmt: skip
 
 
 def _refuse_pickle(key: str, path: str) -> None:

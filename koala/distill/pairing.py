@@ -28,7 +28,21 @@ class TapPair:
 
     student: TapPoint
     teacher: TapPoint
-    weight: float  # distill.kind_weights[kind] * distill.stage_weights[stage]
+    weight: float  # pair_weight(): kind weight x stage weight x the kind's balance factor
+
+
+def pair_weight(point: TapPoint, distill_cfg: Any, balance: dict[str, float] | None = None) -> float:
+    """The weight of a student tap's feature loss in the objective: `distill.kind_weights[kind] *
+    distill.stage_weights[stage]`, times the kind's `distill.balance=grad` factor when one was measured. Every
+    weighting rule lives here, so `koala.inspect` prints what training uses."""
+    weight = float(dict(distill_cfg.kind_weights).get(point.kind, 1.0))
+    weight *= float(dict(distill_cfg.stage_weights).get(point.stage, 1.0))
+    return weight * float((balance or {}).get(point.kind, 1.0))
+
+
+def rebalance(pairs: list[TapPair], distill_cfg: Any, balance: dict[str, float] | None) -> list[TapPair]:
+    """The same pairs weighted by `pair_weight` with the given balance factors (kind -> factor)."""
+    return [TapPair(p.student, p.teacher, pair_weight(p.student, distill_cfg, balance)) for p in pairs]
 
 
 def pair_taps(
@@ -39,7 +53,6 @@ def pair_taps(
     Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
     """
     kinds, stages = list(distill_cfg.kinds), list(distill_cfg.stages)
-    kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
     blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
     students = list_tap_points(student_unet, kinds, stages, blocks, distill_cfg.sa_point)
     teachers = {p.name: p for p in list_tap_points(teacher_unet, kinds, stages, None, distill_cfg.sa_point)}
@@ -50,7 +63,7 @@ def pair_taps(
         if t is None or t.kind != s.kind:
             unmatched.append(f"{s.name} -> {map_name(s.name, mapping)}")
             continue
-        weight = float(kind_w.get(s.kind, 1.0)) * float(stage_w.get(s.stage, 1.0))
+        weight = pair_weight(s, distill_cfg)
         if weight != 0.0:
             pairs.append(TapPair(s, t, weight))
     if unmatched:

@@ -19,11 +19,13 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from koala.config.checks import check_config
+from koala.config.checks import ConfigError, check_config
 from koala.data import SkipTally, build_dataloader
 from koala.devices import DTYPES
+from koala.distill.balance import describe, measure_balance
+from koala.distill.pairing import rebalance
 from koala.train.build import build_trainable, load_frozen, make_accelerator
-from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
+from koala.train.checkpoint import StopSignal, read_state, save_checkpoint, write_json_atomic
 from koala.train.rng import rng_preserved
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
 from koala.train.sampling import SampleRenderer
@@ -77,6 +79,25 @@ def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
     return state["step"]
 
 
+def apply_balance(cfg: DictConfig, run: Trainable, conditioner, ckpt: Path | None, run_dir: Path) -> dict | None:
+    """`distill.balance=grad`: measure the kinds' balance factors on a fresh run, or take them from the checkpoint
+    being resumed (never measured again), and weight the task's pairs with them. None under `balance=none`."""
+    if cfg.distill.balance == "none":
+        return None
+    if ckpt is not None:
+        balance = read_state(ckpt).get("balance")
+        if balance is None:
+            raise ConfigError(f"{ckpt} holds no balance weights, but distill.balance=grad: it was not written by a "
+                              "balance=grad run")  # fmt: skip
+    else:
+        balance = measure_balance(run, cfg, conditioner)
+    log.info("%s%s", describe(balance), " (from the checkpoint)" if ckpt is not None else "")
+    if run.accelerator.is_main_process:
+        write_json_atomic(run_dir / "balance.json", balance)
+    run.task = run.task.with_pairs(rebalance(run.task.pairs, cfg.distill, balance["weights"]))
+    return balance
+
+
 def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite: bool) -> Iterator[dict]:
     """Batches while every rank still has one: with finite data the ranks may hold unequal counts, and a rank that
     stopped alone would wait in a barrier while the others wait in a gradient all-reduce (a hang)."""
@@ -104,6 +125,7 @@ def train(cfg: DictConfig) -> Path:
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step = resume(cfg, run, ckpt)
+    balance = apply_balance(cfg, run, conditioner, ckpt, run_dir)  # feature kinds at equal strength, or None
     if run.ema is not None:
         run.ema.to(device)
     # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
@@ -141,7 +163,7 @@ def train(cfg: DictConfig) -> Path:
                 step,
                 run.student,
                 run.ema,
-                {"last": last, "config": config},
+                {"last": last, "config": config, **({"balance": balance} if balance is not None else {})},
                 keep=cfg.keep_checkpoints,
             )
 
