@@ -1,46 +1,63 @@
-"""`python -m koala.bench ablation [bench.steps=300] [bench.seeds=3] [bench.presets=[koala,lf,out,task,sa+lf]]`
+"""`python -m koala.bench ablation [bench.tables=[kind,stage,sa_point]] [bench.protocols=[none,grad]] [bench.seeds=5]
+[bench.steps=...] [bench.jobs=2] [bench.quick=true] [train overrides]`
 
-KOALA's feature-distillation ablation at toy scale: for every `distill` preset and training seed, distil the demo's
-student from the shipped shapes teacher (`experiment=demo`, the same settings as `make demo`, equal steps) with
-`koala.train`, export it, sample the fixed shapes-world prompts with the teacher's seeds and score the pictures
-(`koala.shapes.score`): caption accuracy and agreement (PSNR, MAE) with the teacher's pictures. Prints and writes
-`ablation.md` (mean +- standard deviation over seeds) and `ablation.png` (bar plot). Runs already recorded in
-`runs.jsonl` under `bench.out` are reused, so an interrupted sweep continues where it stopped. Any other argument
-is a train override (e.g. `batch_size=8`).
+KOALA's ablation tables at toy scale. A table is data, `configs/ablation/<name>.yaml`: a title, its variants (name ->
+train overrides on top of `experiment=demo`) and the rows every variant is compared with. Each variant is distilled
+under each protocol (`distill.balance=none`, the paper's weights, and `grad`, every feature kind at the output-KD
+term's gradient norm) for training seeds 0 .. seeds-1, exported, and scored on the paired evaluation set
+(`koala.shapes.paired`: every caption x `reps` sampling seeds, the same pictures for every run, seen and held-out
+captions apart, plus held-out noisy latents). Runs are identified by their resolved train config: a run two tables
+share (`koala` is in all three) or a protocol cannot change (no feature pairs: `out`, `task`) is trained once.
+Each finished run leaves one record file (`records/<key>.json`, written atomically), so an interrupted sweep
+continues where it stopped (a run cut off mid-training resumes from its checkpoint). `bench.jobs` runs that many
+trainings in parallel, one thread each. Writes `ablation.md` (means, 95 % intervals, paired differences),
+`ablation.png`, `loss_curve.png` (koala_report) under `bench.out`. Any other argument is a train override.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import statistics
+import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from koala.bench import train_overrides
-from koala.config.compose import compose_config, run_command
+from koala.config.checks import ConfigError
+from koala.config.compose import CONFIG_DIR, compose_config, run_command
 from koala.config.schema import TrainConfig
-from koala.export import export_run
-from koala.fixtures import ensure_fixtures
-from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
-from koala.ship.presets import preset_for_kind
-from koala.train.loop import train
+from koala.distill.balance import Balance
 
-METRICS = (("caption_accuracy", "caption accuracy (%)"), ("psnr", "PSNR vs teacher (dB)"), ("mae", "MAE vs teacher"))
+TABLES_DIR = CONFIG_DIR / "ablation"
+# settings that change how a run is written or watched, not what it learns: left out of the run's identity
+NOT_IDENTITY = ("output_dir", "resume", "report_to", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
+                "sample_prompts", "sample_seed", "dist_timeout_s", "record_ranks", "compile")  # fmt: skip
+QUICK = {"tables": ["quick"], "seeds": 2, "steps": 30, "reps": 1, "latent_reps": 1}  # bench.quick=true
 
 
 @dataclass
 class BenchAblation:
     """Settings of `python -m koala.bench ablation` (given as `bench.<key>=...`)."""
 
-    presets: list[str] = field(default_factory=lambda: ["koala", "lf", "out", "task", "sa+lf"])
-    seeds: int = 3  # training seeds 0 .. seeds-1 per preset
-    steps: int = 300  # distillation steps of every run (the demo itself runs 500)
-    prompts: int = 24  # evaluation prompts, one picture each (seeds 0 .. prompts-1)
-    samples: Optional[int] = None  # shapes-world training pictures written when the shards are missing (null: 2048)
+    # configs/ablation/<name>.yaml, or the path of a table file of that form
+    tables: list[str] = field(default_factory=lambda: ["kind", "stage", "sa_point"])
+    protocols: list[Balance] = field(default_factory=lambda: [Balance.none, Balance.grad])  # distill.balance of each
+    seeds: int = 5  # training seeds 0 .. seeds-1 of every variant
+    steps: int = 800  # distillation steps of every run
+    reps: int = 4  # sampling seeds per caption: 90 x reps pictures per run
+    latent_reps: int = 4  # held-out noisy latents per caption: 90 x latent_reps per run
+    sample_steps: Optional[int] = None  # sampling steps of every picture (null: the teacher's preset, 25)
+    jobs: int = 2  # runs trained in parallel, one thread each (2 on a 2-core machine)
+    quick: bool = False  # minutes, not hours: the `quick` table, 2 seeds, 30 steps, one picture per caption
+    samples: Optional[int] = None  # training pictures written when the shards are missing (null: the preset's)
+    keep_checkpoints: bool = False  # keep each run's checkpoints after it is exported and scored
     out: str = "outputs/ablation"
 
 
@@ -51,96 +68,200 @@ class BenchAblationJob(TrainConfig):
     bench: BenchAblation = field(default_factory=BenchAblation)
 
 
-def run_one(overrides: list[str], prompts: list[str], teacher_pictures: list) -> dict:
-    """Distil, export and score one (preset, seed) run; returns its figures and wall time."""
-    t0 = time.perf_counter()
-    cfg = compose_config("train", overrides)
-    run_dir = train(cfg)
-    export = export_run(run_dir, checkpoint="latest", ema=cfg.ema)
-    pictures = sample(load_pipeline(export), prompts, preset_for_kind(cfg.teacher.kind))
-    return {**judge(pictures, prompts, teacher_pictures), "minutes": (time.perf_counter() - t0) / 60}
+@dataclass
+class Table:
+    """One ablation table (configs/ablation/<name>.yaml): variant name -> train overrides."""
+
+    name: str = ""
+    title: str = ""
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    compare_to: list[str] = field(default_factory=list)  # every variant's paired difference with these rows
+    protocols: Optional[list[Balance]] = None  # null: bench.protocols
 
 
-def summarise(runs: list[dict], presets: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """preset -> metric -> (mean, standard deviation over seeds, number of seeds)."""
-    table = {}
-    for p in presets:
-        rows = [r for r in runs if r["preset"] == p]
-        if rows:
-            table[p] = {m: (statistics.mean(r[m] for r in rows),
-                            statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0, len(rows))
-                        for m, _ in METRICS}  # fmt: skip
+def load_table(name: str) -> Table:
+    """A table by name (or a table file's path), checked against the `Table` schema; an unknown name lists the
+    tables there are."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else TABLES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TABLES_DIR.glob("*.yaml")))
+        raise ConfigError(f"bench.tables: no table {name!r} in {TABLES_DIR} (tables: {known})")
+    table: Table = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Table), OmegaConf.load(path)))
+    table.name = path.stem
+    bad = [c for c in table.compare_to if c not in table.variants]
+    if bad:
+        raise ConfigError(f"{path}: compare_to names {bad}, which are not among its variants {list(table.variants)}")
     return table
 
 
-def to_markdown(summary: dict, teacher: dict) -> str:
-    """One row per preset: mean +- std of each metric, and the number of seeds."""
-    lines = ["| distill | " + " | ".join(label for _, label in METRICS) + " | seeds |",
-             "|---|" + "---|" * (len(METRICS) + 1),
-             f"| teacher | {teacher['caption_accuracy']:.1f} | - | - | - |"]  # fmt: skip
-    for preset, stats in summary.items():
-        cells = [f"{m:.1f} ± {s:.1f}" if k != "psnr" else f"{m:.2f} ± {s:.2f}" for k, (m, s, _) in stats.items()]
-        lines.append(f"| {preset} | " + " | ".join(cells) + f" | {next(iter(stats.values()))[2]} |")
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class Job:
+    """One run to distil, export and score: its identity, its train overrides and where it writes."""
+
+    key: str
+    label: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: str
+    record: str
+    reps: int
+    latent_reps: int
+    sample_steps: int | None
+    teacher_cache: str
+    keep_checkpoints: bool
 
 
-def bar_plot(summary: dict, teacher: dict, out: Path) -> Path:
-    """Caption accuracy and PSNR per preset, bars at the mean with the standard deviation as error bars."""
-    import matplotlib
+def run_identity(cfg: DictConfig, bench: BenchAblation) -> str:
+    """A short hash of everything that decides a run's records: its resolved train config and the evaluation."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        tree.pop(key, None)
+    tree.get("data", {}).pop("num_workers", None)
+    evaluation = {"reps": bench.reps, "latent_reps": bench.latent_reps, "sample_steps": bench.sample_steps}
+    text = json.dumps({"train": tree, **evaluation}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    presets = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, (metric, label) in zip(axes, METRICS[:2]):
-        means = [summary[p][metric][0] for p in presets]
-        stds = [summary[p][metric][1] for p in presets]
-        ax.bar(presets, means, yerr=stds, capsize=4, color="tab:blue")
-        if metric == "caption_accuracy":
-            ax.axhline(teacher["caption_accuracy"], color="k", ls="--", lw=1, label="teacher")
-            ax.legend(loc="lower right")
-        ax.set(title=label, ylim=(0, 100) if metric == "caption_accuracy" else (0, None))  # bars start at 0
-    n = next(iter(summary.values()))["psnr"][2]
-    fig.suptitle(f"KOALA ablation on the shapes world: mean ± std over {n} seeds")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+def variant_overrides(base: list[str], variant: list[str], protocol: str, seed: int) -> list[str]:
+    """The train overrides of one (variant, protocol, seed); `balance` only where there are feature pairs to
+    balance (a protocol cannot change `out` or `task`, so their runs are shared)."""
+    overrides = [*base, *variant, f"seed={seed}"]
+    cfg = compose_config("train", overrides)
+    if cfg.distill.kinds and cfg.distill.feat_weight > 0:
+        overrides.append(f"distill.balance={protocol}")
+    return overrides
+
+
+def plan_jobs(bench: BenchAblation, base: list[str], tables: list[Table], teacher_cache: Path) -> tuple[list, dict]:
+    """Every unique run (seed-major, so a partial sweep covers every variant) and, per (table, protocol, variant),
+    the keys of its runs in seed order."""
+    out, jobs, cells = Path(bench.out), {}, {}
+    for seed in range(bench.seeds):
+        for table in tables:
+            for protocol in table.protocols or bench.protocols:
+                for name, variant in table.variants.items():
+                    overrides = variant_overrides(base, list(variant), protocol, seed)
+                    key = run_identity(compose_config("train", overrides), bench)
+                    cells.setdefault((table.name, protocol, name), []).append(key)
+                    if key not in jobs:
+                        label = f"{name}-{protocol}-seed{seed}".replace("+", "_")
+                        jobs[key] = Job(key, label, seed, tuple(overrides), str(out / "runs" / f"{label}-{key}"),
+                                        str(out / "records" / f"{key}.json"), bench.reps, bench.latent_reps,
+                                        bench.sample_steps, str(teacher_cache), bench.keep_checkpoints)  # fmt: skip
+    return list(jobs.values()), cells
+
+
+_EVAL_SETS: dict = {}  # one evaluation set per worker process
+
+
+def eval_set(teacher_dir: str, reps: int, latent_reps: int, cache: str, steps: int | None):
+    """The paired evaluation set, built once per process (the teacher's pictures from the cache)."""
+    from koala.shapes.paired import EvalSet
+
+    key = (teacher_dir, reps, latent_reps, cache, steps)
+    if key not in _EVAL_SETS:
+        _EVAL_SETS[key] = EvalSet(teacher_dir, reps, latent_reps, cache, steps)
+    return _EVAL_SETS[key]
+
+
+def run_job(job: Job) -> dict:
+    """Distil (or continue), export and score one run; write its record atomically and return its summary."""
+    import torch
+
+    from koala.export import export_run
+    from koala.train.loop import train
+
+    torch.set_num_threads(1)  # the runs in parallel share the cores, one thread each
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    run_dir = Path(job.run_dir)
+    cfg = compose_config("train", [*job.overrides, f"output_dir={run_dir}", "resume=auto", "report_to=[]",
+                                   "sample_every=0"])  # fmt: skip
+    cfg.checkpoint_every = max(1, cfg.max_steps // 4)  # a run cut off loses at most a quarter of its steps
+    export = run_dir / "export"
+    if not (export / "model_index.json").is_file():  # an export is renamed into place complete
+        train(cfg)
+        export_run(run_dir, checkpoint="latest", ema=cfg.ema, single_file=False)
+    evaluation = eval_set(cfg.teacher.pipeline, job.reps, job.latent_reps, job.teacher_cache, job.sample_steps)
+    records = evaluation.score_pipeline(export)
+    result = {"key": job.key, "label": job.label, "seed": job.seed, "overrides": list(job.overrides),
+              "run_dir": str(run_dir),
+              "minutes": (time.perf_counter() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60,
+              "records": records}  # fmt: skip
+    write_atomic(Path(job.record), json.dumps(result))
+    if not job.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {k: v for k, v in result.items() if k != "records"}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, flush, rename into place: a record exists complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def run_jobs(jobs: list[Job], parallel: int) -> None:
+    """Run the jobs whose records are missing, `parallel` at a time (in this process when 1)."""
+    todo = [j for j in jobs if not Path(j.record).is_file()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs recorded; {len(todo)} to run, {parallel} at a time", flush=True)
+    if parallel <= 1:
+        for job in todo:
+            print(json.dumps(run_job(job)), flush=True)
+        return
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update(env)  # inherited by the spawned workers before torch starts its thread pools
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
+        for summary in pool.map(run_job, todo):
+            print(json.dumps(summary), flush=True)
+
+
+def load_records(cells: dict, out: Path) -> dict:
+    """(table, protocol, variant) -> the records of its runs in seed order, for the cells whose runs all finished."""
+    cache: dict[str, dict] = {}
+    found = {}
+    for cell, keys in cells.items():
+        paths = [out / "records" / f"{k}.json" for k in keys]
+        if all(p.is_file() for p in paths):
+            found[cell] = [cache.setdefault(k, json.loads(p.read_text())) for k, p in zip(keys, paths)]
+    return found
+
+
+def settings(bench: BenchAblation) -> BenchAblation:
+    """The bench settings with `quick=true` applied to every setting left at its default."""
+    if not bench.quick:
+        return bench
+    default = BenchAblation()
+    for key, value in QUICK.items():
+        if getattr(bench, key) == getattr(default, key):
+            setattr(bench, key, value)
+    return bench
 
 
 def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
     """Run (or continue) the sweep a composed `bench_ablation` config (from the command line `argv`) describes."""
-    bench: BenchAblation = OmegaConf.to_object(job.bench)
+    from koala.bench.ablation_report import write_report
+    from koala.fixtures import ensure_fixtures
+
+    bench = settings(OmegaConf.to_object(job.bench))
     out = Path(bench.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides(argv)]
+    tables = [load_table(t) for t in bench.tables]
+    base = ["experiment=demo", f"max_steps={bench.steps}", *train_overrides(argv)]
     cfg = compose_config("train", base)
     ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
-    prompts = eval_prompts(bench.prompts)
-    teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
-    teacher = judge(teacher_pictures, prompts)
-    record = out / "runs.jsonl"
-    runs = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
-    for seed in range(bench.seeds):  # seed-major: a sweep stopped early still covers every preset
-        for preset in bench.presets:
-            if any(r["preset"] == preset and r["seed"] == seed and r["steps"] == bench.steps for r in runs):
-                continue
-            run = run_one([*base, f"distill={preset}", f"seed={seed}", f"output_dir={out}/{preset}-seed{seed}",
-                           f"checkpoint_every={bench.steps}"], prompts, teacher_pictures)  # fmt: skip
-            runs.append({"preset": preset, "seed": seed, "steps": bench.steps, **run})
-            with record.open("a") as f:
-                f.write(json.dumps(runs[-1]) + "\n")
-            print(json.dumps(runs[-1]), flush=True)
-    runs = [r for r in runs if r["steps"] == bench.steps and r["preset"] in bench.presets and r["seed"] < bench.seeds]
-    summary = summarise(runs, bench.presets)
-    md = to_markdown(summary, teacher)
-    (out / "ablation.md").write_text(md + "\n")
-    plot = bar_plot(summary, teacher, out / "ablation.png")
-    minutes = sum(r["minutes"] for r in runs)
-    print(f"{md}\n\n{len(runs)} runs of {bench.steps} steps, {minutes:.1f} min of training, export and sampling; "
-          f"wrote {out / 'ablation.md'} and {plot}")  # fmt: skip
-    return {"teacher": teacher, "summary": summary, "runs": runs}
+    teacher_cache = out / "teacher" / f"reps{bench.reps}-steps{bench.sample_steps or 'preset'}"
+    evaluation = eval_set(cfg.teacher.pipeline, bench.reps, bench.latent_reps, str(teacher_cache), bench.sample_steps)
+    teacher = evaluation.teacher_records()
+    t0 = time.perf_counter()
+    jobs, cells = plan_jobs(bench, base, tables, teacher_cache)
+    run_jobs(jobs, bench.jobs)
+    records = load_records(cells, out)
+    report = write_report(out, tables, bench, records, teacher, minutes=(time.perf_counter() - t0) / 60)
+    print(report["markdown"])
+    return {"jobs": jobs, "cells": cells, "records": records, "teacher": teacher, **report}
 
 
 def main(argv: list[str]) -> dict:
