@@ -1,6 +1,6 @@
 # Two commands a fresh machine needs: `make demo` (set up + run the main job) and `make test` (set up + test).
-# `make test-fast` skips the slow tests (subprocesses, compilation, resume, end-to-end); `make lint` (ruff check and
-# ruff format --check) is what CI runs before `make test`.
+# `make test-fast` skips the slow tests (subprocesses, compilation, resume, end-to-end); `make lint` (ruff check,
+# ruff format --check and `mkdocs build --strict` over docs/) is what CI runs before `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,6 +33,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check koala tests scripts
 	$(VENV)/bin/ruff format --check koala tests scripts
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) outputs .cache
