@@ -148,7 +148,8 @@ def ablation_plot(path: Path, tables: list, bench, records: dict, teacher: dict)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PLOTTED), len(tables), figsize=(4.2 * len(tables), 2.8 * len(PLOTTED)), squeeze=False)
+    width = max(4.2 * len(tables), 7.0)
+    fig, axes = plt.subplots(len(PLOTTED), len(tables), figsize=(width, 2.8 * len(PLOTTED)), squeeze=False)
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     for j, table in enumerate(tables):
         protocols = table.protocols or bench.protocols
@@ -171,7 +172,8 @@ def ablation_plot(path: Path, tables: list, bench, records: dict, teacher: dict)
             ax.set_title(f"{table.title}: {header((metric, split))}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"KOALA ablation, shapes world: mean and 95 % interval over {bench.seeds} seeds x pictures")
+    fig.suptitle(f"KOALA ablation, shapes world ({bench.steps} steps): mean and 95 % interval over {bench.seeds} "
+                 "training seeds x pictures", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -12,7 +12,9 @@ is the paired comparison of two variants.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import tempfile
 from dataclasses import dataclass
@@ -41,15 +43,24 @@ class Metric:
     scale: float = 1.0
     higher_is_better: bool = True
     digits: int = 1
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # the values it can take: an interval is clipped to them
 
 
 METRICS = {
     m.name: m
     for m in (
-        Metric("caption_accuracy", "caption accuracy (%)", "pictures", "correct", 100.0),
+        Metric("caption_accuracy", "caption accuracy (%)", "pictures", "correct", 100.0, bounds=(0.0, 100.0)),
         Metric("psnr", "PSNR vs teacher (dB)", "pictures", "psnr", digits=2),
-        Metric("mae", "MAE vs teacher (0-255)", "pictures", "mae", higher_is_better=False),
-        Metric("eps_rel_error", "eps rel. error", "latents", "eps_err", higher_is_better=False, digits=4),
+        Metric("mae", "MAE vs teacher (0-255)", "pictures", "mae", higher_is_better=False, bounds=(0.0, 255.0)),
+        Metric(
+            "eps_rel_error",
+            "eps rel. error",
+            "latents",
+            "eps_err",
+            higher_is_better=False,
+            digits=4,
+            bounds=(0.0, math.inf),
+        ),
     )
 }
 SPLITS = ("all", "seen", "held_out")  # every caption, the training captions, the held-out compositions
@@ -203,8 +214,11 @@ def matrix(runs: list[dict[str, list[dict]]], metric: str, split: str = "all") -
 
 
 def summarise_metric(runs: list[dict], metric: str, split: str = "all") -> Interval:
-    """Mean and 95 % interval of a metric over the runs (seeds) and their pictures or latents."""
-    return crossed_interval(matrix(runs, metric, split))
+    """Mean and 95 % interval of a metric over the runs (seeds) and their pictures or latents, clipped to the values
+    the metric can take (a t-interval of a share near 100 % can reach past it)."""
+    ci = crossed_interval(matrix(runs, metric, split))
+    lo, hi = METRICS[metric].bounds
+    return dataclasses.replace(ci, low=max(ci.low, lo), high=min(ci.high, hi))
 
 
 def compare_metric(runs_a: list[dict], runs_b: list[dict], metric: str, split: str = "all") -> Interval:
