@@ -55,10 +55,11 @@ def loss_plot(metrics: Path, out: Path) -> Path:
 
 
 def picture_grid(rows: list[list[Image.Image]], out: Path, cols: int = GRID_COLUMNS, scale: int = 2) -> Path:
-    """The first `cols` pictures of each row, enlarged `scale` times, one row under the other."""
-    pictures = [
-        im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for r in rows for im in r[:cols]
-    ]
+    """`cols` pictures of each row, evenly spaced over it (every shape: the captions go shape by shape), enlarged
+    `scale` times, one row under the other."""
+    picks = [i * len(rows[0]) // cols for i in range(cols)]
+    pictures = [r[i].resize((r[i].width * scale, r[i].height * scale), Image.Resampling.NEAREST)
+                for r in rows for i in picks]  # fmt: skip
     make_grid(pictures, cols=cols).save(out)
     return out
 
@@ -66,7 +67,7 @@ def picture_grid(rows: list[list[Image.Image]], out: Path, cols: int = GRID_COLU
 def results_table(results: dict[str, dict]) -> str:
     """The before/after table as Markdown: mean [95 % interval over pictures] of every figure."""
     from koala.bench.ablation_report import cell
-    from koala.shapes.paired import summarise_metric
+    from koala.shapes.paired import METRICS, summarise_metric
 
     cols = [("caption_accuracy", "all", 1), ("caption_accuracy", "seen", 1), ("caption_accuracy", "held_out", 1),
             ("psnr", "all", 2), ("mae", "all", 1), ("eps_rel_error", "all", 4)]  # fmt: skip
@@ -75,8 +76,8 @@ def results_table(results: dict[str, dict]) -> str:
     for name, records in results.items():
         cells = []
         for metric, split, digits in cols:
-            kind = "latents" if metric == "eps_rel_error" else "pictures"
-            have = records[kind] and (metric == "caption_accuracy" or metric in records[kind][0])
+            kind, field = METRICS[metric].records, METRICS[metric].field
+            have = bool(records[kind]) and field in records[kind][0]
             cells.append(cell(summarise_metric([records], metric, split), digits) if have else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -120,6 +121,7 @@ def run_demo(cfg: DictConfig, reps: int = REPS, samples: int | None = None) -> d
     print("== scoring")
     table = results_table(results)
     (run_dir / "demo_table.md").write_text(table + "\n")
+    (run_dir / "demo_records.json").write_text(json.dumps(results))  # per picture and latent, for any other figure
     grid = picture_grid(list(pictures.values()), run_dir / "teacher_vs_student.png")
     plot = loss_plot(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     means = {name: {m: summarise_metric([r], m).mean for m in ("caption_accuracy", "psnr", "mae", "eps_rel_error")
