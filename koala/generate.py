@@ -21,7 +21,7 @@ from PIL import Image
 from koala.config.choice import Choice
 from koala.config.compose import run_command
 from koala.devices import DTYPES, parse_dtype, pick_device
-from koala.ship.presets import Preset, PresetName, euler_scheduler, get_preset
+from koala.ship.presets import Preset, PresetName, get_preset, preset_scheduler
 
 PipelineDType = Choice("PipelineDType", ["auto", *DTYPES])  # auto: fp16 on cuda, fp32 elsewhere
 
@@ -90,7 +90,7 @@ def generate(
     seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    pipeline.scheduler = euler_scheduler(pipeline.scheduler.config, preset)
+    pipeline.scheduler = preset_scheduler(pipeline.scheduler.config, preset)
     device = pipeline._execution_device
     guidance = preset.guidance if guidance is None else guidance
     images: list[Image.Image] = []
@@ -129,10 +129,17 @@ def inputs_in_dtype_of(unet: torch.nn.Module):
     student beside bf16 text encoders, as in a mixed-precision run) could not sample at all without this.
     """
     dtype = unet.dtype
-    hook = unet.register_forward_pre_hook(
-        lambda module, args, kwargs: (tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)),
-        with_kwargs=True,
-    )
+
+    def cast_inputs(module, args, kwargs):
+        """Every floating input in the U-Net's dtype, but time ids fp32 (koala.models.forward.unet_forward)."""
+        added = kwargs.get("added_cond_kwargs") or {}
+        time_ids = added.get("time_ids")
+        args, kwargs = tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"]["time_ids"] = time_ids.float()
+        return args, kwargs
+
+    hook = unet.register_forward_pre_hook(cast_inputs, with_kwargs=True)
     try:
         yield
     finally:

@@ -85,7 +85,9 @@ def format_tap_points(unet, title: str) -> str:
     return "\n".join(lines)
 
 
-def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg, resolution: int) -> str:
+def format_pairs(
+    pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg, resolution: int, balanced: bool = False
+) -> str:
     """The distilled pairs: a count table per stage and kind, then one line per pair with its shape."""
     counts = pair_counts(pairs)
     kinds = [k for k in TapKind if any(kk == k for _, kk in counts)]
@@ -100,11 +102,22 @@ def format_pairs(pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], disti
     for stage in [s for s in Stage if s in distill_cfg.stages]:
         row = [counts.get((stage, k), 0) for k in kinds]
         lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
-    lines.append("")
+    lines += ["", "  " + weight_rule(distill_cfg, len(pairs), balanced)]
     for p in pairs:
         shape = "x".join(str(d) for d in shapes[p.student.name])
-        lines.append(f"  {p.student.kind:<4} {p.student.name:<52} <- {p.teacher.name:<52} w={p.weight:g}  {shape}")
+        weight = distill_cfg.feat_weight * p.weight  # the pair's effective weight in the objective
+        lines.append(f"  {p.student.kind:<4} {p.student.name:<52} <- {p.teacher.name:<52} w={weight:.4g}  {shape}")
     return "\n".join(lines)
+
+
+def weight_rule(distill_cfg, n: int, balanced: bool = False) -> str:
+    """How the effective weight `w` of each pair below is made (koala.distill.pairing.pair_weights)."""
+    per = f" / {n} pairs" if distill_cfg.reduction == "mean" else ""
+    factor = " x the kind's balance factor" if balanced else ""
+    return (
+        f"w = feat_weight {distill_cfg.feat_weight:g} x kind weight x stage weight{factor}{per} "
+        f"(distill.reduction={distill_cfg.reduction}: the feature term is the {distill_cfg.reduction} over pairs)"
+    )
 
 
 def inspect_distill(
@@ -119,8 +132,8 @@ def inspect_distill(
         out += ["", format_tap_points(teacher, "teacher"), "", format_tap_points(student, "student")]
     pairs = pair_taps(plan, distill_cfg, student, teacher)
     shapes = check_pair_shapes(pairs, student, teacher, resolution // 8, sa_point=distill_cfg.sa_point)
-    out += ["", format_pairs(rebalance(pairs, distill_cfg, (balance or {}).get("weights")), shapes, distill_cfg,
-                             resolution)]  # fmt: skip
+    factors = (balance or {}).get("weights")
+    out += ["", format_pairs(rebalance(pairs, distill_cfg, factors), shapes, distill_cfg, resolution, bool(factors))]
     if distill_cfg.balance == "grad":
         out.append(
             "  " + describe(balance)

@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,44 @@ def test_cache_keeps_time_ids_exact_at_any_size(hostile_cache):
     assert wide["latents"].dtype == torch.float16 and wide["time_ids"].dtype == torch.float32
     # original (h, w) = (8, 4097); resized to (32, 16388) and centre-cropped at left 8178: not representable in fp16
     assert wide["time_ids"].tolist() == [8, 4097, 0, 8178, 32, 32]
+
+
+def test_cache_encodes_in_conditioning_dtype_and_training_refuses_another(cache_setup, tiny_pipeline_dir, tmp_path):
+    from koala.config.checks import ConfigError, check_config
+    from koala.data.conditioning import conditioning_dtype
+
+    cfg, out = cache_setup  # conditioning.dtype=auto on CPU: fp32
+    assert json.loads((out / "info-000.json").read_text())["conditioning_dtype"] == "fp32"
+    bf16 = build_cache(OmegaConf.merge(cfg, {"conditioning": {"dtype": "bf16"}, "cache": {"out": str(tmp_path)}}))
+    assert json.loads((bf16 / "info-000.json").read_text())["conditioning_dtype"] == "bf16"
+    embeds = {}
+    for path, dtype in ((out, torch.float32), (bf16, torch.bfloat16)):  # the cached embeddings are those encoders'
+        cached_cfg = OmegaConf.merge(cfg.data, {"kind": "cached", "path": str(path), "num_workers": 0})
+        batch = next(iter(build_dataloader(cached_cfg, batch_size=4, seed=0)))
+        encoders = SDXLConditioner.from_pretrained(tiny_pipeline_dir, dtype=dtype)
+        expected = encoders.encode_prompts([c["caption"] for c in batch_captions(path, batch["keys"])])[0]
+        torch.testing.assert_close(batch["prompt_embeds"], expected.float(), rtol=0, atol=0)
+        embeds[dtype] = batch["prompt_embeds"]
+    assert not torch.equal(embeds[torch.float32], embeds[torch.bfloat16])
+
+    args = ["data=cached", f"data.path={out}", f"teacher.pipeline={tiny_pipeline_dir}", "data.resolution=32"]
+    check_config(compose_config("train", args))  # auto: the cache's precision
+    assert conditioning_dtype(compose_config("train", args), "cuda") == "fp32"  # even where auto would say fp16
+    check_config(compose_config("train", [*args, "conditioning.dtype=fp32"]))
+    with pytest.raises(ConfigError, match="conditioning.dtype=bf16 differs from the cache's: .* encoded in fp32"):
+        check_config(compose_config("train", [*args, "conditioning.dtype=bf16"]))
+    (out / "info-001.json").write_text(json.dumps({"conditioning_dtype": "bf16"}))  # a second rank's, of another
+    try:
+        with pytest.raises(ConfigError, match=r"mixes conditioning precisions \['bf16', 'fp32'\]"):
+            check_config(compose_config("train", args))
+    finally:
+        (out / "info-001.json").unlink()
+
+
+def batch_captions(cache: Path, keys: list[str]) -> list[dict]:
+    """The metadata (caption, sizes) a cache recorded for each of `keys`."""
+    from koala.data.cached import decode_meta
+
+    metas = [decode_meta(t.extractfile(m).read()) for p in cache.glob("*.tar") for t in [tarfile.open(p)] for m in t]
+    by_key = {m["key"]: m for m in metas}
+    return [by_key[k] for k in keys]

@@ -112,8 +112,14 @@ BAD_CHOICES = [
     ("cache", "cache.dtype=int8", "expected one of [bf16, fp16, fp32]"),
     ("generate", "preset=fast", "expected one of [v1, lightning, turbo]"),
     ("generate", "dtype=fp8", "expected one of [auto, bf16, fp16, fp32]"),
-    ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, pickscore, clip]"),
-    ("evaluate", "protocol.metrics=[fid,imagereward]", "expected one of [fid, fd_clip, clip_score, hps, pickscore]"),
+    ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, open_clip, pickscore, clip]"),
+    (
+        "evaluate",
+        "protocol.metrics=[fid,imagereward]",
+        "expected one of [fid, fd_clip, clip_score, clip_cosine, hps, pickscore]",
+    ),
+    ("evaluate", "protocol.fid_input=clean-fid", "expected one of [torch-fidelity, pytorch-fid]"),
+    ("evaluate", "protocol=coco30k-256", "coco30k-bksdm"),
     ("fixtures", "world=moon", "expected one of [demo, shapes, shapes-all]"),
     ("bench_unet", "bench.arch=sd15", "expected one of [sdxl, tiny, medium, shapes]"),
     ("bench_train", "bench.arch=large", "expected one of [sdxl, tiny, medium, shapes]"),
@@ -200,7 +206,7 @@ def test_every_command_config_composes_on_its_registered_schema():
 def test_importing_a_command_registers_no_schema():
     code = ("import koala.train.loop, koala.export, koala.generate, koala.evaluate, koala.lora, koala.cache, "
             "koala.inspect, koala.demo, koala.bench.__main__, koala.fixtures.__main__, koala.shapes.evaluate, "
-            "koala.shapes.teacher\n"
+            "koala.shapes.teacher, koala.search\n"
             "from hydra.core.config_store import ConfigStore\n"
             "print(sorted(ConfigStore.instance().repo))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -30,6 +30,8 @@ def distill(**kw):
         "kind_weights": {},
         "stage_weights": {},
         "blocks": None,
+        "kind_blocks": {},
+        "reduction": "sum",
         "sa_point": "attn1",
         "pairing": "first",
     }
@@ -176,10 +178,11 @@ def test_every_dict_option_holds_all_its_keys_in_every_preset():
     from koala.distill.taps import Stage, TapKind
 
     fields = dict_fields(OmegaConf.structured(TrainConfig))
-    assert fields == ["distill.kind_weights", "distill.stage_weights"]
+    assert fields == ["distill.kind_weights", "distill.stage_weights", "distill.kind_blocks"]
     for yaml in (CONFIG_DIR / "distill").glob("*.yaml"):
         cfg = compose_config("train", [f"distill={yaml.stem}"])
         assert set(cfg.distill.kind_weights) == set(TapKind) and set(cfg.distill.stage_weights) == set(Stage), yaml
+        assert set(cfg.distill.kind_blocks) == set(TapKind), yaml
     with pytest.raises(Exception, match="decodr"):
         compose_config("train", ["distill.stage_weights={decodr: 2.0}"])
 
@@ -226,3 +229,78 @@ def test_inspect_honours_a_stage_override():
     summary = out.split("distill:")[1]
     assert "stages ['decoder']" in summary and "14 pairs" in summary
     assert "encoder" not in summary.split("pairs at")[1] and "down_blocks" not in summary
+
+
+def test_kind_blocks_put_one_kind_in_its_own_blocks():
+    """SA everywhere + LF only at the last decoder block, as one override."""
+    plan, student, teacher = models("tiny-1b")
+    cfg = compose_config("train", ["distill=sa+lf", "distill.kind_blocks={lf: [up_blocks.2]}"]).distill
+    pairs = pair_taps(plan, cfg, student, teacher)
+    sa = pair_taps(plan, compose_config("train", ["distill=sa"]).distill, student, teacher)
+    assert [p for p in pairs if p.student.kind == "sa"] == sa  # every SA pair, in the same order
+    assert [p.student.name for p in pairs if p.student.kind == "lf"] == ["up_blocks.2"]
+    assert pairs[-1].student.name == "up_blocks.2"  # forward order kept
+    check_pair_shapes(pairs, student, teacher, sample_size=8)
+    # `blocks` still restricts every kind without an entry
+    both = compose_config("train", ["distill=sa+lf", "distill.blocks=[up_blocks.0]",
+                                    "distill.kind_blocks={lf: [down_blocks.0, up_blocks.2]}"]).distill  # fmt: skip
+    got = {(p.student.kind, p.student.block) for p in pair_taps(plan, both, student, teacher)}
+    assert got == {("sa", "up_blocks.0"), ("lf", "down_blocks.0"), ("lf", "up_blocks.2")}
+    with pytest.raises(ValueError, match=r"distill.kind_blocks.lf: unknown blocks \['up_blocks.9'\]"):
+        pair_taps(plan, distill(kinds=["sa", "lf"], kind_blocks={"lf": ["up_blocks.9"]}), student, teacher)
+
+
+def test_kind_blocks_for_a_kind_not_distilled_are_refused():
+    from koala.config.checks import ConfigError, check_distill
+
+    cfg = compose_config("train", ["distill=koala", "distill.kind_blocks={lf: [up_blocks.2]}"])
+    with pytest.raises(ConfigError, match=r"distill.kind_blocks names \['lf'\], which distill.kinds=\['sa'\]"):
+        check_distill(cfg.distill)
+
+
+@pytest.mark.parametrize("name,n", [("koala-700m", 21), ("koala-1b", 30)])
+def test_mean_reduction_gives_every_student_the_same_total_feature_weight(name, n):
+    plan, student, teacher = models(name, SDXL_UNET_CONFIG, device="meta")
+    summed = pair_taps(plan, distill(), student, teacher)
+    assert len(summed) == n and sum(p.weight for p in summed) == n  # the default: the sum over pairs
+    mean = pair_taps(plan, distill(reduction="mean"), student, teacher)
+    assert [p.weight for p in mean] == [1 / n] * n
+    zero = pair_taps(plan, distill(reduction="mean", stage_weights={"encoder": 0.0}), student, teacher)
+    assert {p.weight for p in zero} == {1 / len(zero)} and len(zero) < n  # n counts the pairs that weigh
+
+
+def test_mean_reduction_makes_the_feature_term_the_mean_over_pairs(tiny_teacher):
+    import torch
+
+    from koala.distill.task import DistillationTask, LossWeights
+
+    plan, student, _ = models("tiny-700m")
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "prompt_embeds": torch.randn(2, 77, 64, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
+        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2),
+    }  # fmt: skip
+    noisy, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = {}
+    for reduction in ("sum", "mean"):
+        pairs = pair_taps(plan, distill(reduction=reduction), student, tiny_teacher)
+        with torch.no_grad(), DistillationTask(student, tiny_teacher, pairs, LossWeights(feat=3.0)) as task:
+            out[reduction] = task(noisy, torch.tensor([10, 700]), x, target)
+    n = len(pairs)
+    torch.testing.assert_close(out["mean"]["feat"], out["sum"]["feat"] / n)
+    torch.testing.assert_close(
+        out["mean"]["loss"] - out["sum"]["loss"], 3.0 * (out["mean"]["feat"] - out["sum"]["feat"])
+    )
+    assert torch.equal(out["mean"]["feat/sa"], out["sum"]["feat/sa"])  # logged per kind: unweighted, as before
+
+
+def test_inspect_prints_each_pairs_effective_weight():
+    from koala.inspect import inspect_config
+
+    cfg = compose_config("inspect", ["teacher=tiny", "unet=tiny-700m", "distill.feat_weight=2",
+                                     "distill.reduction=mean", "distill.kind_weights={sa: 3.0}"])  # fmt: skip
+    text = inspect_config(cfg)
+    n = int(text.split(" pairs at ")[0].rsplit(" ", 1)[1])
+    assert f"w = feat_weight 2 x kind weight x stage weight / {n} pairs (distill.reduction=mean" in text
+    weights = [line.split(" w=")[1].split()[0] for line in text.splitlines() if " <- " in line]
+    assert len(weights) == n and set(weights) == {f"{2 * 3 / n:.4g}"}

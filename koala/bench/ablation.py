@@ -1,4 +1,4 @@
-"""`python -m koala.bench ablation [bench.tables=[kind,stage,sa_point]] [bench.protocols=[none,grad]] [bench.seeds=5]
+"""`python -m koala.bench ablation [bench.tables=[kind,stage,sa_point] | bench.table=<one>] [bench.protocols=[none,grad]] [bench.seeds=5]
 [bench.steps=...] [bench.jobs=2] [bench.quick=true] [train overrides]`
 
 KOALA's ablation tables at toy scale. A table is data, `configs/ablation/<name>.yaml`: a title, its variants (name ->
@@ -48,6 +48,7 @@ class BenchAblation:
 
     # configs/ablation/<name>.yaml, or the path of a table file of that form
     tables: list[str] = field(default_factory=lambda: ["kind", "stage", "sa_point"])
+    table: Optional[str] = None  # one table alone: bench.table=search is bench.tables=[search]
     protocols: list[Balance] = field(default_factory=lambda: [Balance.none, Balance.grad])  # distill.balance of each
     seeds: int = 5  # training seeds 0 .. seeds-1 of every variant
     steps: int = 500  # distillation steps of every run (cosine schedule to 0: the loss flattens by the end)
@@ -241,6 +242,8 @@ def load_records(cells: dict, out: Path) -> dict:
 
 def settings(bench: BenchAblation) -> BenchAblation:
     """The bench settings with `quick=true` applied to every setting left at its default."""
+    if bench.table is not None:
+        bench.tables = [bench.table]
     if not bench.quick:
         return bench
     default = BenchAblation()

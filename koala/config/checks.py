@@ -5,6 +5,7 @@ compose time); the checks here are ranges as data (`RANGES`) plus the few that n
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,17 @@ def check_values(cfg) -> None:
 
 
 def check_distill(d) -> None:
-    """Feature-loss weights are not negative (kinds and stages are typed: the schema checks their names)."""
+    """Feature-loss weights are not negative; per-kind blocks name distilled kinds (kinds and stages are typed: the
+    schema checks their names; block names are checked against the model when the pairs are made)."""
     for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
         if any(w < 0 for w in weights.values()):
             _fail(key, dict(weights), "weights >= 0")
+    idle = [str(k) for k, v in d.kind_blocks.items() if v is not None and k not in d.kinds]
+    if idle:
+        raise ConfigError(
+            f"distill.kind_blocks names {idle}, which distill.kinds={[str(k) for k in d.kinds]} does not distil: add "
+            "them to distill.kinds (e.g. distill=sa+lf) or drop those entries"
+        )
     if d.balance == "grad":
         from koala.train.sharding import fsdp_requested
 
@@ -175,12 +183,42 @@ def check_data(cfg) -> None:
             raise ConfigError(f"data.path={data.path!r} matches no shard on disk{_fixture_hint(cfg)}")
     elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
         raise ConfigError(f"data.path={data.path!r} does not exist")
+    if data.kind == "cached":
+        check_cache_precision(cfg)
+
+
+def check_cache_precision(cfg) -> None:
+    """A cache is trained on in the precision it was encoded in: a `conditioning.dtype` that differs is refused (the
+    empty prompt and sample grids would be encoded otherwise than the cached embeddings)."""
+    from koala.data.cached import recorded_conditioning_dtype
+
+    try:
+        recorded = recorded_conditioning_dtype(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    wanted = cfg.conditioning.dtype
+    if recorded is None and Path(cfg.data.path).is_dir():
+        logging.getLogger("koala.config").warning(
+            "the cache %s records no conditioning precision (written by an older koala.cache): it cannot be checked "
+            "against conditioning.dtype=%s",
+            cfg.data.path,
+            wanted,
+        )
+    if recorded is not None and wanted != "auto" and wanted != recorded:
+        raise ConfigError(
+            f"conditioning.dtype={wanted} differs from the cache's: data.path={cfg.data.path!r} was encoded in "
+            f"{recorded} (its info files); train with conditioning.dtype={recorded} (or auto), or re-cache with "
+            f"conditioning.dtype={wanted}"
+        )
 
 
 def check_config(cfg) -> None:
     """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
     check_values(cfg)
     check_distill(cfg.distill)
+    from koala.train.deepspeed import check_launch
+
+    check_launch(cfg)  # what a DeepSpeed launch config says must agree with these settings
     check_teacher_paths(cfg)
     # The student spec must fit the teacher: resolved on configs alone (the teacher folder's config.json), no weights.
     from koala.models.plans import config_plan

@@ -46,6 +46,7 @@ def schemas() -> dict[str, type]:
     from koala.generate import GenerateConfig
     from koala.inspect import InspectConfig
     from koala.lora import LoraRemapConfig
+    from koala.search import SearchConfig
     from koala.shapes.evaluate import ShapesEvaluateConfig
     from koala.shapes.teacher import TeacherTrainConfig
 
@@ -56,7 +57,7 @@ def schemas() -> dict[str, type]:
         "koala_shapes_evaluate": ShapesEvaluateConfig, "koala_shapes_teacher": TeacherTrainConfig,
         "koala_bench_unet": BenchUNetJob, "koala_bench_data": BenchDataJob, "koala_bench_train": BenchTrainJob,
         "koala_bench_memory": BenchMemoryJob, "koala_bench_ablation": BenchAblationJob, "koala_bench_gpu": BenchGPUJob,
-        "koala_bench_fullsize": BenchFullsizeJob,
+        "koala_bench_fullsize": BenchFullsizeJob, "koala_search": SearchConfig,
     }  # fmt: skip
 
 

@@ -15,11 +15,11 @@ from diffusers.optimization import SchedulerType
 
 from koala.config.choice import Choice
 from koala.data import DataKind
-from koala.data.conditioning import DropoutMode
+from koala.data.conditioning import ConditioningDType, DropoutMode
 from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
 from koala.distill.balance import Balance
-from koala.distill.losses import FeatureLoss
+from koala.distill.losses import FeatureLoss, Reduction
 from koala.distill.taps import SaPoint, Stage, TapKind
 from koala.models.unets import Arch, LayerSelect, MidMode
 from koala.ship.presets import TeacherKind
@@ -41,6 +41,15 @@ class TeacherConfig:
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
     dtype: DType = DType.bf16  # bf16 | fp16 | fp32 (the CPU demo uses fp32)
     steps: int = 25  # the teacher's own sampling steps (4 for SDXL-Lightning-4step): timesteps=teacher_schedule
+
+
+@dataclass
+class ConditioningConfig:
+    """The frozen SDXL text encoders that encode captions (online during training, and in `koala.cache`)."""
+
+    # auto: fp16 on a GPU (what inference encodes prompts in), fp32 on CPU; from a cache, the cache's own. Independent
+    # of teacher.dtype: a bf16 teacher does not make the prompt embeddings bf16.
+    dtype: ConditioningDType = ConditioningDType.auto  # auto | fp16 | bf16 | fp32
 
 
 @dataclass
@@ -75,6 +84,12 @@ class DistillConfig:
     kind_weights: dict[TapKind, float] = field(default_factory=lambda: dict.fromkeys(TapKind, 1.0))
     stage_weights: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
+    # One kind's taps in other blocks than `blocks`, e.g. {lf: [up_blocks.2]}: with distill=sa+lf, SA everywhere and
+    # LF only at the last decoder block. A kind whose entry is null (all are, by default) follows `blocks`.
+    kind_blocks: dict[TapKind, Optional[list[str]]] = field(default_factory=lambda: dict.fromkeys(TapKind))
+    # sum (default): the feature term is the sum over pairs, as BK-SDM's objective (and KOALA's) writes it; mean
+    # divides it by the number of pairs (21 for KOALA-700M, 30 for 1B), so feat_weight means one strength for both.
+    reduction: Reduction = Reduction.sum
     sa_point: SaPoint = SaPoint.attn1  # attn1 (module output) | residual (stream after attn1 is added)
     pairing: LayerSelect = (
         LayerSelect.first
@@ -133,6 +148,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
 
 EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
@@ -99,8 +99,10 @@ def build_cache(cfg: DictConfig) -> Path:
     device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
     pipeline = resolve_pipeline(cfg.teacher)
     state.wait_for_everyone()
-    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
-    conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
+    text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
+    conditioner = SDXLConditioner.from_pretrained(
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype]
+    )
     out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -119,7 +121,8 @@ def build_cache(cfg: DictConfig) -> Path:
             bar.update(len(batch["keys"]))
     writer.close()
     info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
+            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype,
+            "conditioning_dtype": text_dtype}  # fmt: skip
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
     state.wait_for_everyone()
     return out

@@ -16,6 +16,13 @@ class FeatureLoss(Choice):
     normalized = auto()  # MSE divided by the teacher feature's mean square (LAPTOP-Diff)
 
 
+class Reduction(Choice):
+    """`distill.reduction`: how the feature pairs' losses combine into the feature term."""
+
+    sum = auto()  # the sum over pairs l of BK-SDM's objective (and the paper's): grows with the number of pairs
+    mean = auto()  # the sum divided by the number of pairs: one feat_weight means one strength for any student
+
+
 def mse(student: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error in fp32; `weights` (B,) weight each sample (e.g. Min-SNR).
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 
-from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
+from koala.distill.losses import Reduction
+from koala.distill.taps import FeatureTaps, TapPoint, block_names, check_blocks, list_tap_points, unwrap
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
 from koala.models.unets import Plan, build_unet
@@ -28,21 +29,7 @@ class TapPair:
 
     student: TapPoint
     teacher: TapPoint
-    weight: float  # pair_weight(): kind weight x stage weight x the kind's balance factor
-
-
-def pair_weight(point: TapPoint, distill_cfg: Any, balance: dict[str, float] | None = None) -> float:
-    """The weight of a student tap's feature loss in the objective: `distill.kind_weights[kind] *
-    distill.stage_weights[stage]`, times the kind's `distill.balance=grad` factor when one was measured. Every
-    weighting rule lives here, so `koala.inspect` prints what training uses."""
-    weight = float(dict(distill_cfg.kind_weights).get(point.kind, 1.0))
-    weight *= float(dict(distill_cfg.stage_weights).get(point.stage, 1.0))
-    return weight * float((balance or {}).get(point.kind, 1.0))
-
-
-def rebalance(pairs: list[TapPair], distill_cfg: Any, balance: dict[str, float] | None) -> list[TapPair]:
-    """The same pairs weighted by `pair_weight` with the given balance factors (kind -> factor)."""
-    return [TapPair(p.student, p.teacher, pair_weight(p.student, distill_cfg, balance)) for p in pairs]
+    weight: float  # its weight inside the feature term (pair_weights); feat_weight multiplies the whole term
 
 
 def pair_taps(
@@ -53,22 +40,56 @@ def pair_taps(
     Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
     """
     kinds, stages = list(distill_cfg.kinds), list(distill_cfg.stages)
-    blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
-    students = list_tap_points(student_unet, kinds, stages, blocks, distill_cfg.sa_point)
+    students = selected_taps(student_unet, distill_cfg)
     teachers = {p.name: p for p in list_tap_points(teacher_unet, kinds, stages, None, distill_cfg.sa_point)}
     mapping = module_map(plan, layer_select=distill_cfg.pairing)
-    pairs, unmatched = [], []
+    matched, unmatched = [], []
     for s in students:
         t = teachers.get(map_name(s.name, mapping))
         if t is None or t.kind != s.kind:
             unmatched.append(f"{s.name} -> {map_name(s.name, mapping)}")
-            continue
-        weight = pair_weight(s, distill_cfg)
-        if weight != 0.0:
-            pairs.append(TapPair(s, t, weight))
+        else:
+            matched.append((s, t))
     if unmatched:
         raise ValueError(f"{len(unmatched)} student taps have no teacher partner:\n  " + "\n  ".join(unmatched))
-    return pairs
+    weights = pair_weights(distill_cfg, [s for s, _ in matched])
+    return [TapPair(s, t, w) for (s, t), w in zip(matched, weights) if w != 0.0]
+
+
+def selected_taps(unet: torch.nn.Module, distill_cfg: Any) -> list[TapPoint]:
+    """The taps `distill` selects, in forward order: its kinds and stages, each kind in its `kind_blocks` entry's
+    blocks when it has one, else in `blocks` (null: every block)."""
+    blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
+    per_kind = {k: list(v) for k, v in dict(distill_cfg.kind_blocks or {}).items() if v is not None}
+    names = block_names(unwrap(unet))
+    given = {"distill.blocks": blocks or [], **{f"distill.kind_blocks.{k}": v for k, v in per_kind.items()}}
+    for key, chosen in given.items():
+        try:
+            check_blocks(chosen, names)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    points = list_tap_points(unet, distill_cfg.kinds, distill_cfg.stages, None, distill_cfg.sa_point)
+    return [p for p in points if (allowed := per_kind.get(p.kind, blocks)) is None or p.block in allowed]
+
+
+def pair_weights(distill_cfg: Any, points: list[TapPoint], balance: dict[str, float] | None = None) -> list[float]:
+    """Each pair's weight inside the feature term (one function, so every rule that scales a pair composes here):
+    distill.kind_weights[kind] x distill.stage_weights[stage] x the kind's `distill.balance=grad` factor (when one
+    was measured), divided by the number of weighted pairs when `distill.reduction=mean`. A pair's effective weight
+    in the objective is feat_weight times this."""
+    kind_w, stage_w, factor = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights), dict(balance or {})
+    weights = [float(kind_w.get(p.kind, 1.0)) * float(stage_w.get(p.stage, 1.0)) * float(factor.get(p.kind, 1.0))
+               for p in points]  # fmt: skip
+    if Reduction(distill_cfg.reduction) is Reduction.mean:
+        n = sum(w != 0.0 for w in weights) or 1  # the pairs that count (zero-weight ones are dropped)
+        weights = [w / n for w in weights]
+    return weights
+
+
+def rebalance(pairs: list[TapPair], distill_cfg: Any, balance: dict[str, float] | None) -> list[TapPair]:
+    """The same pairs weighted by `pair_weights` with the given balance factors (kind -> factor)."""
+    weights = pair_weights(distill_cfg, [p.student for p in pairs], balance)
+    return [TapPair(p.student, p.teacher, w) for p, w in zip(pairs, weights)]
 
 
 def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from koala.data.conditioning import CachedConditioner, SDXLConditioner
+from koala.data.conditioning import CachedConditioner, SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES, multi_cpu
 from koala.distill.pairing import check_pair_shapes, pair_taps
 from koala.distill.task import DistillationTask, LossWeights
@@ -26,6 +26,7 @@ from koala.models.inherit import InheritanceReport, inherit_weights
 from koala.models.plans import student_plan
 from koala.models.teacher import load_teacher
 from koala.models.unets import Plan, build_student
+from koala.train.deepspeed import deepspeed_kwargs, deepspeed_requested, describe_engine
 from koala.train.diffusion import TimestepSampler, build_noise_scheduler
 from koala.train.sharding import accelerator_kwargs
 from koala.train.step import Noising, Trainable
@@ -40,13 +41,15 @@ def make_accelerator(cfg, project_dir: str | Path | None = None) -> Accelerator:
     # sweep, the tests) may ask for another mixed precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        cpu=multi_cpu(),
+        cpu=multi_cpu() and not deepspeed_requested(),  # DeepSpeed on CPU ranks: gloo, set up by deepspeed_kwargs
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum,
+        # a plugin, not gradient_accumulation_steps=: accelerate would let a launch setting override that one
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum),
         log_with=(resolve_trackers(cfg.report_to) or None) if project_dir is not None else None,
         project_dir=None if project_dir is None else str(project_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],  # at first init
         **accelerator_kwargs(),  # FSDP2 when the launch config asks for it (koala/train/sharding.py)
+        **deepspeed_kwargs(cfg),  # DeepSpeed ZeRO-2 when it asks for that (koala/train/deepspeed.py)
     )
 
 
@@ -57,7 +60,7 @@ def load_frozen(cfg, device: torch.device) -> tuple[SDXLConditioner | CachedCond
         conditioner = CachedConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
     else:
         conditioner = SDXLConditioner.from_pretrained(
-            cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[cfg.teacher.dtype],
+            cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[conditioning_dtype(cfg, device)],
             caption_dropout_mode=cfg.data.caption_dropout_mode,
         )  # fmt: skip
     teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
@@ -108,6 +111,9 @@ def make_ema(cfg, student: UNet2DConditionModel) -> EMAModel | None:
     """diffusers' EMA of the student (foreach), initialised from the inherited weights; None when `ema=false`."""
     if not cfg.ema:
         return None
+    low = {str(p.dtype) for p in student.parameters() if p.dtype != torch.float32}
+    if low:  # an EMA of low-precision copies loses its small updates to rounding (DeepSpeed's bf16 mode did that)
+        raise ValueError(f"the EMA needs the student's fp32 weights; its parameters are {sorted(low)}")
     return EMAModel(
         student.parameters(),
         decay=cfg.ema_decay,
@@ -136,6 +142,8 @@ def build_trainable(
         num_training_steps=cfg.max_steps * accelerator.num_processes,
     )
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if deepspeed_requested():
+        log.info(describe_engine(student))
     ema = make_ema(cfg, accelerator.unwrap_model(student))  # over the prepared parameters: sharded under FSDP
     if cfg.compile:
         student = torch.compile(student)

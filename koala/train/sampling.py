@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
 from koala.generate import generate, make_grid
 from koala.ship.presets import preset_for_kind
@@ -32,6 +32,7 @@ class SampleRenderer:
         self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
         self.conditioner = conditioner
         self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
+        self.text_dtype = DTYPES[conditioning_dtype(cfg, accelerator.device)]  # and their precision then
         self.accelerator = accelerator
         self.out_dir = out_dir
 
@@ -45,7 +46,7 @@ class SampleRenderer:
                 self.teacher.pipeline,
                 vae=self.teacher.vae,
                 device=self.accelerator.device,
-                dtype=DTYPES[self.teacher.dtype],
+                dtype=self.text_dtype,
             )
         )
         pipe = StableDiffusionXLPipeline(

@@ -61,18 +61,25 @@ def distill_losses(run: Trainable, cond: dict[str, Tensor], timer: Timer = no_ti
         return run.task(noisy, t, cond, target, sample_weights=snr_w, timer=timer)
 
 
-def optimizer_step(run: Trainable, loss: Tensor, timer: Timer = no_timer) -> None:
-    """Backward, then (accelerate skips these on accumulation micro-steps) clip, step, schedule, zero the grads."""
+def optimizer_step(run: Trainable, loss: Tensor, timer: Timer = no_timer) -> Tensor | float | None:
+    """Backward, then (accelerate skips these on accumulation micro-steps) clip, step, schedule, zero the grads.
+
+    Returns the gradient norm before clipping on the micro-step that syncs (None otherwise, or without clipping).
+    Under DeepSpeed the engine steps and clips inside `backward` (`gradient_clipping`, koala/train/deepspeed.py);
+    accelerate's `clip_grad_norm_` then only reports the norm it clipped, and the optimizer calls are no-ops.
+    """
     acc = run.accelerator
     with timer("backward"):
         acc.backward(loss)
+    norm = None
     with timer("clip"):
         if acc.sync_gradients and run.max_grad_norm > 0:
-            acc.clip_grad_norm_(run.student.parameters(), run.max_grad_norm)
+            norm = acc.clip_grad_norm_(run.student.parameters(), run.max_grad_norm)
     with timer("optimizer"):
         run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def train_step(run: Trainable, cond: dict[str, Tensor], metrics: Any, timer: Timer = no_timer) -> dict[str, Tensor]:
@@ -80,10 +87,12 @@ def train_step(run: Trainable, cond: dict[str, Tensor], metrics: Any, timer: Tim
     acc = run.accelerator
     with acc.accumulate(run.student):
         losses = distill_losses(run, cond, timer)
-        optimizer_step(run, losses["loss"], timer)
+        norm = optimizer_step(run, losses["loss"], timer)
     if acc.sync_gradients and run.ema is not None:
         with timer("ema"):
             run.ema.step(acc.unwrap_model(run.student).parameters())
     with timer("logging"):
         metrics.add(losses, cond["latents"].shape[0])
+        if norm is not None:
+            metrics.add_step({"grad_norm": norm})
     return losses

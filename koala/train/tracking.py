@@ -48,6 +48,8 @@ class MetricsLog:
         self.path = path
         self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
         self.count = 0
+        self.step_sums: dict[str, torch.Tensor] = {}  # once per optimizer step (grad_norm), not per micro-step
+        self.steps = 0
         self.images = 0
         self.t0 = time.perf_counter()
 
@@ -58,6 +60,13 @@ class MetricsLog:
         self.count += 1
         self.images += images
 
+    def add_step(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Values that exist once per optimizer step and are the same on every rank (the gradient norm)."""
+        for k, v in values.items():
+            v = torch.as_tensor(v).detach().float()
+            self.step_sums[k] = self.step_sums[k] + v if k in self.step_sums else v
+        self.steps += 1
+
     def flush(self, step: int, extra: dict | None = None) -> dict[str, float]:
         """Average over ranks and steps since the last flush; write; return what was written."""
         if not self.count:
@@ -67,6 +76,7 @@ class MetricsLog:
         mean = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
         elapsed = time.perf_counter() - self.t0
         row = {"step": step, **{f"loss/{k}" if k != "loss" else "loss/total": float(v) for k, v in zip(keys, mean)}}
+        row.update({k: float(v) / self.steps for k, v in sorted(self.step_sums.items())})  # already global
         row["images_per_s"] = self.images * self.accelerator.num_processes / max(elapsed, 1e-9)
         row.update(extra or {})
         if self.accelerator.is_main_process:
@@ -74,6 +84,7 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
         self.accelerator.log(row, step=step)
         self.sums, self.count, self.images, self.t0 = {}, 0, 0, time.perf_counter()
+        self.step_sums, self.steps = {}, 0
         return row
 
 
