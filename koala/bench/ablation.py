@@ -113,13 +113,22 @@ class Job:
 
 
 def run_identity(cfg: DictConfig, bench: BenchAblation) -> str:
-    """A short hash of everything that decides a run's records: its resolved train config and the evaluation."""
-    tree = OmegaConf.to_container(cfg, resolve=True)
-    for key in NOT_IDENTITY:
-        tree.pop(key, None)
-    tree.get("data", {}).pop("num_workers", None)
+    """A short hash of what decides a run's records: its train settings and the evaluation's.
+
+    Only settings that differ from the schema's defaults count (a setting added to koala later, whose default keeps
+    the old behaviour, leaves every recorded run valid), and paths inside the working folder count relative to it
+    (another checkout of the repository finds the same runs)."""
+    from koala.train.runs import flatten
+
+    here = str(Path.cwd().resolve()) + os.sep
+    default = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+    settings = {}
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if key in NOT_IDENTITY or key == "data.num_workers" or (key in default and default[key] == value):
+            continue
+        settings[key] = value.removeprefix(here) if isinstance(value, str) else value
     evaluation = {"reps": bench.reps, "latent_reps": bench.latent_reps, "sample_steps": bench.sample_steps}
-    text = json.dumps({"train": tree, **evaluation}, sort_keys=True, default=str)
+    text = json.dumps({"train": settings, **evaluation}, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -170,6 +179,7 @@ def run_job(job: Job) -> dict:
     import torch
 
     from koala.export import export_run
+    from koala.train.checkpoint import find_checkpoint, step_of
     from koala.train.loop import train
 
     torch.set_num_threads(1)  # the runs in parallel share the cores, one thread each
@@ -181,6 +191,9 @@ def run_job(job: Job) -> dict:
     export = run_dir / "export"
     if not (export / "model_index.json").is_file():  # an export is renamed into place complete
         train(cfg)
+        last = step_of(find_checkpoint(run_dir, "latest").name)
+        if last != cfg.max_steps:  # stopped by a signal: its checkpoint continues it next time, nothing is recorded
+            raise RuntimeError(f"{job.label} stopped at step {last} of {cfg.max_steps}; rerun the sweep to continue it")
         export_run(run_dir, checkpoint="latest", ema=cfg.ema, single_file=False)
     evaluation = eval_set(cfg.teacher.pipeline, job.reps, job.latent_reps, job.teacher_cache, job.sample_steps)
     records = evaluation.score_pipeline(export)
