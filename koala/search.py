@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.config.schema import TrainConfig
-from koala.models.unets import LayerSelect
+from koala.models.specs import LayerSelect
 
 
 @dataclass
@@ -48,7 +46,7 @@ class SearchConfig(TrainConfig):
     search: SearchSettings = field(default_factory=SearchSettings)
 
 
-def search(cfg: DictConfig) -> dict[str, Any]:
+def search(cfg: SearchConfig) -> dict[str, Any]:
     """Run the search a composed config describes."""
     from koala.pruning.run import run_search
 
@@ -57,7 +55,7 @@ def search(cfg: DictConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: compose `configs/search.yaml` with the overrides and search."""
-    return run_command("search", search, argv)
+    return run_command("search", search, argv, schema=SearchConfig)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from koala.bench.ablation import BenchAblation, load_table, plan_jobs, run_identity
+from koala.bench.sweep import BenchAblation, load_table, plan_jobs, run_identity
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 
 SHARDS = "data.path='{}/shards/shapes-{{00000..00003}}.tar'"
 
@@ -23,17 +24,18 @@ def test_the_paper_tables_share_runs_by_identity(tmp_path):
     grad_koala = next(j for j in jobs if j.key == cells[("kind", "grad", "koala")][0])
     assert "distill.balance=grad" in grad_koala.overrides and "seed=0" in grad_koala.overrides
     # what a run learns decides its identity; settings at their defaults and where it writes do not
-    base = compose_config("train", ["experiment=demo", "max_steps=10", "distill=koala", "seed=0"])
+    base = compose_config("train", ["experiment=demo", "max_steps=10", "distill=koala", "seed=0"], schema=TrainConfig)
     same = compose_config("train", ["experiment=demo", "max_steps=10", "distill=koala", "seed=0",
-                                    "distill.balance=none", "output_dir=elsewhere", "log_every=1"])  # fmt: skip
-    other = compose_config("train", ["experiment=demo", "max_steps=11", "distill=koala", "seed=0"])
+                                    "distill.balance=none", "output_dir=elsewhere", "log_every=1"],
+                          schema=TrainConfig)  # fmt: skip
+    other = compose_config("train", ["experiment=demo", "max_steps=11", "distill=koala", "seed=0"], schema=TrainConfig)
     assert run_identity(base, bench) == run_identity(same, bench) == koala[0] != run_identity(other, bench)
 
 
 def test_a_table_names_its_variants_and_comparisons(tmp_path):
-    from koala.config.checks import ConfigError
+    from koala.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no table 'kinds'.*tables: kind, quick, sa_point, "):
+    with pytest.raises(ConfigError, match="no table 'kinds'.*tables: kind, kind-core, quick, sa_point, "):
         load_table("kinds")
     bad = tmp_path / "t.yaml"
     bad.write_text("title: t\nvariants:\n  a: [distill=koala]\ncompare_to: [b]\n")

@@ -11,9 +11,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load
 
-from koala.cache import build_cache  # the command registers its schema (koala_cache)
+from koala.cache import CacheJobConfig  # the command's schema (koala_cache)
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
+from koala.data.cache_writer import build_cache
 from koala.data.conditioning import CachedConditioner, SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 from koala.train.build import load_frozen
@@ -28,7 +30,7 @@ def cache_setup(tmp_path_factory, tiny_pipeline_dir):
         f"data.path='{shards}'", "data.resolution=32", "data.random_flip=true",
         "data.center_crop=false", f"teacher.pipeline={tiny_pipeline_dir}",
         f"cache.out={root}/latents", "cache.dtype=fp32", "cache.batch_size=4", "cache.samples_per_shard=4",
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
     return cfg, build_cache(cfg)
 
 
@@ -62,7 +64,7 @@ def test_cached_batches_equal_the_online_conditioning(cache_setup, tiny_pipeline
 
 def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, tiny_pipeline_dir):
     _, out = cache_setup
-    cfg = compose_config("train", ["data=cached", f"data.path={out}", "data.caption_dropout=1.0"])
+    cfg = compose_config("train", ["data=cached", f"data.path={out}", "data.caption_dropout=1.0"], schema=TrainConfig)
     batch = next(iter(build_dataloader(cfg.data, batch_size=2, seed=0)))
     assert batch["dropped"].all() and batch["prompt_embeds"].any()  # the cache keeps the real embeddings
     cond = SDXLConditioner.from_pretrained(tiny_pipeline_dir)(batch)
@@ -72,11 +74,11 @@ def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, t
 def test_training_on_a_cache_loads_no_text_encoder_and_no_vae(cache_setup, tiny_pipeline_dir):
     _, out = cache_setup
     args = ["data=cached", f"data.path={out}", "data.caption_dropout=0.5", f"teacher.pipeline={tiny_pipeline_dir}"]
-    conditioner = load_frozen(compose_config("train", args), torch.device("cpu"))[0]
+    conditioner = load_frozen(compose_config("train", args, schema=TrainConfig), torch.device("cpu"))[0]
     assert isinstance(conditioner, CachedConditioner) and not list(conditioner.parameters())
     full = SDXLConditioner.from_pretrained(tiny_pipeline_dir)
     assert conditioner.vae_scale_factor == full.vae_scale_factor == 2
-    batches = iter(build_dataloader(compose_config("train", args).data, batch_size=4, seed=0))
+    batches = iter(build_dataloader(compose_config("train", args, schema=TrainConfig).data, batch_size=4, seed=0))
     dropped = set()
     for batch in (next(batches) for _ in range(4)):
         dropped |= set(batch["dropped"].tolist())
@@ -87,7 +89,9 @@ def test_training_on_a_cache_loads_no_text_encoder_and_no_vae(cache_setup, tiny_
     assert dropped == {True, False}  # both branches were compared
     with pytest.raises(ValueError, match="cached batches only"):
         conditioner({"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["x"]})
-    empty = load_frozen(compose_config("train", [*args, "data.caption_dropout_mode=empty"]), torch.device("cpu"))[0]
+    empty = load_frozen(
+        compose_config("train", [*args, "data.caption_dropout_mode=empty"], schema=TrainConfig), torch.device("cpu")
+    )[0]
     assert isinstance(empty, SDXLConditioner)  # encodes "" for dropped samples: keeps its text encoders
 
 
@@ -131,7 +135,7 @@ def hostile_cache(tmp_path_factory, tiny_pipeline_dir):
         f"data.path='{root}/src-{{0..1}}.tar'", "data.resolution=32", "data.num_workers=2",
         f"teacher.pipeline={tiny_pipeline_dir}", f"cache.out={root}/latents",
         "cache.dtype=fp16", "cache.batch_size=2",
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
     return cfg, build_cache(cfg)
 
 
@@ -179,15 +183,17 @@ def test_cache_encodes_in_conditioning_dtype_and_training_refuses_another(cache_
     assert not torch.equal(embeds[torch.float32], embeds[torch.bfloat16])
 
     args = ["data=cached", f"data.path={out}", f"teacher.pipeline={tiny_pipeline_dir}", "data.resolution=32"]
-    check_config(compose_config("train", args))  # auto: the cache's precision
-    assert conditioning_dtype(compose_config("train", args), "cuda") == "fp32"  # even where auto would say fp16
-    check_config(compose_config("train", [*args, "conditioning.dtype=fp32"]))
+    check_config(compose_config("train", args, schema=TrainConfig))  # auto: the cache's precision
+    assert (
+        conditioning_dtype(compose_config("train", args, schema=TrainConfig), "cuda") == "fp32"
+    )  # even where auto would say fp16
+    check_config(compose_config("train", [*args, "conditioning.dtype=fp32"], schema=TrainConfig))
     with pytest.raises(ConfigError, match="conditioning.dtype=bf16 differs from the cache's: .* encoded in fp32"):
-        check_config(compose_config("train", [*args, "conditioning.dtype=bf16"]))
+        check_config(compose_config("train", [*args, "conditioning.dtype=bf16"], schema=TrainConfig))
     (out / "info-001.json").write_text(json.dumps({"conditioning_dtype": "bf16"}))  # a second rank's, of another
     try:
         with pytest.raises(ConfigError, match=r"mixes conditioning precisions \['bf16', 'fp32'\]"):
-            check_config(compose_config("train", args))
+            check_config(compose_config("train", args, schema=TrainConfig))
     finally:
         (out / "info-001.json").unlink()
 

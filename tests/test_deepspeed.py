@@ -85,11 +85,16 @@ def assert_equal(a: dict, b: dict, what: str) -> None:
 def inherited_student(pipeline: Path) -> dict[str, torch.Tensor]:
     """The student every run starts from: tiny-700m inherited from the tiny teacher (every tensor copied)."""
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
+    from koala.models.plans import student_plan
     from koala.models.teacher import load_teacher
     from koala.train.build import make_student
 
-    cfg = compose_config("train", ["teacher=tiny", "unet=tiny-700m", f"teacher.pipeline={pipeline}"])
-    student, _, report = make_student(cfg, load_teacher(cfg.teacher, dtype=None))
+    cfg = compose_config(
+        "train", ["teacher=tiny", "unet=tiny-700m", f"teacher.pipeline={pipeline}"], schema=TrainConfig
+    )
+    teacher = load_teacher(cfg.teacher, dtype=None)
+    student, report = make_student(teacher, student_plan(dict(teacher.config), cfg.unet))
     assert "0 left random" in report.summary()
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -224,24 +229,28 @@ def test_an_accumulation_the_launch_config_fixes_against_grad_accum_is_refused_i
 def test_deepspeed_settings_koala_cannot_run_are_refused(env, overrides, message, monkeypatch):
     from koala.config.checks import ConfigError
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.train.deepspeed import check_launch
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_launch(compose_config("train", ["experiment=koala-700m", *overrides]))
+        check_launch(compose_config("train", ["experiment=koala-700m", *overrides], schema=TrainConfig))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    check_launch(compose_config("train", ["experiment=koala-700m", *overrides]))  # only a DeepSpeed launch is checked
+    check_launch(
+        compose_config("train", ["experiment=koala-700m", *overrides], schema=TrainConfig)
+    )  # only a DeepSpeed launch is checked
 
 
 def test_the_engine_config_comes_from_koalas_settings(monkeypatch):
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.train.deepspeed import deepspeed_kwargs
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg = compose_config("train", ["experiment=koala-700m-24gb", "optim.max_grad_norm=0.25"])
+    cfg = compose_config("train", ["experiment=koala-700m-24gb", "optim.max_grad_norm=0.25"], schema=TrainConfig)
     config = deepspeed_kwargs(cfg)["deepspeed_plugin"].deepspeed_config
     assert config["gradient_accumulation_steps"] == 16 and config["gradient_clipping"] == 0.25
     assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 8

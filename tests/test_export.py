@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
 from safetensors.torch import load_file
 
-from koala.export import export_run, main
+from koala.export import main
+from koala.ship.export import export_run
 from koala.train.checkpoint import find_checkpoint
 
 

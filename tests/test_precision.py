@@ -8,7 +8,9 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.task import DistillationTask, LossWeights
+from koala.models.plans import student_plan
 from koala.train.build import build_trainable, load_frozen
 from koala.train.sampling import SampleRenderer
 
@@ -26,7 +28,7 @@ def recipe(tiny_pipeline_dir, *extra):
     return compose_config("train", [
         "experiment=koala-700m", "unet=tiny-700m", f"teacher.pipeline={tiny_pipeline_dir}", "teacher.arch=tiny",
         "data=demo", "data.resolution=32", "sample_steps=2", "report_to=[]", *extra,
-    ])  # fmt: skip
+    ], schema=TrainConfig)  # fmt: skip
 
 
 def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp_path):
@@ -36,7 +38,7 @@ def test_bf16_teacher_and_fp32_student_sample_real_images(tiny_pipeline_dir, tmp
     teacher.to(torch.bfloat16)
     student = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")  # fp32
     renderer = SampleRenderer(cfg, conditioner, Accelerator(cpu=True), tmp_path)
-    for path in (renderer.render_teacher(teacher), renderer.render_student(student, 1)):
+    for path in (renderer.render(teacher, "teacher"), renderer.render(student, "student-00000001", 1)):
         pixels = np.asarray(Image.open(path))
         assert pixels.shape == (32, 64, 3) and pixels.std() > 0
 
@@ -45,7 +47,8 @@ def test_student_inherits_the_stored_precision_not_the_teacher_dtype(tiny_pipeli
     cfg = recipe(tiny_pipeline_dir)
     _, noising, teacher = load_frozen(cfg, torch.device("cpu"))
     stored = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").state_dict()
-    run = build_trainable(cfg, Accelerator(cpu=True), teacher, noising, latent_size=16)
+    plan = student_plan(dict(teacher.config), cfg.unet)
+    run = build_trainable(cfg, Accelerator(cpu=True), teacher, noising, plan, latent_size=16)
     s = run.student.state_dict()
     for name in ("conv_in.weight", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"):
         assert s[name].dtype == torch.float32 and torch.equal(s[name], stored[name]), name  # not bf16-rounded

@@ -11,20 +11,12 @@ import torch
 from koala.bench.flops import forward_flops
 from koala.config.checks import ConfigError
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
+from koala.models.archs import SDXL_UNET_CONFIG, TINY_UNET_CONFIG
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import inherit_weights
-from koala.models.unets import (
-    SDXL_UNET_CONFIG,
-    SPECS,
-    TINY_UNET_CONFIG,
-    LayerSelect,
-    StudentSpec,
-    build_student,
-    build_unet,
-    count_parameters,
-    resolve,
-    student_config,
-)
+from koala.models.specs import SPECS, LayerSelect, StudentSpec
+from koala.models.unets import build_student, build_unet, count_parameters, resolve, student_config
 from koala.pruning.comfyui import comfyui_layout, layout_variants, structure
 from koala.pruning.greedy import Budget, additive_errors, greedy
 from koala.pruning.moves import Costs, MoveKind, moves, teacher_spec
@@ -164,7 +156,7 @@ def test_search_at_tiny_size_writes_a_spec_that_trains(shared, tmp_path, capsys)
     assert text.startswith("# koala.search:") and f"parameters {out['params']:,} (" in text
     cfg = compose_config("train", [f"hydra.searchpath=[file://{tmp_path}]", "unet=tiny-searched",
                                    *[b for b in base if not b.startswith("search.")], "max_steps=2", "batch_size=2",
-                                   f"output_dir={tmp_path / 'run'}", "sample_every=0", "report_to=[]"])  # fmt: skip
+                                   f"output_dir={tmp_path / 'run'}", "sample_every=0", "report_to=[]"], schema=TrainConfig)  # fmt: skip
     assert abs(out["params"] - 0.5 * out["teacher"][0]) <= 0.01 * 0.5 * out["teacher"][0]
     assert (train(cfg) / "checkpoints").is_dir()
     again = main([*base, "search.flops=0.6", "search.remeasure=false", "search.name=tiny-flops"])  # summed table
@@ -186,7 +178,7 @@ def test_searched_spec_at_sdxl_size_builds_inherits_and_pairs(sdxl_costs, tmp_pa
     """At SDXL-Base-1.0's size on the meta device: a greedy search to KOALA-700M's parameter count (the GPU's
     measured errors replaced by a fixed table that prefers late blocks and deep stages) writes a spec that
     koala.inspect builds and pairs for distillation and inherit_weights fills; the dry run prints the plan."""
-    from koala.inspect import inspect_config
+    from koala.inspect import InspectConfig, inspect_config
     from koala.pruning.report import write_spec
     from koala.search import main
 
@@ -198,7 +190,9 @@ def test_searched_spec_at_sdxl_size_builds_inherits_and_pairs(sdxl_costs, tmp_pa
     assert abs(result.params - budget.target) <= 0.01 * budget.target
     assert {s.move.split()[0] for s in result.steps} >= {"depth", "mid:"}
     write_spec(tmp_path / "unet" / "sdxl-searched.yaml", replace(result.spec, name="sdxl-searched"), ["test"])
-    cfg = compose_config("inspect", [f"hydra.searchpath=[file://{tmp_path}]", "unet=sdxl-searched"])
+    cfg = compose_config(
+        "inspect", [f"hydra.searchpath=[file://{tmp_path}]", "unet=sdxl-searched"], schema=InspectConfig
+    )
     text = inspect_config(cfg)
     assert f"student {result.params:,}" in text and re.search(r"\d+ pairs at 1024 px", text)
     plan = resolve(SDXL_UNET_CONFIG, result.spec)

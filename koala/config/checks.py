@@ -1,5 +1,5 @@
 """Check a training config before any model is loaded: every bad value fails here, in one line naming the key, the
-value and what is allowed. Choices are typed in the schema (`koala.config.choice.Choice`: Hydra rejects a bad one at
+value and what is allowed. Choices are typed in the schema (`koala.choice.Choice`: Hydra rejects a bad one at
 compose time); the checks here are ranges as data (`RANGES`) plus the few that need the file system."""
 
 from __future__ import annotations
@@ -8,13 +8,15 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from koala.errors import ConfigError  # raised by every check; importable from here too
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line a user can act on."""
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
+    from koala.models.unets import Plan
 
 
 def _at_least(n: float) -> tuple[Callable[[Any], bool], str]:
@@ -68,7 +70,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def check_values(cfg) -> None:
+def check_values(cfg: TrainConfig) -> None:
     """Ranges of plain settings."""
     for key, (ok, allowed) in RANGES.items():
         value = OmegaConf.select(cfg, key)
@@ -107,7 +109,7 @@ def _refuse_pickle(key: str, path: str) -> None:
         )
 
 
-def _fixture_hint(cfg) -> str:
+def _fixture_hint(cfg: TrainConfig) -> str:
     """For the tiny teacher and the generated data sets: how to write them."""
     from koala.fixtures import fixture_command
 
@@ -115,7 +117,7 @@ def _fixture_hint(cfg) -> str:
     return f" (a generated fixture: write it with `{command}`)" if command else ""
 
 
-def check_teacher_paths(cfg) -> None:
+def check_teacher_paths(cfg: TrainConfig) -> None:
     """The teacher's folders and files exist and are not pickles."""
     t = cfg.teacher
     if not t.pipeline:
@@ -148,7 +150,7 @@ def _size_multiple(t) -> int:
     return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
 
 
-def check_data(cfg) -> None:
+def check_data(cfg: TrainConfig) -> None:
     """Resolution fits the models; the data path names something that exists (local paths only)."""
     data = cfg.data
     multiple = _size_multiple(cfg.teacher)
@@ -187,7 +189,7 @@ def check_data(cfg) -> None:
         check_cache_precision(cfg)
 
 
-def check_cache_precision(cfg) -> None:
+def check_cache_precision(cfg: TrainConfig) -> None:
     """A cache is trained on in the precision it was encoded in: a `conditioning.dtype` that differs is refused (the
     empty prompt and sample grids would be encoded otherwise than the cached embeddings)."""
     from koala.data.cached import recorded_conditioning_dtype
@@ -212,19 +214,20 @@ def check_cache_precision(cfg) -> None:
         )
 
 
-def check_config(cfg) -> None:
-    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
+def check_config(cfg: TrainConfig) -> Plan:
+    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here. Returns the
+    student plan, resolved on configs alone (the teacher folder's config.json, no weights): the run builds from it."""
     check_values(cfg)
     check_distill(cfg.distill)
     from koala.train.deepspeed import check_launch
 
     check_launch(cfg)  # what a DeepSpeed launch config says must agree with these settings
     check_teacher_paths(cfg)
-    # The student spec must fit the teacher: resolved on configs alone (the teacher folder's config.json), no weights.
     from koala.models.plans import config_plan
 
     try:
-        config_plan(cfg)
+        plan = config_plan(cfg)[1]  # the student spec must fit the teacher
     except (KeyError, ValueError) as e:
         raise ConfigError(f"unet={cfg.unet.name}: {e}") from e
     check_data(cfg)
+    return plan

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
@@ -25,6 +25,9 @@ from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, encode_sample
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
+
+if TYPE_CHECKING:
+    from koala.cache import CacheJobConfig
 
 EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
 
@@ -90,7 +93,7 @@ def write_batch(writer: CacheWriter, batch: dict, cond: dict[str, torch.Tensor])
         writer.add(key, {k: v[i] for k, v in cond.items()}, meta)
 
 
-def build_cache(cfg: DictConfig) -> Path:
+def build_cache(cfg: CacheJobConfig) -> Path:
     """Encode this rank's share of `cfg.data` with `cfg.teacher`'s VAE and text encoders into `cfg.cache.out`."""
     from accelerate import PartialState
 

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 from enum import auto
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.devices import DTYPES
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 CONDITION_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 ConditioningDType = Choice("ConditioningDType", ["auto", *DTYPES])  # conditioning.dtype
 
 
-def conditioning_dtype(cfg, device: str | torch.device) -> str:
+def conditioning_dtype(cfg: TrainConfig, device: str | torch.device) -> str:
     """The text encoders' precision (`conditioning.dtype`: a key of DTYPES), independent of `teacher.dtype`.
 
     `auto`: on an accelerator fp16, what SDXL inference encodes prompts in (the stock pipeline loaded in fp16); on

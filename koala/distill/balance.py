@@ -11,25 +11,21 @@ gradient with respect to the student's parameters of
 
 and sets each kind's balance factor to mean ||grad out|| / mean ||grad kind|| (means over the batches), so that the
 kind's term in the objective has the output-KD term's gradient norm. The factors multiply the configured pair weights
-(`koala.distill.pairing.pair_weight`), are logged, written to `balance.json` and every checkpoint's state, reused on
+(`koala.distill.pairing.pair_weights`), are logged, written to `balance.json` and every checkpoint's state, reused on
 resume (never measured again) and shown by `koala.inspect run_dir=<run>`. `none` keeps the paper's weights.
+
+This module holds the setting and the measure; the trainer measures and applies it (`koala.train.balance`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from collections import defaultdict
 from enum import auto
-from itertools import islice
 
 import torch
-from omegaconf import OmegaConf
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
-log = logging.getLogger("koala.distill.balance")
 SEED = 0  # data order, noise and timesteps of the measuring batches: fixed, whatever the run's seed
 
 
@@ -46,45 +42,9 @@ def grad_norm(term: torch.Tensor, params: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
 
 
-def term_grad_norms(run, conds: list[dict]) -> dict[str, list[float]]:
-    """Per batch, the gradient norm of the output-KD term and of each feature kind's term (as weighted)."""
-    from koala.train.step import distill_losses
-
-    task = run.task
-    params = [p for p in task.student.parameters() if p.requires_grad]
-    norms: dict[str, list[float]] = defaultdict(list)
-    with task:
-        for cond in conds:
-            losses = distill_losses(run, cond)
-            norms["out"].append(grad_norm(losses["out"], params))
-            for kind, term in task.kind_terms().items():
-                norms[kind].append(grad_norm(task.weights.feat * term, params))
-    return dict(norms)
-
-
-def measure_balance(run, cfg, conditioner, seed: int = SEED) -> dict:
-    """The balance factors of a fresh run (see the module doc), with the gradient norms they come from.
-
-    `run` is the built Trainable; the student it holds is measured bare (unwrapped), so no DDP hook fires, and the
-    global RNG is left as it was: training draws the same noise as without the measurement. `seed` picks other
-    batches (the tests check the factors on batches they were not measured on).
-    """
-    from koala.data import build_dataloader
-    from koala.train.rng import rng_preserved
-
-    bare = dataclasses.replace(run, task=run.task.running(run.accelerator.unwrap_model(run.student)))
-    if not bare.task.pairs:
-        return {"weights": {}, "grad_norms": {}, "batches": 0}
-    data = OmegaConf.merge(cfg.data, {"num_workers": 0})  # a few batches, read once
-    with rng_preserved():
-        torch.manual_seed(SEED)
-        batches = list(
-            islice(build_dataloader(data, batch_size=cfg.batch_size, seed=SEED), cfg.distill.balance_batches)
-        )
-        norms = term_grad_norms(bare, [conditioner(b) for b in batches])
-    mean = {k: sum(v) / len(v) for k, v in norms.items()}
-    weights = {k: mean["out"] / v for k, v in mean.items() if k != "out" and v > 0}
-    return {"weights": weights, "grad_norms": mean, "batches": len(batches)}
+def balance_factors(mean_norms: dict[str, float]) -> dict[str, float]:
+    """Each feature kind's factor from the mean gradient norms (`out` and one per kind): ||grad out|| / ||grad kind||."""
+    return {k: mean_norms["out"] / v for k, v in mean_norms.items() if k != "out" and v > 0}
 
 
 def describe(balance: dict) -> str:

@@ -6,7 +6,7 @@ from enum import auto
 
 import torch
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class FeatureLoss(Choice):

@@ -1,17 +1,19 @@
-"""Which student tap is compared with which teacher tap, and a shape check before training.
+"""Which student tap is compared with which teacher tap, with what weight, and a shape check before training.
 
-A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.unets.module_map`),
-with the transformer-layer rule chosen by `distill.pairing` (first / uniform / last) rather than the init rule:
-student `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs with teacher
-`up_blocks.0.attentions.2.transformer_blocks.4.attn1` under "first". Shapes are checked by a forward pass on the
-meta device, which costs no memory even for SDXL at 1024 px.
+A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.inherit.
+module_map` of the run's resolved plan), with the transformer-layer rule chosen by `distill.pairing` (first / uniform
+/ last) rather than the spec's init rule: KOALA-700M's `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs
+with SDXL's `up_blocks.0.attentions.2.transformer_blocks.4.attn1` under `first` (block 9 under `uniform`). A pair's
+weight is `distill.kind_weights[kind] * distill.stage_weights[stage]` (times the kind's `distill.balance=grad`
+factor once measured); pairs of weight 0 are dropped. Shapes are checked by a forward pass on the meta device, which
+costs no memory even for SDXL at 1024 px.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,6 +23,9 @@ from koala.distill.taps import FeatureTaps, TapPoint, block_names, check_blocks,
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
 from koala.models.unets import Plan, build_unet
+
+if TYPE_CHECKING:
+    from koala.config.schema import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class TapPair:
 
 
 def pair_taps(
-    plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
+    plan: Plan, distill_cfg: DistillConfig, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
 ) -> list[TapPair]:
     """Pair every student tap selected by the `distill` section with its teacher tap; zero-weight taps are dropped.
 
@@ -56,7 +61,7 @@ def pair_taps(
     return [TapPair(s, t, w) for (s, t), w in zip(matched, weights) if w != 0.0]
 
 
-def selected_taps(unet: torch.nn.Module, distill_cfg: Any) -> list[TapPoint]:
+def selected_taps(unet: torch.nn.Module, distill_cfg: DistillConfig) -> list[TapPoint]:
     """The taps `distill` selects, in forward order: its kinds and stages, each kind in its `kind_blocks` entry's
     blocks when it has one, else in `blocks` (null: every block)."""
     blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
@@ -72,7 +77,9 @@ def selected_taps(unet: torch.nn.Module, distill_cfg: Any) -> list[TapPoint]:
     return [p for p in points if (allowed := per_kind.get(p.kind, blocks)) is None or p.block in allowed]
 
 
-def pair_weights(distill_cfg: Any, points: list[TapPoint], balance: dict[str, float] | None = None) -> list[float]:
+def pair_weights(
+    distill_cfg: DistillConfig, points: list[TapPoint], balance: dict[str, float] | None = None
+) -> list[float]:
     """Each pair's weight inside the feature term (one function, so every rule that scales a pair composes here):
     distill.kind_weights[kind] x distill.stage_weights[stage] x the kind's `distill.balance=grad` factor (when one
     was measured), divided by the number of weighted pairs when `distill.reduction=mean`. A pair's effective weight
@@ -86,7 +93,7 @@ def pair_weights(distill_cfg: Any, points: list[TapPoint], balance: dict[str, fl
     return weights
 
 
-def rebalance(pairs: list[TapPair], distill_cfg: Any, balance: dict[str, float] | None) -> list[TapPair]:
+def rebalance(pairs: list[TapPair], distill_cfg: DistillConfig, balance: dict[str, float] | None) -> list[TapPair]:
     """The same pairs weighted by `pair_weights` with the given balance factors (kind -> factor)."""
     weights = pair_weights(distill_cfg, [p.student for p in pairs], balance)
     return [TapPair(p.student, p.teacher, w) for p, w in zip(pairs, weights)]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class TapKind(Choice):

@@ -11,8 +11,9 @@ import itertools
 from dataclasses import replace
 from typing import Any
 
-from koala.config.checks import ConfigError
-from koala.models.unets import SPECS, LayerSelect, StudentSpec, layout, resolve, student_config
+from koala.errors import ConfigError
+from koala.models.specs import SPECS, LayerSelect, StudentSpec
+from koala.models.unets import layout, resolve, student_config
 from koala.pruning.greedy import Budget
 from koala.pruning.moves import Costs, explicit_spec
 

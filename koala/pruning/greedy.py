@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import auto
 
-from koala.config.checks import ConfigError
-from koala.config.choice import Choice
-from koala.models.unets import StudentSpec
+from koala.choice import Choice
+from koala.errors import ConfigError
+from koala.models.specs import StudentSpec
 from koala.pruning.moves import Costs, moves
 
 Evaluate = Callable[[list[StudentSpec]], list[float]]  # specs -> output error of each inherited student

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
-from koala.models.unets import LayerSelect, MidMode, Plan, StudentSpec, build_unet, resolve, student_config
+from koala.models.specs import LayerSelect, MidMode, StudentSpec
+from koala.models.unets import Plan, build_unet, resolve, student_config
 from koala.pruning.surgery import Selection, plan_selection, removed_paths
 
 

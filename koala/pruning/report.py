@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from koala.models.unets import MidMode, StudentSpec
+from koala.models.specs import MidMode, StudentSpec
 from koala.pruning.units import Unit
 
 SPEC_MARK = "# koala.search:"  # the first line of a spec this command wrote (and may overwrite)

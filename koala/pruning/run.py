@@ -12,22 +12,23 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import OmegaConf
 
 from koala.bench.flops import forward_flops
-from koala.config.checks import ConfigError
 from koala.config.compose import CONFIG_DIR
 from koala.data import build_dataloader
 from koala.data.conditioning import SDXLConditioner
 from koala.devices import DTYPES, pick_device
+from koala.errors import ConfigError
 from koala.fixtures import ensure_fixtures
 from koala.models.forward import pooled_dim
 from koala.models.plans import teacher_unet_config
+from koala.models.specs import SPECS
 from koala.models.teacher import load_teacher
-from koala.models.unets import SPECS, build_student, count_parameters, resolve, student_config
+from koala.models.unets import build_student, count_parameters, resolve, student_config
 from koala.pruning.comfyui import comfyui_layout, layout_variants
 from koala.pruning.greedy import Budget, Result, additive_errors, greedy
 from koala.pruning.moves import Costs, moves, teacher_spec
@@ -38,10 +39,14 @@ from koala.pruning.units import Unit, table_units
 from koala.train.build import make_noising
 from koala.train.diffusion import build_noise_scheduler
 
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig
+    from koala.search import SearchConfig
+
 GiB = 2**30
 
 
-def vae_scale(teacher_cfg: Any) -> int:
+def vae_scale(teacher_cfg: TeacherConfig) -> int:
     """Image pixels per latent pixel: from the pipeline's VAE config when it is on disk, else SDXL's 8."""
     path = Path(teacher_cfg.pipeline or "") / "vae" / "config.json"
     return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1) if path.is_file() else 8
@@ -84,7 +89,7 @@ def expected(costs: Costs, units: list[Unit], s: Any, dtype: torch.dtype, latent
     return plan
 
 
-def calibration(cfg: Any, device: torch.device, latent_size: int) -> list[dict]:
+def calibration(cfg: SearchConfig, device: torch.device, latent_size: int) -> list[dict]:
     """The fixed calibration set: `search.samples` noisy latents of the data source at the training timesteps."""
     s = cfg.search
     conditioner = SDXLConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
@@ -124,7 +129,7 @@ def progress_printer(label: str, every: int = 10):
     return show
 
 
-def choose(cfg: Any, costs: Costs, budget: Budget, teacher, inputs, table: dict[str, float]) -> Result:
+def choose(cfg: SearchConfig, costs: Costs, budget: Budget, teacher, inputs, table: dict[str, float]) -> Result:
     """The spec at the budget: greedy (re-measured or additive), or the best variant of the fitting ComfyUI layout."""
     s = cfg.search
 
@@ -173,7 +178,9 @@ def exact_counts(config: dict[str, Any], spec, resolution: int, scale: int, cost
     return params, flops
 
 
-def spec_comments(cfg, result: Result, params: int, flops: int, costs: Costs, budget: Budget, resolution) -> list:
+def spec_comments(
+    cfg: SearchConfig, result: Result, params: int, flops: int, costs: Costs, budget: Budget, resolution
+) -> list:
     """The YAML's comment lines: how it was searched, its exact size and FLOPs, its error, the path to it."""
     s = cfg.search
     how = "the best-filled ComfyUI layout" if s.comfyui else (
@@ -191,7 +198,7 @@ def spec_comments(cfg, result: Result, params: int, flops: int, costs: Costs, bu
     ]
 
 
-def run_search(cfg: Any) -> dict[str, Any]:
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
     """Plan, measure, write the table and picture, and with a budget choose and write the spec."""
     s = cfg.search
     asked = check_budget(s)
@@ -225,7 +232,7 @@ def run_search(cfg: Any) -> dict[str, Any]:
     return measure_and_choose(cfg, costs, units, budget, plan, (config, scale, resolution, latent))
 
 
-def table_settings(cfg: Any) -> dict[str, Any]:
+def table_settings(cfg: SearchConfig) -> dict[str, Any]:
     """Everything the table's numbers depend on: a saved table with the same settings is reused."""
     keys = ("samples", "seed", "layer_select")
     return {
@@ -236,7 +243,7 @@ def table_settings(cfg: Any) -> dict[str, Any]:
     }
 
 
-def sensitivity_table(cfg: Any, costs: Costs, units: list[Unit], teacher, inputs: list[dict]) -> list[dict]:
+def sensitivity_table(cfg: SearchConfig, costs: Costs, units: list[Unit], teacher, inputs: list[dict]) -> list[dict]:
     """Measure every unit (or reuse `sensitivity.json` measured with the same settings); write the table and map."""
     out, settings = Path(cfg.search.out), table_settings(cfg)
     saved = json.loads((out / "sensitivity.json").read_text()) if (out / "sensitivity.json").is_file() else {}
@@ -257,7 +264,9 @@ def sensitivity_table(cfg: Any, costs: Costs, units: list[Unit], teacher, inputs
     return rows
 
 
-def measure_and_choose(cfg, costs: Costs, units: list[Unit], budget: Budget | None, plan, geometry) -> dict[str, Any]:
+def measure_and_choose(
+    cfg: SearchConfig, costs: Costs, units: list[Unit], budget: Budget | None, plan, geometry
+) -> dict[str, Any]:
     """The part that needs weights: calibration, the table, the picture, and the spec at the budget."""
     s = cfg.search
     config, scale, resolution, latent = geometry

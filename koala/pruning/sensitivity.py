@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from koala.config.checks import ConfigError
 from koala.distill.taps import block_names, unwrap
+from koala.errors import ConfigError
 from koala.models.forward import COND_KEYS, unet_forward
 from koala.pruning.surgery import Selection, bypassed
 from koala.train.diffusion import sample_noise

@@ -18,7 +18,8 @@ from torch import nn
 
 from koala.distill.taps import unwrap
 from koala.models.inherit import module_map
-from koala.models.unets import MidMode, Plan
+from koala.models.specs import MidMode
+from koala.models.unets import Plan
 
 Selection = dict[str, "tuple[int, ...] | None"]  # teacher module path -> kept child indices, or None: dropped
 

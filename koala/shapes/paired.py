@@ -25,9 +25,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from koala.config.schema import DataConfig
+from koala.data import build_dataloader
+from koala.data.conditioning import SDXLConditioner
+from koala.evaluation.agreement import _predict, held_out_inputs
 from koala.evaluation.intervals import Interval, crossed_interval, paired_difference
+from koala.fixtures.shards import write_samples
+from koala.shapes.judge import load_pipeline
 from koala.shapes.score import picture_agreement, score
 from koala.shapes.world import RESOLUTION, all_captions, caption, caption_split, draw_scene
+from koala.ship.sampling import generate
+from koala.train.diffusion import build_noise_scheduler
 
 EPS_SEED = 999  # the held-out latents' pictures: a generator seed no training shard uses (those use 0)
 
@@ -84,8 +92,6 @@ def paired_items(reps: int = 4) -> list[Item]:
 
 def sample_items(pipe, items: list[Item], preset, steps: int | None = None, batch_size: int = 16) -> list[Image.Image]:
     """One picture per item, from its own seeded generator, at the world's resolution (`steps`: the preset's)."""
-    from koala.generate import generate
-
     return generate(pipe, [it.caption for it in items], preset, seeds=[it.seed for it in items], steps=steps,
                     height=RESOLUTION, width=RESOLUTION, batch_size=batch_size)  # fmt: skip
 
@@ -104,10 +110,6 @@ def picture_records(pictures: list[Image.Image], items: list[Item], reference: l
 
 def latent_batches(reps: int = 4, batch_size: int = 30) -> list[dict]:
     """Each world caption x `reps` fresh pictures (generator seed EPS_SEED) as online batches, in a fixed order."""
-    from koala.config.schema import DataConfig
-    from koala.data import build_dataloader
-    from koala.fixtures.shards import write_samples
-
     rng = random.Random(EPS_SEED)
     scenes = [draw_scene(rng, RESOLUTION, [c]) for _ in range(reps) for c in all_captions()]
     with tempfile.TemporaryDirectory(prefix="koala-latents-") as tmp:
@@ -119,10 +121,6 @@ def latent_batches(reps: int = 4, batch_size: int = 30) -> list[dict]:
 
 def latent_inputs(teacher_dir: str | Path, reps: int = 4) -> list[dict]:
     """The held-out noisy latents (with their captions): encoded once, noise and timesteps from a fixed generator."""
-    from koala.data.conditioning import SDXLConditioner
-    from koala.evaluation.agreement import held_out_inputs
-    from koala.train.diffusion import build_noise_scheduler
-
     batches = latent_batches(reps)
     inputs = held_out_inputs(SDXLConditioner.from_pretrained(teacher_dir), batches, build_noise_scheduler(teacher_dir))
     return [{**x, "captions": list(b["captions"])} for x, b in zip(inputs, batches, strict=True)]
@@ -132,8 +130,6 @@ def latent_inputs(teacher_dir: str | Path, reps: int = 4) -> list[dict]:
 def eps_records(student, teacher, inputs: list[dict]) -> list[dict]:
     """Per latent: mean squared (eps_S - eps_T) over the teacher's eps variance (over all latents); their mean is
     `koala.evaluation.agreement.relative_error`."""
-    from koala.evaluation.agreement import _predict
-
     split = caption_split()
     was = student.training
     student.eval()
@@ -154,11 +150,9 @@ class EvalSet:
 
     def __init__(self, teacher_dir: str | Path, reps: int = 4, latent_reps: int = 4, cache: str | Path | None = None,
                  steps: int | None = None):  # fmt: skip
-        from koala.shapes.evaluate import load_pipeline
-
         self.teacher_dir, self.items = str(teacher_dir), paired_items(reps)
         self.teacher = load_pipeline(teacher_dir)
-        self.preset, self.steps = "v1", steps  # the teacher's preset (Euler, guidance 7.5); steps: its 25 unless set
+        self.preset, self.steps = "base", steps  # the teacher's preset (Euler, guidance 7.5); steps: its 25 unless set
         self.inputs = latent_inputs(teacher_dir, latent_reps)
         self.latent_reps = latent_reps
         self.teacher_pictures = self._teacher_pictures(Path(cache) if cache else None)
@@ -185,8 +179,6 @@ class EvalSet:
 
     def score_unet(self, unet) -> tuple[dict[str, list[dict]], list[Image.Image]]:
         """Records of a U-Net sampled in the teacher's pipeline (text encoders, VAE, scheduler), and its pictures."""
-        from koala.shapes.evaluate import load_pipeline
-
         pictures = sample_items(load_pipeline(self.teacher_dir, unet=unet), self.items, self.preset, self.steps)
         records = {"pictures": picture_records(pictures, self.items, self.teacher_pictures),
                    "latents": eps_records(unet, self.teacher.unet, self.inputs)}  # fmt: skip
@@ -195,8 +187,6 @@ class EvalSet:
     def score_pipeline(self, folder: str | Path) -> dict[str, list[dict]]:
         """Records of an exported student pipeline (its own U-Net; the world's text encoders and VAE are the
         teacher's, which `koala.export` copies)."""
-        from koala.shapes.evaluate import load_pipeline
-
         return self.score_unet(load_pipeline(folder).unet)[0]
 
 

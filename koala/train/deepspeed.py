@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from koala.config.checks import ConfigError
 from koala.devices import multi_cpu
+from koala.errors import ConfigError
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 STAGE = 2
 ENGINES = (
@@ -42,7 +46,7 @@ def _launch_value(name: str) -> str | None:
     return None if value in (None, "", "auto", "none") else value
 
 
-def check_launch(cfg) -> None:
+def check_launch(cfg: TrainConfig) -> None:
     """Refuse a DeepSpeed launch config that disagrees with koala's settings or asks for what koala does not run."""
     if not deepspeed_requested():
         return
@@ -91,7 +95,7 @@ def check_launch(cfg) -> None:
         raise ConfigError("compile=true is not supported under DeepSpeed (untested): use compile=false, or DDP / FSDP2")
 
 
-def engine_settings(cfg) -> dict:
+def engine_settings(cfg: TrainConfig) -> dict:
     """The DeepSpeed config sections koala sets beyond accelerate's plugin fields (see the module docstring)."""
     autocast = cfg.mixed_precision == "bf16"
     return {
@@ -103,7 +107,7 @@ def engine_settings(cfg) -> dict:
     }
 
 
-def deepspeed_kwargs(cfg) -> dict:
+def deepspeed_kwargs(cfg: TrainConfig) -> dict:
     """The Accelerator's DeepSpeed plugin for a DeepSpeed launch (nothing otherwise)."""
     if not deepspeed_requested():
         return {}

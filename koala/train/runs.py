@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 from koala.train.checkpoint import find_checkpoint, list_checkpoints, read_state
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 log = logging.getLogger("koala.train.runs")
 
@@ -47,7 +50,7 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def resolve_resume(cfg) -> Path | None:
+def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint this run continues (None: a fresh start), checked against the config; raises ConfigError."""
     run_dir = Path(cfg.output_dir)
     if not cfg.resume:
@@ -70,7 +73,7 @@ def resolve_resume(cfg) -> Path | None:
     return ckpt
 
 
-def check_resumable(ckpt: Path, cfg) -> None:
+def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
     """Refuse a resume whose config changes what defines the run; warn about moved paths."""
     saved = read_state(ckpt).get("config")
     if saved is None:
@@ -91,7 +94,7 @@ def check_resumable(ckpt: Path, cfg) -> None:
             log.warning("resume: %s moved from %r to %r; assuming the same contents", key, *changes[key])
 
 
-def record_config(run_dir: Path, cfg) -> None:
+def record_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Write `config.yaml`; an earlier, different one is kept as `config.<n>.yaml` (never silently rewritten)."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
     path = run_dir / "config.yaml"
