@@ -74,14 +74,15 @@ def cached_raw(sample: dict) -> Raw:
 
 
 def recorded_conditioning_dtype(path: str | Path) -> str | None:
-    """The precision the cache at `path` was encoded in (`conditioning_dtype` in its info files; None when they
-    record none: a cache written before koala recorded it, or not a local folder). Raises ValueError when the
-    ranks' info files disagree (a folder holding two caches)."""
+    """The precision the cache at `path` was encoded in (`conditioning_dtype` in its info files: koala.cache's
+    `info-<rank>.json`, koala.synth's `info.json`; None when they record none: a cache written before koala recorded
+    it, or not a local folder). Raises ValueError when the info files disagree (a folder holding two caches)."""
     folder = Path(str(path))
     if not folder.is_dir():
         return None
-    found = {json.loads(p.read_text()).get("conditioning_dtype") for p in sorted(folder.glob("info-*.json"))}
+    infos = [*sorted(folder.glob("info-*.json")), *folder.glob("info.json")]
+    found = {json.loads(p.read_text()).get("conditioning_dtype") for p in infos}
     found.discard(None)
     if len(found) > 1:
-        raise ValueError(f"the cache {folder} mixes conditioning precisions {sorted(found)} (its info-*.json files)")
+        raise ValueError(f"the cache {folder} mixes conditioning precisions {sorted(found)} (its info files)")
     return found.pop() if found else None
