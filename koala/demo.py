@@ -4,7 +4,7 @@ Distils the shipped shapes-world teacher (`teacher=shapes`: an SDXL-layout pipel
 a blue background" and the like) into its KOALA-700M-shaped student with the KOALA objective (task + output KD +
 self-attention KD), exports the student as a stock diffusers SDXL pipeline, and reports caption accuracy, agreement
 with the teacher and eps error for the teacher, the inherited student before distillation and the student after it,
-on the same prompts and seeds (koala/shapes/demo.py).
+on the same prompts and seeds: every caption of the shapes world, seen in training or held out (koala/shapes/demo.py).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import sys
 
 from koala.config.compose import run_command
 from koala.config.schema import TrainConfig
-from koala.shapes.demo import PROMPTS, run_demo
+from koala.shapes.demo import REPS, run_demo
 
 
-def main(argv: list[str] | None = None, prompts: int = PROMPTS, samples: int | None = None) -> dict:
-    """Run the demo with train overrides `argv` (default: the command line) on `prompts` evaluation prompts, writing
-    `samples` training pictures when the shards are missing (default: the data preset's)."""
+def main(argv: list[str] | None = None, reps: int = REPS, samples: int | None = None) -> dict:
+    """Run the demo with train overrides `argv` (default: the command line) on every caption x `reps` sampling seeds,
+    writing `samples` training pictures when the shards are missing (default: the data preset's)."""
     argv = sys.argv[1:] if argv is None else argv
     return run_command(
-        "train", lambda cfg: run_demo(cfg, prompts, samples), ["experiment=demo", *argv], schema=TrainConfig
+        "train", lambda cfg: run_demo(cfg, reps, samples), ["experiment=demo", *argv], schema=TrainConfig
     )
 
 

@@ -32,6 +32,7 @@ def config(tmp_path, pipeline, *overrides):
     "override,message",
     [
         ("batch_size=0", "batch_size=0 is not allowed: expected a number >= 1"),
+        ("distill.balance_batches=0", "distill.balance_batches=0 is not allowed: expected a number >= 1"),
         ("batch_size=-2", "batch_size=-2"),
         ("grad_accum=0", "grad_accum=0"),
         ("checkpoint_every=0", "checkpoint_every=0"),
@@ -94,6 +95,7 @@ BAD_CHOICES = [
     ("train", "data.caption_dropout_mode=blank", "expected one of [zeros, empty]"),
     ("train", "timesteps=trailing", "expected one of [uniform, teacher_schedule]"),
     ("train", "distill.sa_point=attn2", "expected one of [attn1, residual]"),
+    ("train", "distill.balance=gradient", "expected one of [none, grad]"),
     ("train", "distill.pairing=middle", "expected one of [first, uniform, last]"),
     ("train", "unet.layer_select=middle", "expected one of [first, uniform, last]"),
     ("train", "unet.mid=half", "expected one of [keep, resnet, none]"),
@@ -120,10 +122,11 @@ BAD_CHOICES = [
     ),
     ("evaluate", "protocol.fid_input=clean-fid", "expected one of [torch-fidelity, pytorch-fid]"),
     ("evaluate", "protocol=coco30k-256", "coco30k-bksdm"),
-    ("fixtures", "world=moon", "expected one of [demo, shapes]"),
+    ("fixtures", "world=moon", "expected one of [demo, shapes, shapes-all]"),
     ("bench_unet", "bench.arch=sd15", "expected one of [sdxl, tiny, medium, shapes]"),
     ("bench_train", "bench.arch=large", "expected one of [sdxl, tiny, medium, shapes]"),
     ("bench_data", "bench.cache_dtype=fp8", "expected one of [bf16, fp16, fp32]"),
+    ("bench_ablation", "bench.protocols=[none,even]", "expected one of [none, grad]"),
 ]
 
 

@@ -24,9 +24,9 @@ ENTRY_POINTS = {"koala.bench.__main__": "koala.bench."}  # an entry point that d
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("koala.bench.__main__",)),
     ("commands", COMMANDS),
-    # what only commands use: the benchmarks' measurements, the student search (koala.pruning) and the demo (which
-    # trains, exports and samples)
-    ("benchmarks, search and the demo", ("koala.bench", "koala.pruning", "koala.shapes.demo")),
+    # what only commands use: the benchmarks' measurements, the student search (koala.pruning), the demo (which
+    # trains, exports and samples) and the shapes world's paired evaluation of the demo and the ablation bench
+    ("benchmarks, search and the demo", ("koala.bench", "koala.pruning", "koala.shapes.demo", "koala.shapes.paired")),
     ("config composition", ("koala.config.compose",)),
     ("train schema", ("koala.config.schema",)),
     # a run and what follows it: the checks of its config and launch, training, evaluation, export, LoRA remapping,

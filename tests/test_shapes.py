@@ -13,8 +13,9 @@ from koala.data import build_dataloader
 from koala.fixtures import ensure_fixtures, fixture_command
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 from koala.shapes.judge import eval_prompts
+from koala.shapes.paired import paired_items
 from koala.shapes.score import agreement, caption_accuracy, read_scene, score
-from koala.shapes.world import COLOURS, SHAPES, all_captions, caption, draw_scene, parse_caption, render
+from koala.shapes.world import COLOURS, SHAPES, all_captions, caption, caption_split, draw_scene, parse_caption, render
 
 
 def scenes(n: int, seed: int = 1) -> list[tuple[Image.Image, dict]]:
@@ -80,6 +81,25 @@ def test_captions_parse_and_bad_ones_are_named():
         parse_caption("a koala bear")
 
 
+def test_caption_split_holds_out_new_compositions_of_seen_parts():
+    split = caption_split()
+    assert len(split.train) == 72 and len(split.held_out) == 18
+    assert set(split.train) | set(split.held_out) == set(all_captions()) and not set(split.train) & set(split.held_out)
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # (shape, colour), (shape, background), (colour, background)
+        seen = {(c[a], c[b]) for c in split.train}
+        assert all((h[a], h[b]) in seen for h in split.held_out), (a, b)
+    assert {c[0] for c in split.train} == set(SHAPES) and {c[2] for c in split.train} == set(COLOURS)
+    assert split.is_held_out(caption(*split.held_out[0])) and not split.is_held_out(caption(*split.train[0]))
+    assert caption_split() == split  # a fixed function of the world
+
+
+def test_paired_items_cover_every_caption_with_distinct_seeds():
+    items = paired_items(4)
+    assert len(items) == 360 and len({it.seed for it in items}) == 360 and paired_items(4) == items
+    assert sum(it.held_out for it in items) == 72
+    assert sorted({it.caption for it in items}) == sorted(caption(*c) for c in all_captions())
+
+
 def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
     one = write_demo_shards(tmp_path / "a", 24, samples_per_shard=8, seed=5, world="shapes")
     two = write_demo_shards(tmp_path / "b", 24, samples_per_shard=8, seed=5, world="shapes")
@@ -101,7 +121,8 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
     captions = [c for b in batches for c in b["captions"]]
     images = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for t in pixels for p in t]
     assert len(images) == 24 and caption_accuracy(images, captions) == 100.0
-    with pytest.raises(ValueError, match="'moon' is not a valid World: expected one of demo, shapes"):
+    assert not any(caption_split().is_held_out(c) for c in captions)  # data=shapes holds training captions only
+    with pytest.raises(ValueError, match="'moon' is not a valid World: expected one of demo, shapes, shapes-all"):
         ensure_demo_shards(str(tmp_path / "d" / "x-{00000..00001}.tar"), 4, 64, world="moon")
 
 
@@ -166,7 +187,6 @@ def test_demo_student_improves_on_both_figures(tmp_path):
             "report_to=[]",
             f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'",
         ],
-        prompts=12,
         samples=512,
     )
     before, after = (summary["results"][f"student {w} distillation"] for w in ("before", "after"))
@@ -174,26 +194,3 @@ def test_demo_student_improves_on_both_figures(tmp_path):
     assert after["psnr"] > before["psnr"] and after["eps_rel_error"] < before["eps_rel_error"]
     for name in ("teacher_vs_student.png", "loss_curve.png", "demo_table.md", "export/model_index.json"):
         assert (tmp_path / "run" / name).is_file()
-
-
-@pytest.mark.slow
-def test_ablation_command_writes_table_and_plot_and_resumes(tmp_path):
-    from koala.bench.ablation import main
-
-    args = [
-        f"bench.out={tmp_path / 'abl'}",
-        "bench.presets=[out,koala]",
-        "bench.seeds=1",
-        "bench.steps=2",
-        "bench.prompts=2",
-        f"data.path='{tmp_path}/shards/shapes-{{00000..00003}}.tar'",
-        "bench.samples=64",
-        "batch_size=2",
-    ]
-    result = main(args)
-    assert [(r["preset"], r["seed"], r["steps"]) for r in result["runs"]] == [("out", 0, 2), ("koala", 0, 2)]
-    table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| koala |" in table and "| out |" in table and (tmp_path / "abl" / "ablation.png").is_file()
-    again = main(args)  # every run is recorded: nothing is trained again
-    assert again["runs"] == result["runs"]
-    assert len((tmp_path / "abl" / "runs.jsonl").read_text().splitlines()) == 2

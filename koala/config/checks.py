@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "snr_gamma": _positive_or_null(),
     "timestep_jitter": _at_least(0),
     "dist_timeout_s": _at_least(1),
+    "distill.balance_batches": _at_least(1),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": _at_least(0.0),
     "optim.eps": (lambda v: v > 0, "a number > 0"),
@@ -89,6 +90,13 @@ def check_distill(d) -> None:
             f"distill.kind_blocks names {idle}, which distill.kinds={[str(k) for k in d.kinds]} does not distil: add "
             "them to distill.kinds (e.g. distill=sa+lf) or drop those entries"
         )
+    if d.balance == "grad":
+        from koala.train.sharding import fsdp_requested
+
+        if fsdp_requested():
+            raise ConfigError("distill.balance=grad is not supported under FSDP yet (it measures gradients of the "
+                              "unsharded student); measure the weights in a DDP or one-process run and pass them "
+                              "as distill.kind_weights, or use distill.balance=none")  # fmt: skip
 
 
 def _refuse_pickle(key: str, path: str) -> None:

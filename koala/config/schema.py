@@ -18,6 +18,7 @@ from koala.data import DataKind
 from koala.data.conditioning import ConditioningDType, DropoutMode
 from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
+from koala.distill.balance import Balance
 from koala.distill.losses import FeatureLoss, Reduction
 from koala.distill.taps import SaPoint, Stage, TapKind
 from koala.models.archs import Arch
@@ -98,6 +99,10 @@ class DistillConfig:
         LayerSelect.first
     )  # first | uniform | last: the teacher layer a student layer is compared with
     loss: FeatureLoss = FeatureLoss.mse  # mse | normalized (divided by the teacher feature's mean square)
+    # none: the weights above (the paper's protocol); grad: each kind scaled so its gradient norm on the inherited
+    # student equals the output-KD term's, measured before step 1 (koala/distill/balance.py), kept in checkpoints
+    balance: Balance = Balance.none
+    balance_batches: int = 4  # fixed batches the gradient norms are averaged over
 
 
 @dataclass

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
+from koala.distill.balance import describe
+from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps, rebalance
 from koala.distill.taps import Stage, TapKind, list_tap_points
 from koala.models.describe import build_meta_pair, inspect_unets
 
@@ -24,7 +25,11 @@ def format_tap_points(unet, title: str) -> str:
 
 
 def format_pairs(
-    pairs: list[TapPair], shapes: dict[str, tuple[int, ...]], distill_cfg: DistillConfig, resolution: int
+    pairs: list[TapPair],
+    shapes: dict[str, tuple[int, ...]],
+    distill_cfg: DistillConfig,
+    resolution: int,
+    balanced: bool = False,
 ) -> str:
     """The distilled pairs: a count table per stage and kind, then one line per pair with its shape."""
     counts = pair_counts(pairs)
@@ -40,7 +45,7 @@ def format_pairs(
     for stage in [s for s in Stage if s in distill_cfg.stages]:
         row = [counts.get((stage, k), 0) for k in kinds]
         lines.append(f"  {stage:<8} " + " ".join(f"{n:>5}" for n in row) + f" {sum(row):>6}")
-    lines += ["", "  " + weight_rule(distill_cfg, len(pairs))]
+    lines += ["", "  " + weight_rule(distill_cfg, len(pairs), balanced)]
     for p in pairs:
         shape = "x".join(str(d) for d in shapes[p.student.name])
         weight = distill_cfg.feat_weight * p.weight  # the pair's effective weight in the objective
@@ -48,11 +53,12 @@ def format_pairs(
     return "\n".join(lines)
 
 
-def weight_rule(distill_cfg: DistillConfig, n: int) -> str:
+def weight_rule(distill_cfg: DistillConfig, n: int, balanced: bool = False) -> str:
     """How the effective weight `w` of each pair below is made (koala.distill.pairing.pair_weights)."""
     per = f" / {n} pairs" if distill_cfg.reduction == "mean" else ""
+    factor = " x the kind's balance factor" if balanced else ""
     return (
-        f"w = feat_weight {distill_cfg.feat_weight:g} x kind weight x stage weight{per} "
+        f"w = feat_weight {distill_cfg.feat_weight:g} x kind weight x stage weight{factor}{per} "
         f"(distill.reduction={distill_cfg.reduction}: the feature term is the {distill_cfg.reduction} over pairs)"
     )
 
@@ -63,8 +69,10 @@ def inspect_distill(
     distill_cfg: DistillConfig,
     resolution: int,
     list_taps: bool = False,
+    balance: dict | None = None,
 ) -> str:
-    """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives."""
+    """Structure, parameter counts, tap points (optional) and the tap pairs a distill config gives, each with the
+    weight training gives it (with a run's measured `balance` factors when given)."""
     models = build_meta_pair(teacher_cfg, unet_cfg)
     plan, teacher, student = models
     out = [inspect_unets(teacher_cfg, unet_cfg, models)]
@@ -72,5 +80,13 @@ def inspect_distill(
         out += ["", format_tap_points(teacher, "teacher"), "", format_tap_points(student, "student")]
     pairs = pair_taps(plan, distill_cfg, student, teacher)
     shapes = check_pair_shapes(pairs, student, teacher, resolution // 8, sa_point=distill_cfg.sa_point)
-    out += ["", format_pairs(pairs, shapes, distill_cfg, resolution)]
+    factors = (balance or {}).get("weights")
+    out += ["", format_pairs(rebalance(pairs, distill_cfg, factors), shapes, distill_cfg, resolution, bool(factors))]
+    if distill_cfg.balance == "grad":
+        out.append(
+            "  " + describe(balance)
+            if balance
+            else "  balance=grad: each kind's factor is measured when a run "
+            "starts (the weights above leave it out); `python -m koala.inspect run_dir=<run>` shows a run's"
+        )
     return "\n".join(out)

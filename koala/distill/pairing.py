@@ -4,8 +4,9 @@ A student tap's teacher partner is the module the weight-inheritance map assigns
 module_map` of the run's resolved plan), with the transformer-layer rule chosen by `distill.pairing` (first / uniform
 / last) rather than the spec's init rule: KOALA-700M's `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs
 with SDXL's `up_blocks.0.attentions.2.transformer_blocks.4.attn1` under `first` (block 9 under `uniform`). A pair's
-weight is `distill.kind_weights[kind] * distill.stage_weights[stage]`; pairs of weight 0 are dropped. Shapes are
-checked by a forward pass on the meta device, which costs no memory even for SDXL at 1024 px.
+weight is `distill.kind_weights[kind] * distill.stage_weights[stage]` (times the kind's `distill.balance=grad`
+factor once measured); pairs of weight 0 are dropped. Shapes are checked by a forward pass on the meta device, which
+costs no memory even for SDXL at 1024 px.
 """
 
 from __future__ import annotations
@@ -76,16 +77,26 @@ def selected_taps(unet: torch.nn.Module, distill_cfg: DistillConfig) -> list[Tap
     return [p for p in points if (allowed := per_kind.get(p.kind, blocks)) is None or p.block in allowed]
 
 
-def pair_weights(distill_cfg: DistillConfig, points: list[TapPoint]) -> list[float]:
+def pair_weights(
+    distill_cfg: DistillConfig, points: list[TapPoint], balance: dict[str, float] | None = None
+) -> list[float]:
     """Each pair's weight inside the feature term (one function, so every rule that scales a pair composes here):
-    distill.kind_weights[kind] x distill.stage_weights[stage], divided by the number of weighted pairs when
-    `distill.reduction=mean`. A pair's effective weight in the objective is feat_weight times this."""
-    kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
-    weights = [float(kind_w.get(p.kind, 1.0)) * float(stage_w.get(p.stage, 1.0)) for p in points]
+    distill.kind_weights[kind] x distill.stage_weights[stage] x the kind's `distill.balance=grad` factor (when one
+    was measured), divided by the number of weighted pairs when `distill.reduction=mean`. A pair's effective weight
+    in the objective is feat_weight times this."""
+    kind_w, stage_w, factor = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights), dict(balance or {})
+    weights = [float(kind_w.get(p.kind, 1.0)) * float(stage_w.get(p.stage, 1.0)) * float(factor.get(p.kind, 1.0))
+               for p in points]  # fmt: skip
     if Reduction(distill_cfg.reduction) is Reduction.mean:
         n = sum(w != 0.0 for w in weights) or 1  # the pairs that count (zero-weight ones are dropped)
         weights = [w / n for w in weights]
     return weights
+
+
+def rebalance(pairs: list[TapPair], distill_cfg: DistillConfig, balance: dict[str, float] | None) -> list[TapPair]:
+    """The same pairs weighted by `pair_weights` with the given balance factors (kind -> factor)."""
+    weights = pair_weights(distill_cfg, [p.student for p in pairs], balance)
+    return [TapPair(p.student, p.teacher, w) for p, w in zip(pairs, weights)]
 
 
 def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:

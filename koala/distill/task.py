@@ -65,6 +65,12 @@ class DistillationTask(nn.Module):
         """The same pairs and weights on `student` as wrapped for training (DDP, FSDP, `torch.compile`)."""
         return DistillationTask(student, self.teacher, self.pairs, self.weights, self.feature_loss, self.sa_point)
 
+    def with_pairs(self, pairs: list[TapPair]) -> DistillationTask:
+        """The same task over re-weighted pairs (the same taps; e.g. after `distill.balance=grad`)."""
+        if [(p.student, p.teacher) for p in pairs] != [(p.student, p.teacher) for p in self.pairs]:
+            raise ValueError("with_pairs changes weights only: the tap pairs must stay the same")
+        return DistillationTask(self.student, self.teacher, pairs, self.weights, self.feature_loss, self.sa_point)
+
     def __enter__(self) -> DistillationTask:
         self.student_taps.__enter__()
         self.teacher_taps.__enter__()
@@ -123,15 +129,27 @@ class DistillationTask(nn.Module):
         losses["loss"] = total
         return losses
 
-    def feature_losses(self) -> dict[str, Tensor]:
-        """Weighted sum over paired taps, plus one logged term per kind and per stage."""
+    def pair_terms(self) -> list[Tensor]:
+        """The feature loss of every pair (unweighted), from the features the taps hold for this step."""
         s_feats, t_feats = self.student_taps.features, self.teacher_taps.features
+        return [feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_loss) for p in self.pairs]
+
+    def kind_terms(self, terms: list[Tensor] | None = None) -> dict[str, Tensor]:
+        """Per feature kind, the weighted sum of its pairs' losses (with their graph): the objective's `feat` is the
+        sum of these."""
+        by_kind: dict[str, Tensor] = defaultdict(float)
+        for p, term in zip(self.pairs, self.pair_terms() if terms is None else terms):
+            by_kind[p.student.kind] = by_kind[p.student.kind] + p.weight * term
+        return dict(by_kind)
+
+    def feature_losses(self) -> dict[str, Tensor]:
+        """Weighted sum over paired taps, plus one logged (unweighted) term per kind and per stage."""
+        terms = self.pair_terms()
         by_kind: dict[str, Tensor] = defaultdict(float)
         by_stage: dict[str, Tensor] = defaultdict(float)
         total = 0.0
-        for p in self.pairs:
-            term = feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_loss)
-            total = total + p.weight * term
+        for p, term in zip(self.pairs, terms):
+            total = total + p.weight * term  # = sum(kind_terms()), added in pair order
             by_kind[p.student.kind] = by_kind[p.student.kind] + term.detach()
             by_stage[p.student.stage] = by_stage[p.student.stage] + term.detach()
         out = {"feat": total}

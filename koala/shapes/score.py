@@ -149,10 +149,12 @@ def agreement(images: Sequence[Image.Image], reference: Sequence[Image.Image]) -
     """Mean PSNR (dB) and mean absolute pixel error (0-255) of `images` against `reference`, pair by pair."""
     if len(images) != len(reference) or not images:
         raise ValueError(f"{len(images)} images for {len(reference)} references")
-    psnrs, maes = [], []
-    for a, b in zip(images, reference):
-        x, y = _to_array(a), _to_array(b)
-        mse = float(((x - y) ** 2).mean())
-        psnrs.append(10 * math.log10(255.0**2 / max(mse, 1e-10)))
-        maes.append(float(np.abs(x - y).mean()))
-    return {"psnr": float(np.mean(psnrs)), "mae": float(np.mean(maes))}
+    pairs = [picture_agreement(a, b) for a, b in zip(images, reference)]
+    return {"psnr": float(np.mean([p for p, _ in pairs])), "mae": float(np.mean([m for _, m in pairs]))}
+
+
+def picture_agreement(image: Image.Image, reference: Image.Image) -> tuple[float, float]:
+    """PSNR (dB) and mean absolute pixel error (0-255) of one picture against another."""
+    x, y = _to_array(image), _to_array(reference)
+    mse = float(((x - y) ** 2).mean())
+    return 10 * math.log10(255.0**2 / max(mse, 1e-10)), float(np.abs(x - y).mean())

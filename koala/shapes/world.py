@@ -1,5 +1,7 @@
 """The shapes world: one flat shape (circle, square, triangle) in one colour on a background of another colour.
 
+`caption_split()` divides the 90 captions into the 72 a student distils on (the `data=shapes` shards) and 18 held-out
+compositions it never sees, each a new combination of a shape, a colour and a background that all appear in training.
 Every picture is square, `RESOLUTION` px, drawn 4x larger and downsampled (anti-aliased edges), with its shape fully
 inside the frame, so a centre crop never changes what the caption says. Captions read
 "a red circle on a blue background"; `meta` also records the shape's centre and radius. Deterministic in the seed.
@@ -10,6 +12,8 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -31,6 +35,36 @@ def caption(shape: str, colour: str, background: str) -> str:
 def all_captions() -> list[tuple[str, str, str]]:
     """Every (shape, colour, background) the world can draw, in a fixed order (3 x 6 x 5 = 90)."""
     return [(s, c, b) for s, c, b in itertools.product(SHAPES, COLOURS, COLOURS) if c != b]
+
+
+@dataclass(frozen=True)
+class CaptionSplit:
+    """The captions a student trains on and the held-out compositions (both as (shape, colour, background))."""
+
+    train: tuple[tuple[str, str, str], ...]
+    held_out: tuple[tuple[str, str, str], ...]
+
+    def is_held_out(self, text: str) -> bool:
+        """Whether a world caption is one of the held-out compositions."""
+        c = parse_caption(text)
+        return (c["shape"], c["colour"], c["background"]) in self.held_out
+
+
+def caption_split() -> CaptionSplit:
+    """Hold out one background per (shape, colour) pair: 18 of the 90 captions.
+
+    Shape i with colour j keeps out the background ((j + 2 i) mod 5) of the five other colours, so the three shapes of
+    one colour hold out three different backgrounds: every (shape, colour), (shape, background) and (colour,
+    background) pair of a held-out caption is still seen in training (tests/test_shapes.py checks it).
+    """
+    colours = list(COLOURS)
+    held = []
+    for i, shape in enumerate(SHAPES):
+        for j, colour in enumerate(colours):
+            backgrounds = [b for b in colours if b != colour]
+            held.append((shape, colour, backgrounds[(j + 2 * i) % len(backgrounds)]))
+    train = tuple(c for c in all_captions() if c not in held)
+    return CaptionSplit(train=train, held_out=tuple(c for c in all_captions() if c in held))
 
 
 def parse_caption(text: str) -> dict[str, str]:
@@ -70,9 +104,20 @@ def render(
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def draw_scene(rng: random.Random, size: int = RESOLUTION) -> tuple[Image.Image, dict]:
-    """One random scene and its description (caption, shape, colour, background, centre, radius)."""
-    shape, colour, background = rng.choice(SHAPES), *rng.sample(sorted(COLOURS), 2)
+def draw_training_scene(rng: random.Random, size: int = RESOLUTION) -> tuple[Image.Image, dict]:
+    """A random scene of a training caption (`caption_split().train`): what the `data=shapes` shards hold."""
+    return draw_scene(rng, size, caption_split().train)
+
+
+def draw_scene(
+    rng: random.Random, size: int = RESOLUTION, captions: Sequence[tuple[str, str, str]] | None = None
+) -> tuple[Image.Image, dict]:
+    """One random scene and its description (caption, shape, colour, background, centre, radius); with `captions`,
+    of one of those (shape, colour, background) triples (None: any of the 90, drawn as the teacher was trained)."""
+    if captions is None:
+        shape, colour, background = rng.choice(SHAPES), *rng.sample(sorted(COLOURS), 2)
+    else:
+        shape, colour, background = rng.choice(list(captions))
     r = rng.uniform(*RADIUS) * size
     cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
     meta = {"caption": caption(shape, colour, background), "shape": shape, "colour": colour,

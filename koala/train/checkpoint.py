@@ -217,6 +217,15 @@ def seal_checkpoint(folder: Path) -> None:
     _fsync(folder)
 
 
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write `data` as json under a temporary name, flush it to disk, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    _fsync(tmp)
+    tmp.replace(path)
+    return path
+
+
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
 

@@ -26,6 +26,7 @@ from koala.data import SkipTally, build_dataloader
 from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
 from koala.rng import rng_preserved
+from koala.train.balance import apply_balance
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import Checkpointer, StopSignal, read_state
 from koala.train.resume import check_launch, load_training_state
@@ -118,12 +119,20 @@ def make_loader(cfg: TrainConfig, accelerator: Accelerator, position: DataPositi
 
 
 def checkpoint_state(
-    cfg: TrainConfig, accelerator: Accelerator, last: dict, config: dict, position: DataPosition, steps: int
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    last: dict,
+    config: dict,
+    position: DataPosition,
+    steps: int,
+    balance: dict | None = None,
 ) -> dict:
     """What state.json records beside the step: the last logged terms, the config, the number of ranks that wrote
-    it, and where the data streams stand `steps` optimizer steps after `position` (this launch's start)."""
+    it, where the data streams stand `steps` optimizer steps after `position` (this launch's start), and the
+    balance weights (a resume reuses them, never re-measures)."""
     data = position.advanced(steps * cfg.grad_accum).to_json()
-    return {"last": last, "config": config, "world_size": accelerator.num_processes, "data": data}
+    kept = {"balance": balance} if balance is not None else {}
+    return {"last": last, "config": config, "world_size": accelerator.num_processes, "data": data, **kept}
 
 
 def open_metrics(
@@ -160,6 +169,7 @@ def train(cfg: TrainConfig) -> Path:
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step, position = resume(cfg, run, ckpt)
     start = step
+    balance = apply_balance(cfg, run, conditioner, ckpt, run_dir)  # feature kinds at equal strength, or None
     if run.ema is not None:
         run.ema.to(device)
     loader, skipped = make_loader(cfg, accelerator, position), SkipTally()
@@ -169,8 +179,8 @@ def train(cfg: TrainConfig) -> Path:
     metrics = open_metrics(cfg, run, run_dir, step, config, skipped)
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples")
     checkpointer = Checkpointer(accelerator, run_dir, run.student, run.ema, cfg.checkpoint_every, cfg.keep_checkpoints,
-                                lambda at: checkpoint_state(cfg, accelerator, metrics.last, config, position, at - start),
-                                step)  # fmt: skip
+                                lambda at: checkpoint_state(cfg, accelerator, metrics.last, config, position, at - start,
+                                                            balance), step)  # fmt: skip
     renderer.render_teacher(teacher, step)
     seen_keys, finite = [], not cfg.data.resampled and cfg.data.epochs is not None
 
