@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from koala.data.records import SKIP_REASONS, Raw
+from koala.data.records import SKIP_REASONS, Raw, UnsupportedImage
 
 log = logging.getLogger("koala.data")
 
@@ -30,7 +30,9 @@ Reader = Callable[[int, int, Callable[[str, Exception], None]], Iterator[Raw]]  
 SKIP_HINTS = {
     "missing_caption": "no caption found: check data.caption_key (webdataset: txt or json.<field>; folder: a sidecar "
     ".txt beside each image; hf: the caption column)",
-    "corrupt_image": "no readable image: check data.image_key and that the files are images",
+    "corrupt_image": "no readable image: check data.image_key and that the files are whole images (a truncated file "
+    "whose header reads but whose data does not decode counts here)",
+    "unsupported_image": "no image in a supported form (see the warnings for the reason)",
     "too_small": "every image is smaller than data.min_size",
     "bad_shard": "the shards cannot be read",
 }
@@ -48,6 +50,28 @@ def skip_limit_error(counts: dict[str, int], limit: int, rank: int, worker: int)
         f"rank {rank} data worker {worker}: {limit} samples in a row were skipped ({named}); likely cause: "
         f"{SKIP_HINTS.get(worst, worst)}. The limit is data.max_consecutive_skips."
     )
+
+
+class SkipCounter:
+    """One worker's skip counts by reason, and the skips since it last delivered a sample: records refused by the
+    cheap checks and records whose data then fails to decode count alike, so a source whose every image has a
+    readable header but broken data stops the run instead of yielding nothing forever."""
+
+    def __init__(self, limit: int, rank: int, worker: int) -> None:
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+        self.in_a_row, self.limit, self.rank, self.worker = 0, limit, rank, worker
+        self.warned: set[str] = set()  # reasons of decode failures already logged
+
+    def skip(self, reason: str) -> None:
+        """Count one skipped record; raise TooManySkips at the limit."""
+        self.counts[reason] += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise skip_limit_error(self.counts, self.limit, self.rank, self.worker)
+
+    def delivered(self) -> None:
+        """A sample reached a batch (or a batch consumed before a resume was passed over)."""
+        self.in_a_row = 0
 
 
 class Codec(Protocol):
@@ -112,54 +136,57 @@ class BatchStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         role, workers, skip = worker_role(self.resume_batches)
         g, total = self.rank * workers + role, self.world_size * workers
-        counts = dict.fromkeys(SKIP_REASONS, 0)
+        skips = SkipCounter(self.max_skips, self.rank, role)
         warned: set[str] = set()
 
         def on_bad(url: str, exc: Exception) -> None:
-            counts["bad_shard"] += 1
+            skips.counts["bad_shard"] += 1
             if url not in warned:
                 warned.add(url)
                 log.warning("skipping unreadable shard %s (%s)", url, exc)
 
         def checked() -> Iterator[tuple[int, Raw, Any]]:
-            in_a_row = 0
             for position, raw in enumerate(self.reader(g, total, on_bad)):
                 reason, group = self.codec.probe(raw)
-                if not reason:
-                    in_a_row = 0
+                if reason:
+                    skips.skip(reason)
+                else:
                     yield position, raw, group
-                    continue
-                counts[reason] += 1
-                in_a_row += 1
-                if in_a_row >= self.max_skips:
-                    raise skip_limit_error(counts, self.max_skips, self.rank, role)
 
         sent = None
         for index, items in enumerate(group_batches(checked(), self.batch_size)):
             if index < skip:
-                continue  # consumed before the resume: never decoded
-            batch = self._decode(items, counts, g)
+                skips.delivered()  # consumed before the resume: never decoded
+                continue
+            batch = self._decode(items, skips, g)
             if batch is not None:
-                sent = dict(counts)
+                sent = dict(skips.counts)
                 yield batch
         if (
-            self.final_tally and counts != sent
+            self.final_tally and skips.counts != sent
         ):  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
-            yield {"skipped": dict(counts), "worker_id": g, "tally_only": True}
+            yield {"skipped": dict(skips.counts), "worker_id": g, "tally_only": True}
 
-    def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int) -> dict | None:
-        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted."""
+    def _decode(self, items: list[tuple[int, Raw, Any]], skips: SkipCounter, g: int) -> dict | None:
+        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped and counted
+        (toward the skip limit too)."""
         samples = []
         for position, raw, group in items:
             try:
                 samples.append(self.codec.decode(raw, group, random.Random(f"sample:{self.seed}:{g}:{position}")))
             except Exception as exc:
-                counts["corrupt_image"] += 1
-                log.debug("skipping %s: %s", raw.key, exc)
+                reason = "unsupported_image" if isinstance(exc, UnsupportedImage) else "corrupt_image"
+                if reason not in skips.warned:  # once per worker and reason: the tallies count the rest
+                    skips.warned.add(reason)
+                    why = str(exc) if reason == "unsupported_image" else f"its data does not decode ({exc!r})"
+                    log.warning("skipping %s: %s", raw.key, why)
+                skips.skip(reason)
+            else:
+                skips.delivered()
         if not samples:
             return None
         batch = self.codec.collate(samples)
-        batch["skipped"] = dict(counts)
+        batch["skipped"] = dict(skips.counts)
         batch["worker_id"] = g
         return batch
 
