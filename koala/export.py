@@ -7,13 +7,17 @@ the teacher kind, safetensors only, an optional fp16 variant, and a model card. 
 
 Every export carries a `.koala-export` marker listing the files it wrote. An existing `out` is replaced only when it
 is empty or such an export holding nothing else; anything else is refused, never deleted. The export is written to a
-uniquely named staging folder beside `out` and renamed into place once complete.
+uniquely named staging folder beside `out` (`.<out>.koala-tmp-<tag>`) and renamed into place once complete. While
+it is written, a lock file beside it (`<staging>.lock`, koala.locks) is held; an export that was killed leaves both,
+and the next export to the same `out` removes every staging folder whose lock no live process holds.
 """
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -25,14 +29,18 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from koala.config.checks import ConfigError
 from koala.config.compose import run_command
+from koala.locks import FileLock, is_stale
 from koala.models.convert import diffusers_to_original
 from koala.models.unets import count_parameters
 from koala.ship.model_card import write_model_card
 from koala.ship.presets import euler_scheduler, preset_for_kind
-from koala.train.checkpoint import find_checkpoint, step_of
+from koala.train.checkpoint import CorruptCheckpoint, NonFiniteWeights, find_checkpoint, step_of
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
+log = logging.getLogger("koala.export")
+REFUSALS = (FileNotFoundError, FileExistsError, CorruptCheckpoint, NonFiniteWeights)  # a run or target it refuses
 
 
 @dataclass
@@ -131,6 +139,12 @@ def load_student(unet_dir: Path) -> UNet2DConditionModel:
     for shard in sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors")):  # one file, or the shards of one
         state.update(load_file(shard))
     unet.load_state_dict(state, strict=True, assign=True)
+    bad = [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged run's weights: exporting them would ship a pipeline that draws nothing
+        raise NonFiniteWeights(
+            f"{unet_dir} holds NaN or inf in {len(bad)} of {len(state)} tensors ({_listing(set(bad), 3)}): not "
+            "exported; name an earlier checkpoint (checkpoint=<step>)"
+        )
     return unet.eval()
 
 
@@ -208,14 +222,35 @@ def export_run(
     pipe = assemble_pipeline(cfg.teacher, student, run_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.koala-tmp-{uuid.uuid4().hex[:8]}")  # a name no one else uses
-    try:
-        _write_export(tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file)
-        _publish(tmp, out)  # the folder appears only once complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
-        raise
+    remove_stale_staging(out)
+    tmp = out.with_name(f"{staging_prefix(out)}{uuid.uuid4().hex[:8]}")  # a name no one else uses
+    with FileLock(tmp.with_name(tmp.name + ".lock"), unlink=True):  # koala's, and alive, while it is held
+        try:
+            _write_export(tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file)
+            _publish(tmp, out)  # the folder appears only once complete
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
+            raise
     return out
+
+
+def staging_prefix(out: Path) -> str:
+    """The name every staging folder of an export to `out` starts with."""
+    return f".{out.name}.koala-tmp-"
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders (and swapped-out old exports) of killed exports to `out`: those beside a lock
+    file that no live process holds. Folders without koala's lock file are never touched."""
+    for lock in out.parent.glob(f"{glob.escape(staging_prefix(out))}*.lock"):
+        if not is_stale(lock):
+            continue  # another export to the same folder is running
+        staging = lock.with_name(lock.name.removesuffix(".lock"))
+        for folder in (staging, staging.with_name(staging.name + "-old")):
+            if folder.is_dir():
+                log.warning("removing %s, left by an export that was stopped", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        lock.unlink(missing_ok=True)
 
 
 def _write_export(
@@ -250,9 +285,12 @@ def export_command(cfg: DictConfig) -> Path:
         raise SystemExit(
             "usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]"
         )
-    out = export_run(
-        cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16, single_file=cfg.single_file
-    )
+    try:
+        out = export_run(
+            cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16, single_file=cfg.single_file
+        )
+    except REFUSALS as e:  # what was named cannot be exported: one `error:` line, exit status 2
+        raise ConfigError(str(e).replace("\n", " ")) from e
     print(f"exported {cfg.run_dir} -> {out}")
     return out
 

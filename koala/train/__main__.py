@@ -17,7 +17,12 @@ from omegaconf import DictConfig
 from koala.config.checks import ConfigError
 from koala.config.compose import exit_config_error, register_configs
 from koala.data.stream import TooManySkips
+from koala.train.checkpoint import NonFiniteWeights
 from koala.train.loop import train
+from koala.train.step import NonFiniteSteps
+
+# Errors that end a run which started well: the data skips everything, the run diverged.
+RUN_STOPPERS = (TooManySkips, NonFiniteSteps, NonFiniteWeights)
 
 
 @hydra.main(version_base=None, config_path="../../configs", config_name="train")
@@ -31,11 +36,10 @@ def hydra_main(cfg: DictConfig) -> None:
         train(cfg)
     except ConfigError as e:
         exit_config_error(e)
-    except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
-        print(
-            f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
-            file=sys.stderr,
-        )
+    except RUN_STOPPERS as e:  # the run cannot go on: one line saying why, exit status 1
+        # raised in a loader worker, the message ends with the worker's traceback: its last line is the error
+        last = str(e).strip().splitlines()[-1]
+        print(f"error: {last.removeprefix(f'{type(e).__module__}.{type(e).__name__}: ')}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -147,7 +147,8 @@ def train(cfg: DictConfig) -> Path:
 
     def log_point() -> dict:
         skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
-        return metrics.flush(step, {"lr": run.lr_scheduler.get_last_lr()[0], **skips})
+        nonfinite = {"nonfinite_steps": run.guard.skipped} if run.guard is not None else {}
+        return metrics.flush(step, {"lr": run.lr_scheduler.get_last_lr()[0], **skips, **nonfinite})
 
     with run.task, StopSignal() as stop:
         run.task.train()
@@ -163,8 +164,9 @@ def train(cfg: DictConfig) -> Path:
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = log_point()
-                bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
+                last = log_point() or last  # nothing to log when every step since the last row was skipped
+                if last:
+                    bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
             if cfg.sample_every > 0 and step % cfg.sample_every == 0:
                 unet = plain_student(accelerator, run.student)  # every rank: a gather under FSDP
                 if renderer is not None:
