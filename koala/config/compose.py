@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from koala.config.checks import ConfigError
+from koala.config.checks import ConfigError, usable_output_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what Hydra / OmegaConf raise for a config they refuse
@@ -70,6 +70,8 @@ def register_configs() -> None:
         store.store(name=name, node=node)
     if not OmegaConf.has_resolver("koala_asset"):
         OmegaConf.register_new_resolver("koala_asset", asset_path)
+    if not OmegaConf.has_resolver("koala_run_dir"):  # Hydra's run folder: the output_dir, once it is usable
+        OmegaConf.register_new_resolver("koala_run_dir", usable_output_dir)
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
@@ -97,6 +99,10 @@ def error_line(e: BaseException) -> str:
 
 def exit_config_error(e: BaseException) -> NoReturn:
     """Print `error: <message>` (no traceback: the config is wrong, not the code) and exit with status 2."""
+    cause = e
+    while cause is not None and not isinstance(cause, ConfigError):  # one a resolver raised (koala_run_dir)
+        cause = cause.__cause__ or cause.__context__
+    e = cause or e
     print(f"error: {e if isinstance(e, ConfigError) else error_line(e)}", file=sys.stderr)
     sys.exit(2)
 

@@ -11,11 +11,10 @@ import os
 import sys
 
 import hydra
-from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from koala.config.checks import ConfigError
-from koala.config.compose import exit_config_error, register_configs
+from koala.config.compose import COMPOSE_ERRORS, exit_config_error, register_configs
 from koala.data.stream import TooManySkips
 from koala.train.checkpoint import NonFiniteWeights
 from koala.train.loop import train
@@ -49,8 +48,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it refuses (instead of printing it) so it is caught here
     try:
         hydra_main()
-    except HydraException as e:  # composition: unknown key, group option or choice, a malformed override
-        exit_config_error(e)
+    except COMPOSE_ERRORS as e:  # composition: unknown key, group option or choice, a malformed override; or a
+        exit_config_error(e)  # ConfigError of a resolver Hydra ran before the job (koala_run_dir)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.devices import DTYPES
+from koala.models.teacher import teacher_identity
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
 from koala.train.rng import rng_preserved
-from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
+from koala.train.runs import keep_old_metrics, record_config, resolve_resume, run_folder_lock, trim_metrics
 from koala.train.sampling import SampleRenderer
 from koala.train.sharding import plain_student, shard_like
 from koala.train.step import Trainable, train_step
@@ -94,6 +95,12 @@ def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite
 def train(cfg: DictConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
     check_config(cfg)  # before any model is loaded
+    with run_folder_lock(cfg.output_dir):  # one process per run folder: a second is refused here, naming the holder
+        return distill_run(cfg)
+
+
+def distill_run(cfg: DictConfig) -> Path:
+    """The run itself, in its locked folder (`train` checked the config)."""
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
@@ -117,7 +124,7 @@ def train(cfg: DictConfig) -> Path:
         resume_batches=step * cfg.grad_accum,
         final_tally=True,
     )
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config, teacher_id = OmegaConf.to_container(cfg, resolve=True), teacher_identity(cfg.teacher)
     if accelerator.is_main_process:
         trim_metrics(run_dir / "metrics.jsonl", step)
         accelerator.init_trackers(
@@ -141,7 +148,7 @@ def train(cfg: DictConfig) -> Path:
                 step,
                 run.student,
                 run.ema,
-                {"last": last, "config": config},
+                {"last": last, "config": config, "teacher_identity": teacher_id},
                 keep=cfg.keep_checkpoints,
             )
 
