@@ -225,6 +225,13 @@ def check_data(cfg) -> None:
         missing = [s for s in shards if not Path(s).exists()]
         if not shards or len(missing) == len(shards):
             raise ConfigError(f"data.path={data.path!r} matches no shard on disk{_fixture_hint(cfg)}")
+        if data.kind == "cached":
+            from koala.data.cached import IncompleteCache, check_cache
+
+            try:
+                check_cache(data.path)
+            except IncompleteCache as e:
+                raise ConfigError(f"data.path={data.path!r}: {e}") from None
     elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
         raise ConfigError(f"data.path={data.path!r} does not exist")
 

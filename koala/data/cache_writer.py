@@ -2,9 +2,13 @@
 
 Every rank (accelerate / torch.distributed) encodes its share of the data with the frozen VAE and text encoders and
 writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached; member names are clean
-relative paths, the source key is kept in each sample's metadata); rank 0 adds the
-empty-prompt embeddings (for caption dropout at training time) and `info.json`. Crops and flips are drawn once,
-here, and recorded; caption dropout is left to training. Train from the result with `data=cached data.path=<out>`.
+relative paths, the source key is kept in each sample's metadata) and `info-<rank>.json`; rank 0 adds the
+empty-prompt embeddings (for caption dropout at training time) and, once every rank is done, the completeness marker
+`cache.json` listing every shard. Crops and flips are drawn once, here, and recorded; caption dropout is left to
+training. Train from the result with `data=cached data.path=<out>`.
+
+A folder that already holds files koala.cache writes is refused (their shards would mix with the new ones);
+`cache.overwrite=true` deletes those files, and only those, first.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from koala.config.checks import ConfigError
 from koala.data import SkipTally, build_dataloader
-from koala.data.cached import EMPTY_PROMPT, encode_sample
+from koala.data.cached import EMPTY_PROMPT, MARKER, WRITTEN, encode_sample
 from koala.data.conditioning import SDXLConditioner
 from koala.devices import DTYPES
 
@@ -43,6 +48,7 @@ class CacheWriter:
         self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
         self.shard, self.count, self.sink, self.total = 0, 0, None, 0
         self.names: set[str] = set()  # member stems of the current shard: two samples never share one
+        self.written: list[str] = []  # the finished shards' file names
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -65,15 +71,67 @@ class CacheWriter:
         """Finish the current shard (rename `.tmp` into place)."""
         if self.sink is not None:
             self.sink.close()
+            fsync(Path(str(self.path) + ".tmp"))  # on disk before the marker can claim it
             os.replace(str(self.path) + ".tmp", self.path)
+            self.written.append(self.path.name)
             self.sink, self.count, self.shard = None, 0, self.shard + 1
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def koala_files(out: Path) -> list[Path]:
+    """The files in `out` that koala.cache writes (shards, infos, empty prompt, marker, their temporaries)."""
+    return sorted(p for p in out.iterdir() if p.is_file() and WRITTEN.fullmatch(p.name)) if out.is_dir() else []
+
+
+def prepare_out(out: Path, overwrite: bool, state: Any) -> None:
+    """Refuse (on every rank, before anything is written) a folder holding koala.cache files, unless `overwrite`:
+    then rank 0 deletes those files, and only those."""
+    found = koala_files(out)
+    if found and not overwrite:
+        raise ConfigError(
+            f"cache.out={str(out)!r} already holds a koala cache or part of one ({len(found)} files, e.g. "
+            f"{found[0].name}); pass cache.overwrite=true to replace it (only the files koala.cache writes are "
+            "deleted), or choose another cache.out"
+        )
+    state.wait_for_everyone()  # every rank has looked before rank 0 deletes
+    if found and state.process_index == 0:
+        for path in found:
+            path.unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+
+def write_marker(out: Path, world: int, settings: dict) -> None:
+    """Merge every rank's info into the completeness marker and write it last, atomically."""
+    infos = [json.loads((out / f"info-{r:03d}.json").read_text()) for r in range(world)]
+    skipped: dict[str, int] = {}
+    for info in infos:
+        for reason, n in info["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    marker = {
+        "shards": sorted(s for info in infos for s in info["shards"]),
+        "samples": sum(info["samples"] for info in infos),
+        "skipped": skipped,
+        **settings,
+    }
+    tmp = out / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker, indent=1))
+    fsync(tmp)
+    os.replace(tmp, out / MARKER)
 
 
 def cache_data_config(data: DictConfig) -> DictConfig:
     """The data config to cache from: one pass over everything, unshuffled, captions kept."""
     data = OmegaConf.merge(data, {"resampled": False, "epochs": 1, "shuffle": False, "caption_dropout": 0.0})
     if data.kind == "cached":
-        raise ValueError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
+        raise ConfigError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
     return data
 
 
@@ -98,29 +156,33 @@ def build_cache(cfg: DictConfig) -> Path:
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
     pipeline = resolve_pipeline(cfg.teacher)
-    state.wait_for_everyone()
+    data = cache_data_config(cfg.data)
+    out = Path(cfg.cache.out)
+    prepare_out(out, cfg.cache.overwrite, state)
     dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
     conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
-    out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         empty, pooled = conditioner.encode_prompts([""])
         save_file({"prompt_embeds": empty[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()},
                   str(out / EMPTY_PROMPT))  # fmt: skip
     loader = build_dataloader(
-        cache_data_config(cfg.data), batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world
-    )
+        data, batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world, final_tally=True
+    )  # final_tally: skips after a worker's last batch (an unreadable last shard) are counted too
     writer = CacheWriter(out, rank, cfg.cache.samples_per_shard, DTYPES[cfg.cache.dtype])
     skipped = SkipTally()  # each worker's batches carry its own cumulative counts: summed over workers
     with tqdm(desc=f"caching to {out}", unit="img", disable=rank != 0) as bar:
-        for batch in loader:
+        for batch in skipped.batches(loader):
             write_batch(writer, batch, conditioner(batch))
-            skipped.update(batch)
             bar.update(len(batch["keys"]))
     writer.close()
-    info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype}  # fmt: skip
+    settings = {"data": OmegaConf.to_container(cfg.data, resolve=True), "teacher": cfg.teacher.name,
+                "dtype": cfg.cache.dtype}  # fmt: skip
+    info = {"samples": writer.total, "skipped": skipped.totals(), "shards": writer.written, **settings}
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
+    state.wait_for_everyone()
+    if rank == 0:
+        write_marker(out, world, settings)  # last: the cache is complete
     state.wait_for_everyone()
     return out
 
@@ -128,9 +190,11 @@ def build_cache(cfg: DictConfig) -> Path:
 def resolve_pipeline(teacher: DictConfig) -> str:
     """The teacher's diffusers folder."""
     if not teacher.pipeline:
-        raise ValueError(f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder")
+        raise ConfigError(
+            f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder"
+        )
     if not (Path(teacher.pipeline) / "model_index.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)"
         )
     return str(teacher.pipeline)
