@@ -84,7 +84,12 @@ def bad_folders(tmp_path, pipeline) -> dict[str, list[str]]:
     shutil.copy(pipeline / "unet" / "config.json", pickled)
     (pickled / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
     (tmp_path / "a-file").write_text("x")
+    for empty in ("empty-vae", "empty-data"):
+        (tmp_path / empty).mkdir(exist_ok=True)
     return {
+        "empty vae": [f"teacher.vae={tmp_path / 'empty-vae'}"],
+        "empty hf dataset": ["data=hf", f"data.path={tmp_path / 'empty-data'}"],
+        "empty image folder": ["data=folder", f"data.path={tmp_path / 'empty-data'}"],
         "empty teacher": [f"teacher.pipeline={tmp_path / 'empty-teacher'}"],
         "pickled unet": [f"teacher.unet={pickled}"],
         "empty output_dir": ["output_dir="],
@@ -96,7 +101,10 @@ def bad_folders(tmp_path, pipeline) -> dict[str, list[str]]:
 REFUSED = {  # what the one line says for each of `bad_folders`
     "empty teacher": "teacher.pipeline=.* is not a diffusers SDXL pipeline folder: it has no unet, vae, text_encoder, "
     "text_encoder_2, tokenizer, tokenizer_2, scheduler folders",
-    "pickled unet": r"teacher.unet: .*bin-unet: no diffusion_pytorch_model.safetensors .*found pickle weights "
+    "empty vae": "teacher: .*empty-vae has no config.json",
+    "empty hf dataset": "data.path=.* holds no dataset: no parquet files, no save_to_disk folder",
+    "empty image folder": "data.path=.* holds no jpg/jpeg/png/webp images",
+    "pickled unet": r"teacher: .*bin-unet: no diffusion_pytorch_model.safetensors .*found pickle weights "
     r"\['diffusion_pytorch_model.bin'\]",
     "empty output_dir": "output_dir='' is empty \\(the run would be written into the current folder\\)",
     "output_dir in a file": "output_dir=.* cannot be created or written: .*a-file is a file",
@@ -129,7 +137,14 @@ def test_every_start_up_refusal_is_one_line_with_status_2(tmp_path, tiny_pipelin
         assert res.returncode == 2 and len(errors) == 1, (case, res.returncode, res.stderr[-1500:])
         assert "Traceback" not in res.stderr and "Loading" not in res.stderr, case  # refused before any model loads
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing ran (Hydra alone made the folder for its log)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bin-unet", "empty-teacher", "run"]  # cwd clean
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file",
+        "bin-unet",
+        "empty-data",
+        "empty-teacher",
+        "empty-vae",
+        "run",
+    ]  # nothing written into the cwd
 
 
 @pytest.mark.slow

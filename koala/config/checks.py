@@ -173,12 +173,12 @@ def check_teacher_paths(cfg) -> None:
             f"teacher.pipeline={t.pipeline!r} is not a diffusers SDXL pipeline folder: it has no {', '.join(missing)} "
             f"folder{'s' if len(missing) > 1 else ''}{_fixture_hint(cfg)}"
         )
-    from koala.models.teacher import unet_weight_files
+    from koala.models.teacher import check_teacher_files
 
     try:
-        unet_weight_files(t)  # before the VAE and text encoders load: a folder of .bin weights is refused here
+        check_teacher_files(t)  # before any part loads: a U-Net folder of .bin weights is refused here
     except FileNotFoundError as e:
-        raise ConfigError(f"teacher.{'unet' if t.unet else 'pipeline'}: {e}") from None
+        raise ConfigError(f"teacher: {e}") from None
 
 
 def _size_multiple(t) -> int:
@@ -234,6 +234,12 @@ def check_data(cfg) -> None:
                 raise ConfigError(f"data.path={data.path!r}: {e}") from None
     elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
         raise ConfigError(f"data.path={data.path!r} does not exist")
+    elif Path(data.path).is_dir():
+        from koala.data.indexed import folder_problem
+
+        problem = folder_problem(data.path, data.kind, data.hf_format)
+        if problem:
+            raise ConfigError(f"data.path={data.path!r} {problem}")
 
 
 def check_config(cfg) -> None:

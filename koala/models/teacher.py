@@ -93,6 +93,21 @@ def teacher_weight_files(teacher_cfg: Any) -> dict[str, list[Path]]:
     return files
 
 
+def check_teacher_files(teacher_cfg: Any) -> None:
+    """Raise FileNotFoundError naming the first model part (U-Net, VAE, text encoders) whose folder lacks its
+    config.json or safetensors weights: before any of them loads."""
+    unet_weight_files(teacher_cfg)  # a U-Net folder of pickle weights is named here
+    root = Path(teacher_cfg.pipeline)
+    unet = None if Path(teacher_cfg.unet or root).is_file() else unet_folder(Path(teacher_cfg.unet or root))
+    vae = Path(teacher_cfg.vae) if teacher_cfg.vae else root / "vae"
+    for folder in (unet, vae, root / "text_encoder", root / "text_encoder_2"):
+        if folder is not None and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json")
+    folder_weight_files(vae)
+    for name in ("text_encoder", "text_encoder_2"):
+        folder_weight_files(root / name, "model")
+
+
 def file_fingerprint(path: Path, samples: int = 16, block: int = 4096) -> str:
     """sha256 of a safetensors file's size, header (names, dtypes, shapes, offsets) and `samples` blocks of its data
     spread evenly: tells two fine-tunes of one architecture apart without reading gigabytes."""
