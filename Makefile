@@ -1,6 +1,6 @@
 # Two commands a fresh machine needs: `make demo` (set up + run the main job) and `make test` (set up + test).
-# `make test-fast` skips the slow tests (subprocesses, compilation, resume, end-to-end); `make lint` (ruff check and
-# ruff format --check) is what CI runs before `make test`.
+# `make test-fast` skips the slow tests (subprocesses, compilation, resume, end-to-end); `make lint` (ruff check,
+# ruff format --check and `mkdocs build --strict` over docs/) is what CI runs before `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+# The published code the evaluation protocols are tested against (tests/test_protocols.py): pytorch-fid and
+# open_clip. Both import torchvision, whose only wheel for torch 2.13 is built for CUDA torch and, installed beside
+# the CPU build, breaks transformers' imports; so the three go into their own folder, which only those tests put on
+# sys.path (tests/reference_code.py). Their other dependencies (scipy, ftfy) are in the dev extra.
+PARITY_PACKAGES := torchvision==0.28.0 pytorch-fid==0.3.0 open-clip-torch==3.3.0
+$(VENV)/parity/.installed: $(VENV)/.installed
+	rm -rf $(VENV)/parity
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/parity $(PARITY_PACKAGES)
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/parity/.installed
 
 demo: setup
 	$(PY) -m koala.demo
@@ -33,6 +43,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check koala tests scripts
 	$(VENV)/bin/ruff format --check koala tests scripts
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf $(VENV) outputs .cache

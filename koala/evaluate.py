@@ -1,12 +1,12 @@
 """`[accelerate launch] python -m koala.evaluate protocol=<preset> models='{<name>: <pipeline>, ...}' weights.<w>=<file>`.
 
-Evaluates local SDXL pipelines (student, teacher, any other) on a published protocol (configs/protocol/: coco30k-256,
-mjhq30k, hpsv2, custom): every rank samples its share of the prompts (koala.evaluation.generation), rank 0 writes
+Evaluates local SDXL pipelines (student, teacher, any other) on a published protocol (configs/protocol/: coco30k-bksdm,
+coco30k-torchmetrics, mjhq30k, hpsv2, custom): every rank samples its share of the prompts (koala.evaluation.generation), rank 0 writes
 the manifests, computes the protocol's metrics from local safetensors weights (koala.evaluation.registry) and writes
 results.json, results.md and image grids under `out`, then prints the table. Prompt files, reference images and
 metric weights are all checked before any model loads.
 
-`python -m koala.evaluate convert=<inception|hps|pickscore|clip> src=<original> out=<target> [tokenizer=<dir>]`
+`python -m koala.evaluate convert=<inception|hps|open_clip|pickscore|clip> src=<original> out=<target> [tokenizer=<dir>]`
 turns a metric's original pickled weights into safetensors once (torch.load with weights_only=True).
 """
 
@@ -19,6 +19,7 @@ from typing import Any, Optional
 from koala.config.compose import run_command
 from koala.devices import multi_cpu
 from koala.evaluation.generation import generate_share, share, write_manifest, write_share_record
+from koala.evaluation.inception import FidInput
 from koala.evaluation.prompts import read_prompt_set
 from koala.evaluation.registry import MetricContext, MetricName, build_metric, check_metrics
 from koala.evaluation.report import write_grids, write_report
@@ -37,7 +38,13 @@ class ProtocolConfig:
     metrics: list[MetricName] = field(
         default_factory=lambda: [MetricName.clip_score]
     )  # koala.evaluation.registry.METRICS
-    fid_size: Optional[int] = None  # squash generated and reference images to this size before FID (BK-SDM: 256)
+    # squash every scored image (generated and reference) to image_size x image_size, PIL bicubic (BK-SDM: 256)
+    image_size: Optional[int] = None
+    jpeg: Optional[int] = None  # JPEG round trips at this quality as BK-SDM makes them (koala.evaluation.images): 75
+    fid_input: FidInput = FidInput["torch-fidelity"]  # how images reach the FID Inception: torch-fidelity | pytorch-fid
+    # what a .npz reference without koala's record was extracted with (koala.evaluation.extractor), e.g.
+    # inception-2015-12-05/pytorch-fid/256/jpeg75 for BK-SDM's real_im256.npz
+    reference_extractor: Optional[str] = None
     height: Optional[int] = None  # sampling size (null: the pipeline's default, 1024 for SDXL)
     width: Optional[int] = None
 
@@ -72,9 +79,8 @@ class EvaluateConfig:
     dtype: PipelineDType = PipelineDType.auto
     grid: int = 8  # images per model in the grids
     out: Optional[str] = None  # default <run>/eval/<protocol.name> for a model <run>/export, else eval/<protocol.name>
-    convert: Optional[Converter] = (
-        None  # one-time weight conversion instead of an evaluation: inception | hps | pickscore | clip
-    )
+    # one-time weight conversion instead of an evaluation: inception | hps | open_clip | pickscore | clip
+    convert: Optional[Converter] = None
     src: Optional[str] = None  # convert: the original file or folder
     tokenizer: Optional[str] = None  # convert: a CLIP tokenizer folder to copy beside converted CLIP weights
 
@@ -88,7 +94,7 @@ def check_inputs(cfg: Any) -> tuple[list[tuple[str, Optional[str]]], dict[str, P
     """Everything a run needs, checked before any model loads: models, presets, prompts, metric weights, reference."""
     if not cfg.models or not hasattr(cfg.models, "items"):
         raise SystemExit(
-            "usage: python -m koala.evaluate protocol=<coco30k-256|mjhq30k|hpsv2|custom> "
+            "usage: python -m koala.evaluate protocol=<coco30k-bksdm|coco30k-torchmetrics|mjhq30k|hpsv2|custom> "
             "models='{<name>: <pipeline folder>, ...}' weights.<inception|clip|hps|pickscore>=... "
             f"(got models={cfg.models})"
         )
@@ -162,7 +168,9 @@ def evaluate(cfg: Any) -> dict[str, Any]:
         "processes": state.num_processes,
         "models": dict(cfg.models),
         "presets": {n: _preset(cfg, n) for n in cfg.models},
-        "fid_size": cfg.protocol.fid_size,
+        "image_size": cfg.protocol.image_size,
+        "jpeg": cfg.protocol.jpeg,
+        "fid_input": str(cfg.protocol.fid_input),
         "weights": {k: str(v) for k, v in weights.items()},
     }
     table = write_report(out, results, meta)

@@ -35,7 +35,7 @@ from koala.locks import FileLock, is_stale
 from koala.models.convert import diffusers_to_original
 from koala.models.unets import count_parameters
 from koala.ship.model_card import write_model_card
-from koala.ship.presets import euler_scheduler, preset_for_kind
+from koala.ship.presets import preset_for_kind, preset_scheduler
 from koala.train.checkpoint import CorruptCheckpoint, NonFiniteWeights, find_checkpoint, step_of
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
@@ -103,7 +103,7 @@ def assemble_pipeline(teacher_cfg: Any, student: UNet2DConditionModel, run_dir: 
     return StableDiffusionXLPipeline.from_pretrained(
         teacher_dir,
         unet=student,
-        scheduler=euler_scheduler(scheduler_cfg, preset_for_kind(teacher_cfg.get("kind", "base"))),
+        scheduler=preset_scheduler(scheduler_cfg, preset_for_kind(teacher_cfg.get("kind", "base"))),
         use_safetensors=True,
         **extra,
     )

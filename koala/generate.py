@@ -21,7 +21,7 @@ from PIL import Image
 from koala.config.choice import Choice
 from koala.config.compose import run_command
 from koala.devices import DTYPES, parse_dtype, pick_device
-from koala.ship.presets import Preset, PresetName, euler_scheduler, get_preset
+from koala.ship.presets import Preset, PresetName, get_preset, preset_scheduler
 
 PipelineDType = Choice("PipelineDType", ["auto", *DTYPES])  # auto: fp16 on cuda, fp32 elsewhere
 
@@ -90,7 +90,7 @@ def generate(
     seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    pipeline.scheduler = euler_scheduler(pipeline.scheduler.config, preset)
+    pipeline.scheduler = preset_scheduler(pipeline.scheduler.config, preset)
     device = pipeline._execution_device
     guidance = preset.guidance if guidance is None else guidance
     images: list[Image.Image] = []

@@ -119,3 +119,20 @@ def test_a_controlnet_for_another_teacher_is_refused(tiny_teacher, controlnet):
     )
     with pytest.raises(ValueError, match="produces 4 down-block residuals but the student's teacher has 9"):
         fit_controlnet(sd15_like, plan)
+
+
+def test_a_controlnet_of_other_widths_is_refused_at_fit_time(tiny_teacher, controlnet):
+    """The same layout (9 residuals) at other widths: refused by fit_controlnet, naming the first residuals that do not
+    fit, instead of a shape error at the pipeline's first step."""
+    _, plan = _student(tiny_teacher, "tiny-700m")
+    config = {**dict(tiny_teacher.config), "block_out_channels": (16, 32, 64), "norm_num_groups": 8}
+    wider = ControlNetModel.from_unet(
+        UNet2DConditionModel.from_config(config), conditioning_embedding_out_channels=(8, 16)
+    )
+    assert len(wider.controlnet_down_blocks) == len(controlnet.controlnet_down_blocks)
+    with pytest.raises(
+        ValueError,
+        match=r"conv_in: 16 channels, the student's has 32; down_blocks.0 layer 0: 16 channels.*"
+        r"mid_block: 64 channels, the student's has 128.*block_out_channels \[16, 32, 64\].*\[32, 64, 128\]",
+    ):
+        fit_controlnet(wider, plan)

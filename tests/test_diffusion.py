@@ -70,11 +70,11 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
 
     from koala.config.compose import compose_config
     from koala.models.unets import SDXL_SCHEDULER_CONFIG
-    from koala.ship.presets import euler_scheduler, preset_for_kind
+    from koala.ship.presets import preset_for_kind, preset_scheduler
 
     cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"])
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
-    scheduler = euler_scheduler(
+    scheduler = preset_scheduler(
         EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, preset_for_kind(cfg.teacher.kind)
     )
     scheduler.set_timesteps(cfg.teacher.steps)

@@ -25,7 +25,7 @@ from koala.evaluation.metrics import (
     frechet_distance_of_features,
 )
 from koala.evaluation.preference import hps_scorer, pickscore_scorer
-from koala.evaluation.registry import FrechetMetric, InceptionFeatures, Sample
+from koala.evaluation.registry import FrechetMetric, InceptionFeatures, Sample, fid_extractor
 from koala.fixtures.tiny import write_byte_tokenizer, write_tiny_pipeline
 
 
@@ -121,7 +121,7 @@ def test_fid_matches_torchmetrics(inception_file, tmp_path):
 
     fake = write_images(tmp_path / "fake", 3, seed=1)
     real = write_images(tmp_path / "real", 4, seed=2, size=(40, 40))
-    ours = FrechetMetric("fid", InceptionFeatures(inception_file, "cpu", size=None), tmp_path / "real")
+    ours = FrechetMetric("fid", InceptionFeatures(inception_file, "cpu"), tmp_path / "real", fid_extractor(None, None))
     value = ours([Sample(f, "") for f in fake])["fid"]
 
     def as_uint8(files):
@@ -309,7 +309,9 @@ def test_bad_inputs_fail_before_any_model_loads(
     }
     change, message = expected[case]
     with pytest.raises((FileNotFoundError, MissingMetricWeights), match=message):
-        main(["protocol=coco30k-256", f"models={{student: {tiny_pipeline_dir}}}", *{**args, **change}.values()])
+        main(
+            ["protocol=coco30k-torchmetrics", f"models={{student: {tiny_pipeline_dir}}}", *{**args, **change}.values()]
+        )
 
 
 def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
@@ -342,6 +344,8 @@ def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
     assert row["hps"] == pytest.approx((2 * row["hps/anime"] + row["hps/photo"]) / 3)
     manifest = json.loads((tmp_path / "eval" / "teacher" / "manifest.json").read_text())
     assert [(m["style"], m["seed"]) for m in manifest] == [("anime", 0), ("anime", 1), ("photo", 2)]
+    settings = json.loads(Image.open(tmp_path / "eval" / "teacher" / "images" / "00000.png").text["settings"])
+    assert (settings["preset"], settings["sampler"], settings["timestep_spacing"]) == ("v1", "euler", None)
     assert "| teacher |" in (tmp_path / "eval" / "results.md").read_text()
 
 
@@ -359,7 +363,7 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(
     )
     write_images(tmp_path / "val2014", 4, seed=7, size=(64, 48))
     args = [
-        "protocol=coco30k-256",
+        "protocol=coco30k-torchmetrics",
         f"protocol.prompts={tmp_path / 'metadata.csv'}",
         f"protocol.reference={tmp_path / 'val2014'}",
         "limit=5",
@@ -406,6 +410,32 @@ def test_two_process_coco_run_splits_prompts_resumes_and_reports(
         main([*args, "steps=3"])
 
 
+def test_a_damaged_image_is_sampled_again_and_named(tiny_pipeline_dir, tiny_clip, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a koala\na red car\n")
+    args = [
+        "protocol=custom",
+        f"protocol.prompts={tmp_path / 'p.txt'}",
+        f"models={{teacher: {tiny_pipeline_dir}}}",
+        f"weights.clip={tiny_clip}",
+        "steps=1",
+        "protocol.height=32",
+        "protocol.width=32",
+        "device=cpu",
+        f"out={tmp_path / 'eval'}",
+    ]
+    first = main(args)
+    images = tmp_path / "eval" / "teacher" / "images"
+    intact = (images / "00001.png").read_bytes()
+    (images / "00001.png").write_bytes(intact[: len(intact) // 2])  # cut short, as a full disk or a bad copy leaves it
+    capsys.readouterr()
+    again = main(args)
+    assert "00001.png does not decode" in capsys.readouterr().err
+    share = json.loads((tmp_path / "eval" / "teacher" / "shares" / "rank0.json").read_text())
+    assert (share["generated"], share["skipped"], share["regenerated"]) == ([1], [0], [1])
+    assert (images / "00001.png").read_bytes() == intact  # the same prompt and seed: the same image
+    assert again["results"] == first["results"]
+
+
 def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
     model = CLIPModel.from_pretrained(tiny_clip)
     src = tmp_path / "PickScore_v1"
@@ -450,7 +480,7 @@ def test_registry_metrics_score_image_files(tiny_clip, tmp_path):
     files = write_images(tmp_path / "gen", 3, seed=8)
     write_images(tmp_path / "ref", 4, seed=9)
     samples = [Sample(f, p, s) for f, p, s in zip(files, ["a koala", "a red car", "a cat"], ["x", "x", "y"])]
-    protocol = _ns(reference=str(tmp_path / "ref"), fid_size=None)
+    protocol = _ns(reference=str(tmp_path / "ref"))
     names = ["fd_clip", "clip_score", "hps", "pickscore"]
     weights = check_metrics(names, _ns(clip=str(tiny_clip), hps=str(tiny_clip), pickscore=str(tiny_clip)), protocol)
     ctx = MetricContext("cpu", protocol, tmp_path / "eval")

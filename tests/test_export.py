@@ -136,6 +136,14 @@ def test_lightning_export_uses_trailing_spacing(tiny_pipeline_dir, tmp_path):
     assert "Euler, timestep spacing trailing, 10 steps, guidance 3.5" in (out / "README.md").read_text()
 
 
+def test_turbo_export_ships_sdxl_turbos_sampler(tiny_pipeline_dir, tmp_path):
+    out = export_run(write_run_dir(tmp_path, tiny_pipeline_dir, kind="turbo"))
+    sched = json.loads((out / "scheduler/scheduler_config.json").read_text())
+    assert sched["_class_name"] == "EulerAncestralDiscreteScheduler" and sched["timestep_spacing"] == "trailing"
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == ["diffusers", sched["_class_name"]]
+    assert "Euler ancestral, timestep spacing trailing, 4 steps, guidance 0.0" in (out / "README.md").read_text()
+
+
 @pytest.mark.slow
 def test_export_loads_without_project_code(exported):
     script = textwrap.dedent(f"""

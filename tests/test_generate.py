@@ -7,7 +7,13 @@ import pytest
 from PIL import Image
 
 from koala.generate import generate, load_pipeline, main, make_grid
-from koala.ship.presets import get_preset, preset_for_kind
+from koala.ship.presets import (
+    KIND_PRESETS,
+    get_preset,
+    preset_for_kind,
+    preset_scheduler,
+    shipped_scheduler_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +29,33 @@ def test_presets():
         get_preset("fast")
 
 
+@pytest.mark.parametrize("kind", list(KIND_PRESETS))
+def test_each_preset_samples_as_its_teacher_ships(kind):
+    """The preset of a teacher kind, applied to the scheduler config a student's pipeline carries (SDXL-Base's: the
+    export copies the teacher folder's), gives the scheduler the teacher's release ships: class, spacing, betas,
+    timesteps, sigmas and the same step (ancestral noise included) from the same generator."""
+    import diffusers
+    import torch
+
+    shipped = shipped_scheduler_config(kind)
+    assert shipped["_source"]  # where the data came from
+    preset = preset_for_kind(kind)
+    ours = preset_scheduler(shipped_scheduler_config("base"), preset)
+    theirs = getattr(diffusers, shipped["_class_name"]).from_config(shipped)
+    assert type(ours) is type(theirs)
+    keys = ("timestep_spacing", "beta_start", "beta_end", "beta_schedule", "steps_offset", "prediction_type")
+    assert {k: ours.config[k] for k in keys} == {k: theirs.config[k] for k in keys}
+    for s in (ours, theirs):
+        s.set_timesteps(preset.steps)
+    assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.sigmas, theirs.sigmas)
+    x, eps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 4, 8, 8)
+    steps = [
+        s.step(eps, s.timesteps[0], s.scale_model_input(x, s.timesteps[0]), generator=torch.Generator().manual_seed(1))
+        for s in (ours, theirs)
+    ]
+    assert torch.equal(steps[0].prev_sample, steps[1].prev_sample)
+
+
 def test_seeds_are_per_image(pipe):
     prompts = ["a koala", "a red car", "a koala"]
     kw = dict(steps=2, height=32, width=32)
@@ -32,6 +65,11 @@ def test_seeds_are_per_image(pipe):
     a, b = (np.asarray(x, dtype=np.int16) for x in (batched[1], single[0]))
     assert np.abs(a - b).max() <= 2  # same seed, same image, whatever the batch
     assert np.abs(np.asarray(batched[0], dtype=np.int16) - np.asarray(batched[2], dtype=np.int16)).max() > 2
+    # Euler-ancestral (turbo) draws its per-step noise from each image's own generator: still per image
+    batched = generate(pipe, prompts, "turbo", seeds=5, batch_size=3, **kw)
+    assert type(pipe.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    single = generate(pipe, prompts[1:], "turbo", seeds=[6, 7], **kw)
+    assert np.abs(np.asarray(batched[1], dtype=np.int16) - np.asarray(single[0], dtype=np.int16)).max() <= 2
 
 
 def test_make_grid():

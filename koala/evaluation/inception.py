@@ -6,9 +6,14 @@ all reproduced here: the pooling branches of the A, C and first E blocks average
 (TensorFlow's behaviour), the last E block max-pools instead, and the classifier has 1008 classes. Parameter names
 are those of the pickled file, so `koala.evaluation.convert` only re-saves it as safetensors.
 
-Input handling matches torchmetrics / torch-fidelity (not clean-fid): uint8 RGB images, resized to 299 x 299 with
-TensorFlow 1.x's bilinear sampling (no antialiasing, half-pixel offsets off), then scaled by (x - 128) / 128.
-Features are the 2048-d output of the final average pool.
+How uint8 RGB images reach the network's 299 x 299 input is a choice (`FidInput`), because the published
+implementations differ there and only there:
+- `torch-fidelity` (torch-fidelity, torchmetrics): TensorFlow 1.x's bilinear resize (output pixel i samples input
+  coordinate i * in / out: no half-pixel offset, no antialiasing) of the uint8 values, then (x - 128) / 128.
+- `pytorch-fid` (pytorch-fid, which BK-SDM's COCO numbers use): x / 255, then `F.interpolate(bilinear,
+  align_corners=False)` (half-pixel centres: coordinate (i + 0.5) * in / out - 0.5), then 2 x - 1.
+Both start from the same uint8 pixels; the sampling grid and the scaling differ. clean-fid's (PIL bicubic on floats)
+is neither. Features are the 2048-d output of the final average pool.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from koala.config.choice import Choice
+
 INPUT_SIZE = 299
 FEATURES = 2048
 NUM_CLASSES = 1008  # the TF graph's ImageNet head (1000 classes + 8 unused)
+FidInput = Choice("FidInput", ["torch-fidelity", "pytorch-fid"])  # protocol.fid_input: see the module docstring
 
 
 class BasicConv2d(nn.Module):
@@ -166,13 +174,24 @@ def resize_like_tf1(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     return top + (bottom - top) * dy.view(1, 1, size, 1)
 
 
+def network_input(images: torch.Tensor, how: str) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> the float (B, 3, 299, 299) input in [-1, 1], as the `how` implementation makes it."""
+    if FidInput(how) == "pytorch-fid":
+        x = F.interpolate(images.float().div(255), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+    return (resize_like_tf1(images.float()) - 128) / 128
+
+
 class FIDInception(nn.Module):
-    """Inception-v3 of the TF FID graph: uint8 images (B, 3, H, W) -> 2048-d pool features (B, 2048)."""
+    """Inception-v3 of the TF FID graph: uint8 images (B, 3, H, W) -> 2048-d pool features (B, 2048).
+
+    `input` picks how images become the network's input (`FidInput`: torch-fidelity's or pytorch-fid's)."""
 
     num_features = FEATURES  # read by torchmetrics when this module is its `feature`
 
-    def __init__(self):
+    def __init__(self, input: str = "torch-fidelity"):
         super().__init__()
+        self.input = FidInput(input)
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
@@ -194,8 +213,7 @@ class FIDInception(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"FIDInception expects uint8 images (B, 3, H, W), got {images.dtype}")
-        x = resize_like_tf1(images.float())
-        x = (x - 128) / 128  # (B, 3, 299, 299) in [-1, 1]
+        x = network_input(images, self.input)  # (B, 3, 299, 299) in [-1, 1]
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -223,11 +241,11 @@ def random_fid_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_fid_inception(path: str | Path, device: str = "cpu") -> FIDInception:
+def load_fid_inception(path: str | Path, device: str = "cpu", input: str = "torch-fidelity") -> FIDInception:
     """The FID Inception with weights from a safetensors file (see koala.evaluation.weights.check_safetensors)."""
     from safetensors.torch import load_file
 
-    net = FIDInception()
+    net = FIDInception(input)
     state = load_file(str(path))
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # absent from the TF-ported file

@@ -1,7 +1,8 @@
 """CLIP models from local folders and the Fréchet distance: the pieces koala.evaluation's metrics are built from.
 
-CLIP score (as torchmetrics defines it): 100 * max(cos(image embedding, text embedding), 0), averaged over images,
-from a transformers `CLIPModel` folder (safetensors), e.g. openai/clip-vit-large-patch14 saved locally.
+CLIP models come from transformers `CLIPModel` folders (safetensors), e.g. openai/clip-vit-large-patch14 saved
+locally or an open_clip checkpoint converted once (koala.evaluation.weights); the CLIP scores built from them are in
+koala.evaluation.registry (torchmetrics' `clip_score`, BK-SDM's `clip_cosine`).
 
 Fréchet distance: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, of Inception features (FID, see
 koala.evaluation.inception) or of CLIP image embeddings ("FD-CLIP", Kynkäänniemi et al. 2023).
@@ -61,6 +62,9 @@ class ClipScorer:
     """A local CLIP model: image and text embeddings, CLIP score, image features for Fréchet distance."""
 
     fit = "crop"  # how a non-square image becomes square: `crop` (CLIP, PickScore) or `pad` (HPSv2)
+    # True: tokenize as open_clip does, reading a special token's text inside a prompt as text (laion's tokenizers
+    # pad with "!", which transformers would otherwise turn into the pad token wherever a caption has one)
+    split_special_tokens = False
 
     def __init__(self, path: str | Path, device: str = "cpu"):
         path = check_clip_folder(path)
@@ -98,17 +102,17 @@ class ClipScorer:
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP text embeddings (projected, not normalised): (N, D)."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            split_special_tokens=self.split_special_tokens,
+        )
         feats = self.model.get_text_features(
             input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
         )
         return _embedding(feats).float().cpu()
-
-    def clip_score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> float:
-        """Mean of 100 * max(cos(image, its prompt), 0)."""
-        img, txt = self.image_features(images), self.text_features(prompts)
-        cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-        return float((100 * cos.clamp(min=0)).mean())
 
 
 def _square(img: Image.Image, size: int, fit: str) -> Image.Image:

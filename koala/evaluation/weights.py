@@ -1,9 +1,10 @@
 """Where metric weights live, how they are checked before anything loads, and the one-time converters.
 
 The evaluator reads safetensors only. The original files of the FID Inception (`pt_inception-2015-12-05-*.pth`),
-HPSv2.1 (`HPS_v2.1_compressed.pt`) and PickScore (a transformers folder that may hold `pytorch_model.bin`) are
-pickles: `python -m koala.evaluate convert=<kind> src=<original> out=<target>` re-saves them once, reading them with
-`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+HPSv2.1 (`HPS_v2.1_compressed.pt`), open_clip models (`open_clip_pytorch_model.bin`, e.g. ViT-g-14
+laion2b_s34b_b88k for BK-SDM's CLIP score) and PickScore (a transformers folder that may hold `pytorch_model.bin`)
+are pickles: `python -m koala.evaluate convert=<kind> src=<original> out=<target>` re-saves them once, reading them
+with `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 """
 
 from __future__ import annotations
@@ -143,12 +144,13 @@ def _copy_tokenizer(tokenizer: str | Path | None, out: Path) -> None:
             shutil.copy(Path(tokenizer) / name, out / name)
 
 
-def hps_config(state: dict[str, torch.Tensor]):
-    """A CLIPConfig of the open_clip ViT in `state`: sizes from the tensor shapes, the rest as in ViT-H-14."""
+def open_clip_config(state: dict[str, torch.Tensor]):
+    """A CLIPConfig of the open_clip ViT in `state`: sizes from the tensor shapes, the rest as in ViT-H-14 (16 heads
+    in both towers, as ViT-H-14 and ViT-g-14 have: heads cannot be read off the tensors)."""
     from transformers import CLIPConfig
 
     if "visual.proj" not in state:
-        raise ValueError("no open_clip key `visual.proj`: not an HPSv2 (open_clip ViT) checkpoint")
+        raise ValueError("no open_clip key `visual.proj`: not an open_clip ViT checkpoint (HPSv2, ViT-g-14, ...)")
 
     def layers(prefix: str) -> int:
         """Number of residual blocks under `prefix`."""
@@ -175,12 +177,22 @@ def hps_config(state: dict[str, torch.Tensor]):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=state["visual.proj"].shape[1])
 
 
-def convert_hps(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """HPSv2 / HPSv2.1 checkpoint (open_clip ViT-H-14 state dict) -> a transformers CLIPModel folder."""
+def _load_open_clip(src: Path) -> dict[str, torch.Tensor]:
+    """An open_clip state dict from a safetensors file or (weights_only) from a torch.save file."""
+    if is_safetensors(src):
+        from safetensors.torch import load_file
+
+        return load_file(str(src))
+    return _load_pickle(src)
+
+
+def convert_open_clip(src: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """An open_clip ViT checkpoint (HPSv2 / HPSv2.1, ViT-H-14, ViT-g-14 ...) -> a transformers CLIPModel folder with
+    OpenAI's image mean / std (the ones open_clip uses for these models)."""
     from transformers import CLIPModel
 
-    state = _load_pickle(Path(src))
-    model = CLIPModel(hps_config(state))
+    state = _load_open_clip(Path(src))
+    model = CLIPModel(open_clip_config(state))
     _load_checked(model, open_clip_to_hf_clip(state), src)
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
@@ -223,7 +235,8 @@ def convert_clip_folder(src: str | Path, out: str | Path, tokenizer: str | Path 
 
 CONVERTERS = {
     "inception": convert_inception,
-    "hps": convert_hps,
+    "hps": convert_open_clip,
+    "open_clip": convert_open_clip,
     "pickscore": convert_clip_folder,
     "clip": convert_clip_folder,
 }

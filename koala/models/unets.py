@@ -233,6 +233,7 @@ class Layout:
     up_depth: tuple[tuple[int, ...], ...]
     mid: MidMode
     mid_depth: int
+    channels: tuple[int, ...] = ()  # block_out_channels: each stage's width (students keep the teacher's)
 
     @property
     def num_stages(self) -> int:
@@ -262,7 +263,8 @@ def layout(config: dict[str, Any]) -> Layout:
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     mid = {"UNetMidBlock2DCrossAttn": MidMode.keep, "UNetMidBlock2D": MidMode.resnet, None: MidMode.none}[mid_type]
     mid_depth = tl[-1][0] if isinstance(tl[-1], (list, tuple)) else int(tl[-1])
-    return Layout(has_down, has_up, down, tuple(up), mid, mid_depth if mid == "keep" else 0)
+    channels = tuple(config.get("block_out_channels", ()))
+    return Layout(has_down, has_up, down, tuple(up), mid, mid_depth if mid == "keep" else 0, channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------

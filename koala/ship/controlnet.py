@@ -45,6 +45,31 @@ def teacher_residual_count(plan: Plan) -> int:
     return 1 + sum(len(d) for d in t.down_depth) + t.num_stages - 1
 
 
+def teacher_residuals(plan: Plan) -> list[tuple[str, int]]:
+    """Name and channel width of every down-block residual of the teacher's encoder, in diffusers order."""
+    t = plan.teacher
+    out = [("conv_in", t.channels[0])]
+    for i in range(t.num_stages):
+        out += [(f"down_blocks.{i} layer {k}", t.channels[i]) for k in range(len(t.down_depth[i]))]
+        if i < t.num_stages - 1:
+            out.append((f"down_blocks.{i} downsampler", t.channels[i]))
+    return out
+
+
+def check_widths(controlnet: ControlNetModel, plan: Plan) -> None:
+    """Every residual the ControlNet adds must have the width of the skip connection it is added to."""
+    named = teacher_residuals(plan) + [("mid_block", plan.teacher.channels[-1])]
+    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    wrong = [f"{name}: {conv.out_channels} channels, the student's has {want}" for (name, want), conv in zip(named, convs)
+             if conv.out_channels != want]  # fmt: skip
+    if wrong:
+        raise ValueError(
+            f"the ControlNet's residuals do not fit the student's skip connections ({'; '.join(wrong)}): it was made "
+            f"for a U-Net of block_out_channels {list(controlnet.config.block_out_channels)}, the student's teacher has "
+            f"{list(plan.teacher.channels)}"
+        )
+
+
 class StudentControlNet(ControlNetModel):
     """A ControlNetModel whose forward returns the residuals of the student's kept layers only."""
 
@@ -61,13 +86,16 @@ class StudentControlNet(ControlNetModel):
 
 
 def fit_controlnet(controlnet: ControlNetModel, plan: Plan) -> StudentControlNet:
-    """A StudentControlNet sharing `controlnet`'s weights (no copy) that feeds the student `plan` describes."""
+    """A StudentControlNet sharing `controlnet`'s weights (no copy) that feeds the student `plan` describes; a
+    ControlNet whose residual count or widths do not fit the student's skip connections is refused here, naming
+    them, not at the first pipeline call."""
     have, want = len(controlnet.controlnet_down_blocks), teacher_residual_count(plan)
     if have != want:
         raise ValueError(
             f"the ControlNet produces {have} down-block residuals but the student's teacher has {want} encoder "
             "outputs: it is not a ControlNet for this teacher (an SDXL ControlNet has 9)"
         )
+    check_widths(controlnet, plan)
     with init_empty_weights():
         fitted = StudentControlNet.from_config(controlnet.config)
     fitted.load_state_dict(controlnet.state_dict(), assign=True)

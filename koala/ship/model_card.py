@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from koala.ship.presets import preset_for_kind
+from koala.ship.presets import SAMPLER_NAMES, preset_for_kind
 
 
 def final_losses(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -64,7 +64,7 @@ def render_model_card(
         "",
         "## Use",
         "",
-        f"Sampler: Euler, timestep spacing {spacing}, {preset.steps} steps, guidance {preset.guidance} (preset `{preset.name}`).",
+        f"Sampler: {SAMPLER_NAMES[preset.sampler]}, timestep spacing {spacing}, {preset.steps} steps, guidance {preset.guidance} (preset `{preset.name}`).",
         "",
         "```python",
         "import torch",
