@@ -3,9 +3,11 @@
 A cache is a folder of tar shards whose members are `<key>.safetensors`, plus `empty_prompt.safetensors` (the
 embeddings of "" for caption dropout), one `info-<rank>.json` per writing rank and, written last, the completeness
 marker `cache.json` (the shard list, sample and skip counts, the settings). `check_cache` refuses a cache without
-the marker (a `koala.cache` that was stopped) and shards the marker does not list (left by an earlier cache). Each blob holds the tensors `latents` (4, h, w) (already times
-the VAE scaling factor), `prompt_embeds` (77, D), `pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata
-the source key, caption, original size, crop and flip used. `time_ids` are stored in fp32 whatever the cache's
+the marker (a `koala.cache` that was stopped) and shards the marker does not list (left by an earlier cache).
+
+Each blob holds the tensors `latents` (4, h, w) (already times the VAE scaling factor), `prompt_embeds` (77, D),
+`pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata the source key, caption, original size, crop and
+flip used. `time_ids` are stored in fp32 whatever the cache's
 storage precision (fp16 rounds sizes above 2048).
 """
 
