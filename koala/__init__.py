@@ -10,6 +10,8 @@ class _DropNotices(logging.Filter):
         "requires torchvision (not installed); falling back to",  # transformers: we never use its image processors
         "that should be kept in float32: []",  # diffusers: casting a model with no fp32-only modules
         "Failed to load CPU gemm_4bit_forward",  # bitsandbytes: 4-bit inference kernels; we use its 8-bit AdamW only
+        # kernels (imported by bitsandbytes' CPU backend to fetch those 4-bit kernels) under HF_HUB_OFFLINE=1
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -17,5 +19,11 @@ class _DropNotices(logging.Filter):
         return not any(n in message for n in self.NOTICES)
 
 
-for _name in ("transformers.utils.import_utils", "diffusers.models.modeling_utils", "bitsandbytes.backends.cpu.ops"):
+_NOISY_LOGGERS = (
+    "transformers.utils.import_utils",
+    "diffusers.models.modeling_utils",
+    "bitsandbytes.backends.cpu.ops",
+    "kernels._internals.hf_hub",
+)
+for _name in _NOISY_LOGGERS:
     logging.getLogger(_name).addFilter(_DropNotices())

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from koala.config.compose import run_command
 from koala.config.schema import TrainConfig
 from koala.data.cache_writer import build_cache
@@ -34,7 +32,7 @@ class CacheJobConfig(TrainConfig):
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
-def write_cache(cfg: DictConfig) -> Path:
+def write_cache(cfg: CacheJobConfig) -> Path:
     """Write the cache a composed config describes and say where."""
     out = build_cache(cfg)
     print(f"cache written to {out}")
@@ -43,7 +41,7 @@ def write_cache(cfg: DictConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/cache.yaml` with the overrides and write the cache."""
-    return run_command("cache", write_cache, argv)
+    return run_command("cache", write_cache, argv, schema=CacheJobConfig)
 
 
 if __name__ == "__main__":

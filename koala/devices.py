@@ -7,7 +7,7 @@ from enum import auto
 
 import torch
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DType = Choice("DType", list(DTYPES))  # teacher.dtype, cache.dtype, ...: a key of DTYPES

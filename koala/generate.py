@@ -1,29 +1,18 @@
-"""`python -m koala.generate model=<pipeline folder> prompt="..." | prompts=<file> [preset=v1|lightning|turbo]`.
+"""`python -m koala.generate model=<pipeline folder> prompt="..." | prompts=<file> [preset=base|lightning|turbo]`.
 
-Images are seeded one by one (image i of the prompt list gets `seed + i`), so a teacher and a student sampled with
-the same prompts and seed start from the same noise and can be compared image for image.
+Writes numbered PNGs, grid.png and index.json (prompt and seed of each file); sampling, seeding (image i gets
+`seed + i`) and decoding live in koala/ship/sampling.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-from diffusers import StableDiffusionXLPipeline
-from PIL import Image
-
-from koala.config.choice import Choice
 from koala.config.compose import run_command
-from koala.devices import DTYPES, parse_dtype, pick_device
-from koala.ship.presets import Preset, PresetName, get_preset, preset_scheduler
-
-PipelineDType = Choice("PipelineDType", ["auto", *DTYPES])  # auto: fp16 on cuda, fp32 elsewhere
+from koala.ship.presets import PresetName
+from koala.ship.sampling import PipelineDType, generate, load_pipeline, read_prompts, save_images
 
 
 @dataclass
@@ -33,7 +22,7 @@ class GenerateConfig:
     model: Optional[str] = None  # a diffusers SDXL pipeline folder (e.g. <run>/export)
     prompt: Optional[str] = None
     prompts: Optional[str] = None  # a text file: one prompt per line (blank lines and # comments skipped)
-    preset: PresetName = PresetName.v1  # v1 | lightning | turbo
+    preset: PresetName = PresetName.base  # base | lightning | turbo
     seed: int = 0  # image i gets seed + i
     negative_prompt: Optional[str] = None
     batch_size: int = 1
@@ -45,152 +34,6 @@ class GenerateConfig:
     width: Optional[int] = None
     cols: Optional[int] = None  # grid columns (default: about square)
     out: Optional[str] = None  # default samples/<model folder name>-<preset>
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """A torch dtype by name; `auto` is fp16 on cuda and fp32 elsewhere."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return parse_dtype(dtype)
-
-
-def load_pipeline(model: str | Path, device: str | None = None, dtype: str = "auto") -> StableDiffusionXLPipeline:
-    """Load a local SDXL pipeline folder (safetensors only) onto a device."""
-    if not (Path(model) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    device = pick_device(device)
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=pick_dtype(dtype, device), use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file, one per line; blank lines and lines starting with # are skipped."""
-    lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
-
-
-def generate(
-    pipeline: StableDiffusionXLPipeline,
-    prompts: Sequence[str],
-    preset: str | Preset = "v1",
-    seeds: int | Sequence[int] = 0,
-    negative_prompt: str | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 1,
-) -> list[Image.Image]:
-    """One image per prompt; image i is drawn from its own generator seeded `seeds[i]` (or `seeds + i`)."""
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    pipeline.scheduler = preset_scheduler(pipeline.scheduler.config, preset)
-    device = pipeline._execution_device
-    guidance = preset.guidance if guidance is None else guidance
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start : start + batch_size])
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds[start : start + batch_size]]
-        with inputs_in_dtype_of(pipeline.unet):
-            latents = pipeline(
-                prompt=batch,
-                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                num_inference_steps=steps or preset.steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                generator=generators,
-                output_type="latent",
-            ).images
-        images += decode_latents(pipeline, latents)
-    return images
-
-
-def _cast(value, dtype: torch.dtype):
-    """Floating tensors (also inside dicts) -> dtype; everything else as it is."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
-
-
-@contextlib.contextmanager
-def inputs_in_dtype_of(unet: torch.nn.Module):
-    """Cast every floating input of `unet` to its own dtype while sampling.
-
-    The SDXL pipeline draws latents and time ids in the text encoders' dtype, so a U-Net whose dtype differs (an fp32
-    student beside bf16 text encoders, as in a mixed-precision run) could not sample at all without this.
-    """
-    dtype = unet.dtype
-    hook = unet.register_forward_pre_hook(
-        lambda module, args, kwargs: (tuple(_cast(a, dtype) for a in args), _cast(kwargs, dtype)),
-        with_kwargs=True,
-    )
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
-@torch.no_grad()
-def decode_latents(pipeline, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> PIL images through the pipeline's VAE in the VAE's own dtype (an fp16 VAE that must be upcast, as
-    SDXL's, decodes in fp32), whatever dtype the U-Net sampled in."""
-    vae = pipeline.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    dtype = torch.float32 if upcast else vae.dtype
-    if upcast:
-        vae.to(torch.float32)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    latents = latents.to(vae.device, dtype)
-    if mean is not None and std is not None:
-        shape = (1, -1, 1, 1)
-        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(
-            mean
-        ).view(shape).to(latents)
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents, return_dict=False)[0]
-    if upcast:
-        vae.to(torch.float16)
-    if getattr(pipeline, "watermark", None) is not None:
-        image = pipeline.watermark.apply_watermark(image)
-    return pipeline.image_processor.postprocess(image, output_type="pil")
-
-
-def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile images (of the first image's size) into rows of `cols`, about square by default."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        grid.paste(img.convert("RGB").resize((w, h)), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def save_images(
-    images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int], out: Path, cols=None
-) -> Path:
-    """Write numbered PNGs, grid.png and index.json (prompt and seed of each file) to `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    index = []
-    for i, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-        name = f"{i:04d}-seed{seed}.png"
-        img.save(out / name)
-        index.append({"file": name, "prompt": prompt, "seed": seed})
-    make_grid(images, cols).save(out / "grid.png")
-    (out / "index.json").write_text(json.dumps(index, indent=1))
-    return out
 
 
 def generate_command(cfg: GenerateConfig) -> Path:
@@ -222,7 +65,7 @@ def generate_command(cfg: GenerateConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """CLI: compose `configs/generate.yaml` with key=value overrides, sample and write the images."""
-    return run_command("generate", generate_command, argv)
+    return run_command("generate", generate_command, argv, schema=GenerateConfig)
 
 
 if __name__ == "__main__":

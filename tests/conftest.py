@@ -24,13 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_process_launch(module: str, *args: str) -> list[str]:
-    """`accelerate launch` of `python -m <module> <args>` as 2 processes on this machine (gloo on CPU)."""
+def two_process_launch(module: str, *args: str, config: str | None = None) -> list[str]:
+    """`accelerate launch` of `python -m <module> <args>` as 2 processes on this machine (gloo on CPU); with `config`,
+    under that accelerate config file (configs/accelerate/<config>), its process count set to 2."""
     import sys
+    from pathlib import Path
 
+    if config is None:
+        engine = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]  # fmt: skip
+    else:
+        path = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / config
+        engine = ["--config_file", str(path), "--num_processes", "2"]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *engine,
         "--main_process_port", str(free_port()), "-m", module, *args,
     ]  # fmt: skip
 

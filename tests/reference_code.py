@@ -11,9 +11,11 @@ open_clip's models and tokenizer) is then the published code, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,12 @@ PARITY = Path(sys.prefix) / "parity"  # written by `make setup`
 _LIBRARY = None  # the torchvision operator declarations must outlive the import
 
 
-def import_reference_code() -> None:
-    """Make `pytorch_fid` and `open_clip` importable, or skip naming the missing setup step."""
+@contextlib.contextmanager
+def reference_code_importable() -> Iterator[None]:
+    """Make `pytorch_fid` and `open_clip` importable while the block runs, or skip naming the missing setup step.
+
+    The folder leaves sys.path afterwards: processes spawned later by other tests inherit the parent's sys.path,
+    and there transformers would find the CUDA torchvision and fail to import."""
     global _LIBRARY
     if not (PARITY / "pytorch_fid").is_dir() or not (PARITY / "open_clip").is_dir():
         pytest.skip(f"pytorch-fid / open_clip not in {PARITY}: run `make setup`")
@@ -35,8 +41,14 @@ def import_reference_code() -> None:
             _LIBRARY = torch.library.Library("torchvision", "DEF")
             for op in ("nms", "qnms"):
                 _LIBRARY.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    if str(PARITY) not in sys.path:
+    added = str(PARITY) not in sys.path
+    if added:
         sys.path.append(str(PARITY))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(PARITY))
 
 
 def write_open_clip_tokenizer(folder: Path) -> Path:

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.models.inherit import inherit_weights
 from koala.models.plans import student_spec, teacher_unet_config
 from koala.models.unets import build_student, resolve
@@ -30,6 +31,7 @@ def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int 
             f"output_dir={run}",
             f"max_steps={step}",
         ],
+        schema=TrainConfig,
     )
     run.mkdir(parents=True)
     OmegaConf.save(cfg, run / "config.yaml", resolve=True)

@@ -11,7 +11,9 @@ from safetensors import safe_open
 from koala.bench.fullsize import main
 from koala.fixtures.pipeline import components, pipeline_size, write_random_pipeline
 from koala.fixtures.tiny import write_byte_tokenizer
-from koala.models.unets import TINY_UNET_CONFIG, build_student, count_parameters, get_spec
+from koala.models.archs import TINY_UNET_CONFIG
+from koala.models.specs import get_spec
+from koala.models.unets import build_student, count_parameters
 
 # SDXL-Base-1.0's components as published: CLIP-L text model, OpenCLIP-bigG text model with projection, VAE, U-Net.
 SDXL_PARAMS = {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863, "unet": 2_567_463_684}

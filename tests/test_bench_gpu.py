@@ -10,7 +10,9 @@ from koala.bench import gpu
 from koala.bench.__main__ import COMMANDS
 from koala.bench.flops import train_step_flops
 from koala.bench.gpu_report import device_peak
-from koala.models.unets import TINY_UNET_CONFIG, get_spec, student_config
+from koala.models.archs import TINY_UNET_CONFIG
+from koala.models.specs import get_spec
+from koala.models.unets import student_config
 
 TINY = ["bench.threads=1", "bench.device=cpu"]
 

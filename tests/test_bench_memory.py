@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from koala.bench.memory import Bf16Autocast, SavedBytes, main, measure_step
-from koala.models.unets import TINY_UNET_CONFIG
+from koala.bench.memory import main
+from koala.bench.saved_bytes import Bf16Autocast, SavedBytes, measure_step
+from koala.models.archs import TINY_UNET_CONFIG
 
 
 def toy_count(bf16: bool) -> SavedBytes:
@@ -60,8 +61,9 @@ def test_budget_for_koala_700m(tmp_path, capsys):
 
 def test_adamw8bit_state_layout_is_what_bitsandbytes_allocates():
     bnb = pytest.importorskip("bitsandbytes")
-    from koala.bench.memory import adamw8bit_bytes
-    from koala.models.unets import ARCHS, build_unet
+    from koala.bench.budget import adamw8bit_bytes
+    from koala.models.archs import ARCHS
+    from koala.models.unets import build_unet
 
     model = build_unet(dict(ARCHS["tiny"]))
     opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from koala.bench.train import PARTS, main
+from koala.bench.step_timing import PARTS
+from koala.bench.train import main
 
 
 @pytest.mark.slow
@@ -37,7 +38,7 @@ def test_tiny_benchmark_writes_ratios_and_the_split_of_the_step(tmp_path, capsys
 
 
 def test_the_benchmark_times_the_trainers_step_not_a_copy():
-    import koala.bench.train as bench
+    import koala.bench.step_timing as bench
     import koala.train.loop as loop
     from koala.train import build, step
 

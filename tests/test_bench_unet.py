@@ -6,7 +6,7 @@ import pytest
 
 from koala.bench.flops import forward_flops
 from koala.bench.unet import BenchUNetConfig, bench_rows, main
-from koala.models.unets import TINY_UNET_CONFIG
+from koala.models.archs import TINY_UNET_CONFIG
 
 
 def test_sdxl_params_and_flops_ordering(tmp_path, capsys):

@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load
 
-from koala.cache import build_cache  # the command registers its schema (koala_cache)
+from koala.cache import CacheJobConfig  # the command's schema (koala_cache)
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
+from koala.data.cache_writer import build_cache
 from koala.data.conditioning import CachedConditioner, SDXLConditioner
 from koala.fixtures.shards import write_demo_shards
 from koala.train.build import load_frozen
@@ -27,7 +30,7 @@ def cache_setup(tmp_path_factory, tiny_pipeline_dir):
         f"data.path='{shards}'", "data.resolution=32", "data.random_flip=true",
         "data.center_crop=false", f"teacher.pipeline={tiny_pipeline_dir}",
         f"cache.out={root}/latents", "cache.dtype=fp32", "cache.batch_size=4", "cache.samples_per_shard=4",
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
     return cfg, build_cache(cfg)
 
 
@@ -61,7 +64,7 @@ def test_cached_batches_equal_the_online_conditioning(cache_setup, tiny_pipeline
 
 def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, tiny_pipeline_dir):
     _, out = cache_setup
-    cfg = compose_config("train", ["data=cached", f"data.path={out}", "data.caption_dropout=1.0"])
+    cfg = compose_config("train", ["data=cached", f"data.path={out}", "data.caption_dropout=1.0"], schema=TrainConfig)
     batch = next(iter(build_dataloader(cfg.data, batch_size=2, seed=0)))
     assert batch["dropped"].all() and batch["prompt_embeds"].any()  # the cache keeps the real embeddings
     cond = SDXLConditioner.from_pretrained(tiny_pipeline_dir)(batch)
@@ -71,11 +74,11 @@ def test_cached_caption_dropout_marks_samples_for_the_conditioner(cache_setup, t
 def test_training_on_a_cache_loads_no_text_encoder_and_no_vae(cache_setup, tiny_pipeline_dir):
     _, out = cache_setup
     args = ["data=cached", f"data.path={out}", "data.caption_dropout=0.5", f"teacher.pipeline={tiny_pipeline_dir}"]
-    conditioner = load_frozen(compose_config("train", args), torch.device("cpu"))[0]
+    conditioner = load_frozen(compose_config("train", args, schema=TrainConfig), torch.device("cpu"))[0]
     assert isinstance(conditioner, CachedConditioner) and not list(conditioner.parameters())
     full = SDXLConditioner.from_pretrained(tiny_pipeline_dir)
     assert conditioner.vae_scale_factor == full.vae_scale_factor == 2
-    batches = iter(build_dataloader(compose_config("train", args).data, batch_size=4, seed=0))
+    batches = iter(build_dataloader(compose_config("train", args, schema=TrainConfig).data, batch_size=4, seed=0))
     dropped = set()
     for batch in (next(batches) for _ in range(4)):
         dropped |= set(batch["dropped"].tolist())
@@ -86,7 +89,9 @@ def test_training_on_a_cache_loads_no_text_encoder_and_no_vae(cache_setup, tiny_
     assert dropped == {True, False}  # both branches were compared
     with pytest.raises(ValueError, match="cached batches only"):
         conditioner({"pixel_values": torch.zeros(1, 3, 32, 32), "captions": ["x"]})
-    empty = load_frozen(compose_config("train", [*args, "data.caption_dropout_mode=empty"]), torch.device("cpu"))[0]
+    empty = load_frozen(
+        compose_config("train", [*args, "data.caption_dropout_mode=empty"], schema=TrainConfig), torch.device("cpu")
+    )[0]
     assert isinstance(empty, SDXLConditioner)  # encodes "" for dropped samples: keeps its text encoders
 
 
@@ -130,7 +135,7 @@ def hostile_cache(tmp_path_factory, tiny_pipeline_dir):
         f"data.path='{root}/src-{{0..1}}.tar'", "data.resolution=32", "data.num_workers=2",
         f"teacher.pipeline={tiny_pipeline_dir}", f"cache.out={root}/latents",
         "cache.dtype=fp16", "cache.batch_size=2",
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
     return cfg, build_cache(cfg)
 
 
@@ -168,12 +173,13 @@ def cache_config(root, tiny_pipeline_dir, source: str, *extra: str):
     return compose_config("cache", [
         f"data.path='{source}'", "data.resolution=32", "data.num_workers=0", f"teacher.pipeline={tiny_pipeline_dir}",
         f"cache.out={root}/latents", "cache.batch_size=4", *extra,
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
 
 
 def train_config(tiny_pipeline_dir, cache):
     return compose_config("train", ["data=cached", f"data.path={cache}", "data.resolution=32", "data.resampled=false",
-                                    f"teacher.pipeline={tiny_pipeline_dir}", "output_dir=unused"])  # fmt: skip
+                                    f"teacher.pipeline={tiny_pipeline_dir}", "output_dir=unused"],
+                          schema=TrainConfig)  # fmt: skip
 
 
 def test_a_stopped_or_mixed_cache_is_refused_and_recaching_replaces_only_koala_files(
@@ -228,3 +234,46 @@ def test_cache_counts_a_bad_shard_after_the_last_batch(tmp_path, tiny_pipeline_d
     out = build_cache(cfg)
     info = json.loads((out / "info-000.json").read_text())
     assert info["samples"] == 4 and info["skipped"]["bad_shard"] == 1  # before: 0
+
+
+def test_cache_encodes_in_conditioning_dtype_and_training_refuses_another(cache_setup, tiny_pipeline_dir, tmp_path):
+    from koala.config.checks import ConfigError, check_config
+    from koala.data.conditioning import conditioning_dtype
+
+    cfg, out = cache_setup  # conditioning.dtype=auto on CPU: fp32
+    assert json.loads((out / "info-000.json").read_text())["conditioning_dtype"] == "fp32"
+    bf16 = build_cache(OmegaConf.merge(cfg, {"conditioning": {"dtype": "bf16"}, "cache": {"out": str(tmp_path)}}))
+    assert json.loads((bf16 / "info-000.json").read_text())["conditioning_dtype"] == "bf16"
+    embeds = {}
+    for path, dtype in ((out, torch.float32), (bf16, torch.bfloat16)):  # the cached embeddings are those encoders'
+        cached_cfg = OmegaConf.merge(cfg.data, {"kind": "cached", "path": str(path), "num_workers": 0})
+        batch = next(iter(build_dataloader(cached_cfg, batch_size=4, seed=0)))
+        encoders = SDXLConditioner.from_pretrained(tiny_pipeline_dir, dtype=dtype)
+        expected = encoders.encode_prompts([c["caption"] for c in batch_captions(path, batch["keys"])])[0]
+        torch.testing.assert_close(batch["prompt_embeds"], expected.float(), rtol=0, atol=0)
+        embeds[dtype] = batch["prompt_embeds"]
+    assert not torch.equal(embeds[torch.float32], embeds[torch.bfloat16])
+
+    args = ["data=cached", f"data.path={out}", f"teacher.pipeline={tiny_pipeline_dir}", "data.resolution=32"]
+    check_config(compose_config("train", args, schema=TrainConfig))  # auto: the cache's precision
+    assert (
+        conditioning_dtype(compose_config("train", args, schema=TrainConfig), "cuda") == "fp32"
+    )  # even where auto would say fp16
+    check_config(compose_config("train", [*args, "conditioning.dtype=fp32"], schema=TrainConfig))
+    with pytest.raises(ConfigError, match="conditioning.dtype=bf16 differs from the cache's: .* encoded in fp32"):
+        check_config(compose_config("train", [*args, "conditioning.dtype=bf16"], schema=TrainConfig))
+    (out / "info-001.json").write_text(json.dumps({"conditioning_dtype": "bf16"}))  # a second rank's, of another
+    try:
+        with pytest.raises(ConfigError, match=r"mixes conditioning precisions \['bf16', 'fp32'\]"):
+            check_config(compose_config("train", args, schema=TrainConfig))
+    finally:
+        (out / "info-001.json").unlink()
+
+
+def batch_captions(cache: Path, keys: list[str]) -> list[dict]:
+    """The metadata (caption, sizes) a cache recorded for each of `keys`."""
+    from koala.data.cached import decode_meta
+
+    metas = [decode_meta(t.extractfile(m).read()) for p in cache.glob("*.tar") for t in [tarfile.open(p)] for m in t]
+    by_key = {m["key"]: m for m in metas}
+    return [by_key[k] for k in keys]

@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from rundir import write_run_dir
 
-from koala.export import export_run
+from koala.ship.export import export_run
 from koala.train.checkpoint import (
     MANIFEST,
     CorruptCheckpoint,

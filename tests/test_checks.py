@@ -9,9 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from koala.choice import Choice
 from koala.config.checks import ConfigError, check_config
-from koala.config.choice import Choice
-from koala.config.compose import COMPOSE_ERRORS, compose_config, error_line, schemas
+from koala.config.compose import COMPOSE_ERRORS, compose_config, error_line
+from koala.config.schema import TrainConfig
 
 
 def config(tmp_path, pipeline, *overrides):
@@ -24,7 +25,7 @@ def config(tmp_path, pipeline, *overrides):
         f"teacher.pipeline={pipeline}",
         f"data.path='{shards}/demo-{{00000..00001}}.tar'", "data.resolution=32", f"output_dir={tmp_path / 'run'}",
         *overrides,
-    ])  # fmt: skip
+    ], schema=TrainConfig)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,8 @@ BAD_CHOICES = [
     ("train", "report_to=[tensorbord]", "expected one of [tensorboard, wandb]"),
     ("train", "teacher=lightening", "Could not find 'teacher/lightening'; Available options in 'teacher': sdxl-base"),
     ("cache", "cache.dtype=int8", "expected one of [bf16, fp16, fp32]"),
-    ("generate", "preset=fast", "expected one of [v1, lightning, turbo]"),
+    ("generate", "preset=fast", "expected one of [base, lightning, turbo]"),
+    ("generate", "preset=v1", "expected one of [base, lightning, turbo]"),  # base was called v1 before issue 23
     ("generate", "dtype=fp8", "expected one of [auto, bf16, fp16, fp32]"),
     ("evaluate", "convert=inceptionv3", "expected one of [inception, hps, open_clip, pickscore, clip]"),
     (
@@ -204,10 +206,42 @@ BAD_CHOICES = [
 ]
 
 
+# Every command config (configs/<name>.yaml) and the schema its command composes it against (`run_command(...,
+# schema=...)`): a new command adds its line here.
+COMMAND_SCHEMAS = {
+    "train": "koala.config.schema:TrainConfig",
+    "cache": "koala.cache:CacheJobConfig",
+    "inspect": "koala.inspect:InspectConfig",
+    "export": "koala.export:ExportConfig",
+    "generate": "koala.generate:GenerateConfig",
+    "evaluate": "koala.evaluate:EvaluateConfig",
+    "lora": "koala.lora:LoraRemapConfig",
+    "search": "koala.search:SearchConfig",
+    "fixtures": "koala.fixtures.__main__:FixturesConfig",
+    "shapes_evaluate": "koala.shapes.evaluate:ShapesEvaluateConfig",
+    "shapes_teacher": "koala.shapes.teacher:TeacherTrainConfig",
+    "bench_unet": "koala.bench.unet:BenchUNetJob",
+    "bench_data": "koala.bench.data:BenchDataJob",
+    "bench_train": "koala.bench.train:BenchTrainJob",
+    "bench_memory": "koala.bench.memory:BenchMemoryJob",
+    "bench_ablation": "koala.bench.ablation:BenchAblationJob",
+    "bench_gpu": "koala.bench.gpu:BenchGPUJob",
+    "bench_fullsize": "koala.bench.fullsize:BenchFullsizeJob",
+}
+
+
+def command_schema(config_name: str) -> type:
+    """The schema class the command of `configs/<config_name>.yaml` composes it against (imports the command)."""
+    import importlib
+
+    module, name = COMMAND_SCHEMAS[config_name].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @pytest.mark.parametrize("config,override,message", BAD_CHOICES)
 def test_bad_choices_fail_at_compose_time_naming_the_choices(config, override, message):
     with pytest.raises(COMPOSE_ERRORS) as err:
-        compose_config(config, [override])
+        compose_config(config, [override], schema=command_schema(config))
     line = error_line(err.value)
     assert message in line and "\n" not in line, line
 
@@ -217,11 +251,12 @@ def test_choices_read_and_write_as_their_names():
     config.yaml read back (what a resume compares), dict keys."""
     from koala.train.runs import config_changes
 
-    schemas()  # imports every module that defines a choice
+    for name in COMMAND_SCHEMAS:  # imports every module that defines a choice
+        command_schema(name)
     for choice in Choice.__subclasses__():
         assert [m.name for m in choice] == [m.value for m in choice], choice
     cfg = compose_config("train", ["distill=sa+lf", "distill.loss=normalized", "mixed_precision=bf16",
-                                   "distill.kind_weights={lf: 0.5}", "report_to=[wandb]"])  # fmt: skip
+                                   "distill.kind_weights={lf: 0.5}", "report_to=[wandb]"], schema=TrainConfig)  # fmt: skip
     loss = cfg.distill.loss
     assert loss == "normalized" and str(loss) == f"{loss}" == "normalized" and repr(loss) == "'normalized'"
     assert {"normalized": 1}[loss] == 1 and cfg.distill.kind_weights["lf"] == 0.5
@@ -232,7 +267,9 @@ def test_choices_read_and_write_as_their_names():
     assert "loss: normalized" in text and "  lf: 0.5" in text and "- wandb" in text
     saved = OmegaConf.to_container(OmegaConf.create(text))
     assert config_changes(saved, container) == {} and config_changes(json.loads(json.dumps(container)), container) == {}
-    assert OmegaConf.to_yaml(OmegaConf.merge(compose_config("train"), OmegaConf.create(text))) == text  # read back
+    assert (
+        OmegaConf.to_yaml(OmegaConf.merge(compose_config("train", schema=TrainConfig), OmegaConf.create(text))) == text
+    )  # read back
 
 
 def test_a_plain_string_is_converted_or_refused_naming_the_choices():
@@ -265,7 +302,7 @@ def test_every_command_reports_a_bad_config_in_one_line(capsys):
     err = capsys.readouterr().err
     assert (
         exit.value.code == 2
-        and err == "error: preset=fast: Invalid value 'fast', expected one of [v1, lightning, turbo]\n"
+        and err == "error: preset=fast: Invalid value 'fast', expected one of [base, lightning, turbo]\n"
     )
 
 
@@ -273,16 +310,16 @@ def test_every_command_config_composes_on_its_registered_schema():
     from koala.config.compose import CONFIG_DIR
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert {f"koala_{n}" for n in names} == set(schemas())  # one schema per command config, and back
+    assert set(names) == set(COMMAND_SCHEMAS)  # one schema per command config, and back
     for name in names:
-        compose_config(name)
+        compose_config(name, schema=command_schema(name))
 
 
 @pytest.mark.slow
 def test_importing_a_command_registers_no_schema():
     code = ("import koala.train.loop, koala.export, koala.generate, koala.evaluate, koala.lora, koala.cache, "
             "koala.inspect, koala.demo, koala.bench.__main__, koala.fixtures.__main__, koala.shapes.evaluate, "
-            "koala.shapes.teacher\n"
+            "koala.shapes.teacher, koala.search\n"
             "from hydra.core.config_store import ConfigStore\n"
             "print(sorted(ConfigStore.instance().repo))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -5,11 +5,14 @@ import torch
 from conftest import unet_inputs
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.pairing import pair_taps
 from koala.distill.taps import unwrap
 from koala.distill.task import DistillationTask, LossWeights
+from koala.models.archs import TINY_UNET_CONFIG
 from koala.models.inherit import inherit_weights
-from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec, resolve
+from koala.models.specs import get_spec
+from koala.models.unets import build_student, build_unet, resolve
 
 
 def models():
@@ -42,7 +45,7 @@ def step(task: DistillationTask, x: dict) -> tuple[dict, dict]:
 def test_compiled_student_and_teacher_give_the_eager_losses(sa_point):
     torch._dynamo.reset()
     teacher, student, plan = models()
-    d = compose_config("train", ["distill=sa+lf", f"distill.sa_point={sa_point}"]).distill
+    d = compose_config("train", ["distill=sa+lf", f"distill.sa_point={sa_point}"], schema=TrainConfig).distill
     pairs = pair_taps(plan, d, student, teacher)
     weights = LossWeights(d.task_weight, d.out_weight, d.feat_weight)
     eager = DistillationTask(student, teacher, pairs, weights, d.loss, sa_point)

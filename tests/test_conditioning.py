@@ -43,6 +43,7 @@ def test_batch_conditioning_and_cached_pass_through(tiny_pipeline_dir):
 def online_dropped_batch(tiny_pipeline_dir, tmp_path, mode):
     """A batch of the demo data with every caption dropped, and the conditioner of `mode`."""
     from koala.config.compose import compose_config
+    from koala.config.schema import TrainConfig
     from koala.data import build_dataloader
     from koala.fixtures.shards import write_demo_shards
 
@@ -55,6 +56,7 @@ def online_dropped_batch(tiny_pipeline_dir, tmp_path, mode):
             "data.caption_dropout=1.0",
             f"data.caption_dropout_mode={mode}",
         ],
+        schema=TrainConfig,
     )
     batch = next(iter(build_dataloader(cfg.data, batch_size=2, seed=0)))
     return batch, SDXLConditioner.from_pretrained(tiny_pipeline_dir, caption_dropout_mode=mode)

@@ -6,7 +6,8 @@ from conftest import unet_inputs
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
 
 from koala.models.inherit import inherit_weights
-from koala.models.unets import SPECS, build_student, resolve
+from koala.models.specs import SPECS
+from koala.models.unets import build_student, resolve
 from koala.ship.controlnet import fit_controlnet, residual_sources
 
 

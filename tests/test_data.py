@@ -13,7 +13,7 @@ from PIL import Image
 
 from koala.config.checks import check_config
 from koala.config.compose import compose_config
-from koala.config.schema import DataConfig
+from koala.config.schema import DataConfig, TrainConfig
 from koala.data import DataKind, SkipTally, build_dataloader
 from koala.data.samples import ImageCodec
 from koala.data.stream import TooManySkips
@@ -141,7 +141,11 @@ def test_fixtures_cli_writes_the_teacher_and_the_shards(tmp_path, capsys):
     written = main([f"pipeline={tmp_path}/tiny", f"shards='{tmp_path}/d/demo-{{0..2}}.tar'", "n=5", "resolution=16"])
     assert len(list((tmp_path / "d").glob("demo-*.tar"))) == 3 and (tmp_path / "tiny" / "model_index.json").is_file()
     assert capsys.readouterr().out.split() == written
-    cfg = compose_config("train", [f"teacher.pipeline={tmp_path}/tiny", f"data.path='{tmp_path}/d/demo-{{0..2}}.tar'"])
+    cfg = compose_config(
+        "train",
+        [f"teacher.pipeline={tmp_path}/tiny", f"data.path='{tmp_path}/d/demo-{{0..2}}.tar'"],
+        schema=TrainConfig,
+    )
     check_config(cfg)  # the trainer reads what the fixtures wrote
 
 
@@ -164,9 +168,9 @@ def test_presets_compose():
     from koala.config.compose import compose_config
 
     for preset in ("demo", "webdataset", "laion-pop", "hf", "folder", "cached"):
-        cfg = compose_config("train", [f"data={preset}"])
+        cfg = compose_config("train", [f"data={preset}"], schema=TrainConfig)
         assert cfg.data.kind in list(DataKind)
-    assert compose_config("train", ["data=laion-pop"]).data.caption_key == "json.llava_caption"
+    assert compose_config("train", ["data=laion-pop"], schema=TrainConfig).data.caption_key == "json.llava_caption"
 
 
 def test_data_bench_prints_side_by_side_rates(capsys):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from koala.config.compose import compose_config
-from koala.config.schema import DataConfig
+from koala.config.schema import DataConfig, TrainConfig
 from koala.data import build_dataloader
 from koala.data.buckets import SDXL_BUCKETS_1024, nearest_bucket, sdxl_buckets
 from koala.data.transforms import sdxl_transform
@@ -168,11 +168,14 @@ def test_background_is_a_data_setting(tmp_path):
                 f"data.background={colour}",
                 "data.num_workers=0",
             ],
+            schema=TrainConfig,
         )
         batch = next(iter(build_dataloader(cfg.data, batch_size=1, seed=0)))
         assert as_uint8(batch["pixel_values"][0])[4, 4].tolist() == [expected] * 3
     with pytest.raises(ValueError, match=r"data\.background='blu'.*#rrggbb"):
-        cfg = compose_config("train", ["data=folder", f"data.path={tmp_path}", "data.background=blu"])
+        cfg = compose_config(
+            "train", ["data=folder", f"data.path={tmp_path}", "data.background=blu"], schema=TrainConfig
+        )
         build_dataloader(cfg.data, batch_size=1, seed=0)
 
 

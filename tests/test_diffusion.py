@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from koala.distill.losses import feature_loss, mse
-from koala.models.unets import SDXL_SCHEDULER_CONFIG
+from koala.models.archs import SDXL_SCHEDULER_CONFIG
 from koala.train.diffusion import TimestepSampler, min_snr_weights, sample_noise, task_target, teacher_timesteps
 
 
@@ -69,13 +69,14 @@ def test_teacher_schedule_trains_at_the_steps_its_students_sample(teacher):
     from diffusers import EulerDiscreteScheduler
 
     from koala.config.compose import compose_config
-    from koala.models.unets import SDXL_SCHEDULER_CONFIG
-    from koala.ship.presets import preset_for_kind, preset_scheduler
+    from koala.config.schema import TrainConfig
+    from koala.models.archs import SDXL_SCHEDULER_CONFIG
+    from koala.ship.presets import get_preset, preset_scheduler
 
-    cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"])
+    cfg = compose_config("train", [f"teacher={teacher}", "timesteps=teacher_schedule"], schema=TrainConfig)
     trained = set(TimestepSampler(cfg.timesteps, 1000, cfg.teacher.steps).choices.tolist())
     scheduler = preset_scheduler(
-        EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, preset_for_kind(cfg.teacher.kind)
+        EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config, get_preset(cfg.teacher.kind)
     )
     scheduler.set_timesteps(cfg.teacher.steps)
     assert trained == {round(t) for t in scheduler.timesteps.tolist()} and len(trained) == 4

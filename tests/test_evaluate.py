@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
-import koala.evaluate
+import koala.evaluation.runner
 from koala.evaluate import main
 from koala.evaluation.inception import load_fid_inception, random_fid_inception_state
 from koala.evaluation.metrics import (
@@ -140,7 +140,7 @@ def test_inception_converter_refuses_to_load_pickles(inception_file, tmp_path):
     with pytest.raises(
         MissingMetricWeights, match=r"is a pickle.*python -m koala.evaluate convert=inception src=.*pth"
     ):
-        koala.evaluate.check_metrics(
+        koala.evaluation.runner.check_metrics(
             ["fid"], _ns(inception=str(tmp_path / "pt_inception-2015-12-05.pth")), _ns(reference=str(tmp_path))
         )
     out = main(
@@ -275,7 +275,7 @@ def test_bad_inputs_fail_before_any_model_loads(
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(koala.evaluate, "load_pipeline", refuse)
+    monkeypatch.setattr(koala.evaluation.runner, "load_pipeline", refuse)
     (tmp_path / "prompts.txt").write_text("a koala\n")
     torch.save({"w": torch.zeros(1)}, tmp_path / "pt_inception.pth")
     write_images(tmp_path / "ref", 2, seed=0)
@@ -345,7 +345,7 @@ def test_hpsv2_preset_scores_per_style(tiny_pipeline_dir, tmp_path):
     manifest = json.loads((tmp_path / "eval" / "teacher" / "manifest.json").read_text())
     assert [(m["style"], m["seed"]) for m in manifest] == [("anime", 0), ("anime", 1), ("photo", 2)]
     settings = json.loads(Image.open(tmp_path / "eval" / "teacher" / "images" / "00000.png").text["settings"])
-    assert (settings["preset"], settings["sampler"], settings["timestep_spacing"]) == ("v1", "euler", None)
+    assert (settings["preset"], settings["sampler"], settings["timestep_spacing"]) == ("base", "euler", None)
     assert "| teacher |" in (tmp_path / "eval" / "results.md").read_text()
 
 
@@ -442,7 +442,7 @@ def test_pickscore_converter_reads_a_pickled_clip_folder(tiny_clip, tmp_path):
     model.config.save_pretrained(src)
     torch.save(model.state_dict(), src / "pytorch_model.bin")
     with pytest.raises(MissingMetricWeights, match=r"pytorch_model.bin.*convert=pickscore"):
-        koala.evaluate.check_metrics(["pickscore"], _ns(pickscore=str(src)), _ns(reference=None))
+        koala.evaluation.runner.check_metrics(["pickscore"], _ns(pickscore=str(src)), _ns(reference=None))
     out = main(["convert=pickscore", f"src={src}", f"out={tmp_path / 'pickscore'}", f"tokenizer={tiny_clip}"])
     images = [Image.open(f).convert("RGB") for f in write_images(tmp_path / "img", 2, seed=6)]
     prompts = ["a koala", "a red car"]

@@ -12,7 +12,8 @@ from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
 from safetensors.torch import load_file
 
-from koala.export import export_run, main
+from koala.export import main
+from koala.ship.export import export_run
 from koala.train.checkpoint import find_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,14 +194,14 @@ def test_a_killed_export_leaves_nothing_that_the_next_export_does_not_remove(run
     out = tmp_path / "out"
     stop_in = textwrap.dedent(f"""
         import os, signal, sys, time
-        import koala.export as export
+        import koala.export, koala.ship.export
         def stop(*args, **kwargs):  # the model card is written after the pipeline: the staging folder is full
             if sys.argv[1] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             print("staged", flush=True)
             time.sleep(600)
-        export.write_model_card = stop
-        export.main(["run_dir={run_dir}", "out={out}"])
+        koala.ship.export.write_model_card = stop
+        koala.export.main(["run_dir={run_dir}", "out={out}"])
     """)  # fmt: skip
     killed = subprocess.run([sys.executable, "-c", stop_in, "kill"], cwd=REPO, capture_output=True, timeout=300)
     assert killed.returncode == -9

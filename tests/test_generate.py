@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from koala.generate import generate, load_pipeline, main, make_grid
-from koala.ship.presets import (
-    KIND_PRESETS,
-    get_preset,
-    preset_for_kind,
-    preset_scheduler,
-    shipped_scheduler_config,
-)
+from koala.generate import main
+from koala.ship.presets import PRESETS, get_preset, preset_scheduler, shipped_scheduler_config
+from koala.ship.sampling import generate, load_pipeline, make_grid
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +17,16 @@ def pipe(tiny_pipeline_dir):
 
 
 def test_presets():
-    assert (get_preset("v1").steps, get_preset("v1").guidance, get_preset("v1").timestep_spacing) == (25, 7.5, None)
+    base = get_preset("base")
+    assert (base.steps, base.guidance, base.timestep_spacing) == (25, 7.5, None)
     assert (get_preset("lightning").steps, get_preset("lightning").guidance) == (10, 3.5)
-    assert preset_for_kind("turbo").guidance == 0.0 and preset_for_kind("turbo").timestep_spacing == "trailing"
-    with pytest.raises(ValueError, match="expected one of v1, lightning, turbo"):
-        get_preset("fast")
+    assert get_preset("turbo").guidance == 0.0 and get_preset("turbo").timestep_spacing == "trailing"
+    for name in ("fast", "v1"):  # v1: the base preset's name before issue 23, refused naming the choices
+        with pytest.raises(ValueError, match=f"'{name}' is not a valid PresetName: expected one of base, lightning"):
+            get_preset(name)
 
 
-@pytest.mark.parametrize("kind", list(KIND_PRESETS))
+@pytest.mark.parametrize("kind", list(PRESETS))
 def test_each_preset_samples_as_its_teacher_ships(kind):
     """The preset of a teacher kind, applied to the scheduler config a student's pipeline carries (SDXL-Base's: the
     export copies the teacher folder's), gives the scheduler the teacher's release ships: class, spacing, betas,
@@ -39,7 +36,7 @@ def test_each_preset_samples_as_its_teacher_ships(kind):
 
     shipped = shipped_scheduler_config(kind)
     assert shipped["_source"]  # where the data came from
-    preset = preset_for_kind(kind)
+    preset = get_preset(kind)
     ours = preset_scheduler(shipped_scheduler_config("base"), preset)
     theirs = getattr(diffusers, shipped["_class_name"]).from_config(shipped)
     assert type(ours) is type(theirs)

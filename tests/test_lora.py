@@ -13,10 +13,12 @@ from peft.utils import get_peft_model_state_dict
 from rundir import write_run_dir
 from safetensors.torch import load_file, save_file
 
-from koala.export import export_run
-from koala.lora import main, remap_file
+from koala.lora import main
 from koala.models.convert import diffusers_to_original
-from koala.models.unets import SPECS, resolve
+from koala.models.specs import SPECS
+from koala.models.unets import resolve
+from koala.ship.export import export_run
+from koala.ship.lora_remap import remap_file
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 

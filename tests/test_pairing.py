@@ -8,17 +8,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from koala.config.compose import CONFIG_DIR, compose_config
+from koala.config.schema import TrainConfig
 from koala.distill.pairing import TapPair, check_pair_shapes, pair_counts, pair_taps
 from koala.distill.taps import list_tap_points
-from koala.models.unets import (
-    SDXL_UNET_CONFIG,
-    TINY_UNET_CONFIG,
-    build_student,
-    build_unet,
-    get_spec,
-    resolve,
-    spec_from_fields,
-)
+from koala.models.archs import SDXL_UNET_CONFIG, TINY_UNET_CONFIG
+from koala.models.specs import get_spec, spec_from_fields
+from koala.models.unets import build_student, build_unet, resolve
 
 ALL_STAGES = ["encoder", "mid", "decoder"]
 
@@ -30,6 +25,8 @@ def distill(**kw):
         "kind_weights": {},
         "stage_weights": {},
         "blocks": None,
+        "kind_blocks": {},
+        "reduction": "sum",
         "sa_point": "attn1",
         "pairing": "first",
     }
@@ -67,7 +64,7 @@ def test_full_size_sdxl_pairs_and_shapes_on_meta(name, total, counts):
     "preset,kinds,suffix", [("ca", {"ca"}, "attn2"), ("ffn", {"ffn"}, "ff"), ("sa", {"sa"}, "attn1")]
 )
 def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
-    cfg = compose_config("train", [f"distill={preset}"])
+    cfg = compose_config("train", [f"distill={preset}"], schema=TrainConfig)
     assert set(cfg.distill.kinds) == kinds
     plan, student, teacher = models("tiny-700m")
     points = list_tap_points(student, cfg.distill.kinds, cfg.distill.stages)
@@ -79,7 +76,7 @@ def test_presets_choose_the_tapped_modules(preset, kinds, suffix):
 
 def test_lf_and_combined_presets():
     plan, student, teacher = models("tiny-1b")
-    lf = pair_taps(plan, compose_config("train", ["distill=lf"]).distill, student, teacher)
+    lf = pair_taps(plan, compose_config("train", ["distill=lf"], schema=TrainConfig).distill, student, teacher)
     assert [p.student.name for p in lf] == [
         "down_blocks.0",
         "down_blocks.1",
@@ -91,12 +88,12 @@ def test_lf_and_combined_presets():
     ]
     assert all(p.student.name == p.teacher.name for p in lf)
     check_pair_shapes(lf, student, teacher, sample_size=8)
-    both = pair_taps(plan, compose_config("train", ["distill=sa+lf"]).distill, student, teacher)
+    both = pair_taps(plan, compose_config("train", ["distill=sa+lf"], schema=TrainConfig).distill, student, teacher)
     assert {p.student.kind for p in both} == {"sa", "lf"}
     for preset in ("out", "task"):
-        cfg = compose_config("train", [f"distill={preset}"]).distill
+        cfg = compose_config("train", [f"distill={preset}"], schema=TrainConfig).distill
         assert pair_taps(plan, cfg, student, teacher) == [] and cfg.feat_weight == 0.0
-    default = compose_config("train").distill
+    default = compose_config("train", schema=TrainConfig).distill
     assert list(default.kinds) == ["sa"]
 
 
@@ -176,12 +173,13 @@ def test_every_dict_option_holds_all_its_keys_in_every_preset():
     from koala.distill.taps import Stage, TapKind
 
     fields = dict_fields(OmegaConf.structured(TrainConfig))
-    assert fields == ["distill.kind_weights", "distill.stage_weights"]
+    assert fields == ["distill.kind_weights", "distill.stage_weights", "distill.kind_blocks"]
     for yaml in (CONFIG_DIR / "distill").glob("*.yaml"):
-        cfg = compose_config("train", [f"distill={yaml.stem}"])
+        cfg = compose_config("train", [f"distill={yaml.stem}"], schema=TrainConfig)
         assert set(cfg.distill.kind_weights) == set(TapKind) and set(cfg.distill.stage_weights) == set(Stage), yaml
+        assert set(cfg.distill.kind_blocks) == set(TapKind), yaml
     with pytest.raises(Exception, match="decodr"):
-        compose_config("train", ["distill.stage_weights={decodr: 2.0}"])
+        compose_config("train", ["distill.stage_weights={decodr: 2.0}"], schema=TrainConfig)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +191,7 @@ def test_every_dict_option_holds_all_its_keys_in_every_preset():
     ],
 )
 def test_list_overrides_replace_the_preset(overrides, expected):
-    cfg = compose_config("train", ["unet=tiny-1b", *overrides])
+    cfg = compose_config("train", ["unet=tiny-1b", *overrides], schema=TrainConfig)
     plan, student, teacher = models("tiny-1b")
     assert set(pair_counts(pair_taps(plan, cfg.distill, student, teacher))) == expected
 
@@ -202,6 +200,7 @@ def test_weight_overrides_change_only_the_named_weight():
     cfg = compose_config(
         "train",
         ["unet=tiny-1b", "distill=sa+lf", "distill.stage_weights={decoder: 2.0}", "distill.kind_weights={lf: 0.5}"],
+        schema=TrainConfig,
     )
     plan, student, teacher = models("tiny-1b")
     weights = {(p.student.stage, p.student.kind): p.weight for p in pair_taps(plan, cfg.distill, student, teacher)}
@@ -226,3 +225,81 @@ def test_inspect_honours_a_stage_override():
     summary = out.split("distill:")[1]
     assert "stages ['decoder']" in summary and "14 pairs" in summary
     assert "encoder" not in summary.split("pairs at")[1] and "down_blocks" not in summary
+
+
+def test_kind_blocks_put_one_kind_in_its_own_blocks():
+    """SA everywhere + LF only at the last decoder block, as one override."""
+    plan, student, teacher = models("tiny-1b")
+    cfg = compose_config(
+        "train", ["distill=sa+lf", "distill.kind_blocks={lf: [up_blocks.2]}"], schema=TrainConfig
+    ).distill
+    pairs = pair_taps(plan, cfg, student, teacher)
+    sa = pair_taps(plan, compose_config("train", ["distill=sa"], schema=TrainConfig).distill, student, teacher)
+    assert [p for p in pairs if p.student.kind == "sa"] == sa  # every SA pair, in the same order
+    assert [p.student.name for p in pairs if p.student.kind == "lf"] == ["up_blocks.2"]
+    assert pairs[-1].student.name == "up_blocks.2"  # forward order kept
+    check_pair_shapes(pairs, student, teacher, sample_size=8)
+    # `blocks` still restricts every kind without an entry
+    both = compose_config("train", ["distill=sa+lf", "distill.blocks=[up_blocks.0]",
+                                    "distill.kind_blocks={lf: [down_blocks.0, up_blocks.2]}"], schema=TrainConfig).distill  # fmt: skip
+    got = {(p.student.kind, p.student.block) for p in pair_taps(plan, both, student, teacher)}
+    assert got == {("sa", "up_blocks.0"), ("lf", "down_blocks.0"), ("lf", "up_blocks.2")}
+    with pytest.raises(ValueError, match=r"distill.kind_blocks.lf: unknown blocks \['up_blocks.9'\]"):
+        pair_taps(plan, distill(kinds=["sa", "lf"], kind_blocks={"lf": ["up_blocks.9"]}), student, teacher)
+
+
+def test_kind_blocks_for_a_kind_not_distilled_are_refused():
+    from koala.config.checks import ConfigError, check_distill
+
+    cfg = compose_config("train", ["distill=koala", "distill.kind_blocks={lf: [up_blocks.2]}"], schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"distill.kind_blocks names \['lf'\], which distill.kinds=\['sa'\]"):
+        check_distill(cfg.distill)
+
+
+@pytest.mark.parametrize("name,n", [("koala-700m", 21), ("koala-1b", 30)])
+def test_mean_reduction_gives_every_student_the_same_total_feature_weight(name, n):
+    plan, student, teacher = models(name, SDXL_UNET_CONFIG, device="meta")
+    summed = pair_taps(plan, distill(), student, teacher)
+    assert len(summed) == n and sum(p.weight for p in summed) == n  # the default: the sum over pairs
+    mean = pair_taps(plan, distill(reduction="mean"), student, teacher)
+    assert [p.weight for p in mean] == [1 / n] * n
+    zero = pair_taps(plan, distill(reduction="mean", stage_weights={"encoder": 0.0}), student, teacher)
+    assert {p.weight for p in zero} == {1 / len(zero)} and len(zero) < n  # n counts the pairs that weigh
+
+
+def test_mean_reduction_makes_the_feature_term_the_mean_over_pairs(tiny_teacher):
+    import torch
+
+    from koala.distill.task import DistillationTask, LossWeights
+
+    plan, student, _ = models("tiny-700m")
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "prompt_embeds": torch.randn(2, 77, 64, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
+        "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2),
+    }  # fmt: skip
+    noisy, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = {}
+    for reduction in ("sum", "mean"):
+        pairs = pair_taps(plan, distill(reduction=reduction), student, tiny_teacher)
+        with torch.no_grad(), DistillationTask(student, tiny_teacher, pairs, LossWeights(feat=3.0)) as task:
+            out[reduction] = task(noisy, torch.tensor([10, 700]), x, target)
+    n = len(pairs)
+    torch.testing.assert_close(out["mean"]["feat"], out["sum"]["feat"] / n)
+    torch.testing.assert_close(
+        out["mean"]["loss"] - out["sum"]["loss"], 3.0 * (out["mean"]["feat"] - out["sum"]["feat"])
+    )
+    assert torch.equal(out["mean"]["feat/sa"], out["sum"]["feat/sa"])  # logged per kind: unweighted, as before
+
+
+def test_inspect_prints_each_pairs_effective_weight():
+    from koala.inspect import InspectConfig, inspect_config
+
+    cfg = compose_config("inspect", ["teacher=tiny", "unet=tiny-700m", "distill.feat_weight=2",
+                                     "distill.reduction=mean", "distill.kind_weights={sa: 3.0}"],
+                         schema=InspectConfig)  # fmt: skip
+    text = inspect_config(cfg)
+    n = int(text.split(" pairs at ")[0].rsplit(" ", 1)[1])
+    assert f"w = feat_weight 2 x kind weight x stage weight / {n} pairs (distill.reduction=mean" in text
+    weights = [line.split(" w=")[1].split()[0] for line in text.splitlines() if " <- " in line]
+    assert len(weights) == n and set(weights) == {f"{2 * 3 / n:.4g}"}

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_code import import_reference_code, write_open_clip_tokenizer
+from reference_code import reference_code_importable, write_open_clip_tokenizer
 from safetensors.torch import load_file, save_file
 
-import koala.evaluate
+import koala.evaluation.runner
 from koala.config.compose import compose_config
-from koala.evaluate import main
+from koala.evaluate import EvaluateConfig, main
 from koala.evaluation.extractor import Extractor, stats_extractor
 from koala.evaluation.images import ImagePrep
 from koala.evaluation.inception import random_fid_inception_state
@@ -28,7 +28,8 @@ BKSDM = "inception-2015-12-05/pytorch-fid/256/jpeg75"
 
 @pytest.fixture(scope="module")
 def reference_code():
-    import_reference_code()
+    with reference_code_importable():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,11 @@ def bksdm_files(samples, val2014, root):
 def bksdm_protocol(reference, **overrides):
     """The coco30k-bksdm preset as koala.evaluate composes it."""
     args = [f"protocol.{k}={v}" for k, v in {"reference": reference, **overrides}.items()]
-    return compose_config("evaluate", ["protocol=coco30k-bksdm", *args]).protocol
+    return compose_config("evaluate", ["protocol=coco30k-bksdm", *args], schema=EvaluateConfig).protocol
 
 
 def test_bksdm_preset_is_bksdms_protocol():
-    p = compose_config("evaluate", ["protocol=coco30k-bksdm"]).protocol
+    p = compose_config("evaluate", ["protocol=coco30k-bksdm"], schema=EvaluateConfig).protocol
     assert (p.height, p.width, p.image_size, p.jpeg, str(p.fid_input)) == (512, 512, 256, 75, "pytorch-fid")
     assert list(p.metrics) == ["fid", "clip_cosine"]
 
@@ -289,7 +290,9 @@ def test_clip_score_is_torchmetrics_clip_score(tmp_path):
     reference.update(
         [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files], prompts
     )
-    ctx = MetricContext("cpu", compose_config("evaluate", ["protocol=custom"]).protocol, tmp_path)
+    ctx = MetricContext(
+        "cpu", compose_config("evaluate", ["protocol=custom"], schema=EvaluateConfig).protocol, tmp_path
+    )
     ours = build_metric("clip_score", clip, ctx)([Sample(f, p) for f, p in zip(files, prompts)])["clip_score"]
     assert ours == pytest.approx(float(reference.compute()), rel=1e-5)
     assert ours < float((100 * cos.clamp(min=0)).mean())  # what the per-image clamp gave
@@ -318,7 +321,7 @@ def _refuse_models(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(koala.evaluate, "load_pipeline", refuse)
+    monkeypatch.setattr(koala.evaluation.runner, "load_pipeline", refuse)
 
 
 def _evaluate_args(tiny_pipeline_dir, tmp_path, inception_file, protocol, reference, *extra):
@@ -393,7 +396,9 @@ def test_declared_statistics_are_accepted_and_recorded_ones_reused(inception_fil
         check_metrics(
             ["fid"],
             _Weights(inception_file),
-            compose_config("evaluate", ["protocol=coco30k-torchmetrics", f"protocol.reference={stats}"]).protocol,
+            compose_config(
+                "evaluate", ["protocol=coco30k-torchmetrics", f"protocol.reference={stats}"], schema=EvaluateConfig
+            ).protocol,
         )
 
 

@@ -9,10 +9,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from koala.cache import build_cache  # the command registers its schema (koala_cache)
+from koala.cache import CacheJobConfig  # the command's schema (koala_cache)
 from koala.config.compose import CONFIG_DIR, compose_config
-from koala.export import export_run
+from koala.config.schema import TrainConfig
+from koala.data.cache_writer import build_cache
 from koala.fixtures.shards import write_demo_shards
+from koala.ship.export import export_run
 from koala.train.loop import train
 
 SHIPPED = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -28,14 +30,14 @@ def assets(tmp_path_factory, tiny_pipeline_dir):
     cache = compose_config("cache", [
         f"data.path='{shards}'", "data.resolution=32", f"teacher.pipeline={tiny_pipeline_dir}",
         f"cache.out={root}/cache", "cache.batch_size=8",
-    ])  # fmt: skip
+    ], schema=CacheJobConfig)  # fmt: skip
     build_cache(cache)
     return {"pipeline": tiny_pipeline_dir, "shards": shards, "cache": root / "cache"}
 
 
 def shrunk(name: str, assets: dict, out: Path) -> list[str]:
     """The experiment's own config with the tiny teacher's weights, the generated data, and small sizes."""
-    cfg = compose_config("train", [f"experiment={name}"])
+    cfg = compose_config("train", [f"experiment={name}"], schema=TrainConfig)
     data_path = assets["cache"] if cfg.data.kind == "cached" else assets["shards"]
     overrides = {
         "teacher.pipeline": assets["pipeline"], "teacher.arch": "tiny",
@@ -53,8 +55,8 @@ def shrunk(name: str, assets: dict, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_experiment_trains_samples_checkpoints_and_exports_as_shipped(name, assets, tmp_path):
-    shipped = compose_config("train", [f"experiment={name}"])
-    cfg = compose_config("train", shrunk(name, assets, tmp_path / "run"))
+    shipped = compose_config("train", [f"experiment={name}"], schema=TrainConfig)
+    cfg = compose_config("train", shrunk(name, assets, tmp_path / "run"), schema=TrainConfig)
     for key in (
         "mixed_precision",
         "teacher.dtype",

@@ -20,12 +20,13 @@ from test_train import read_metrics, tiny_overrides, unet_state
 import koala.train.loop
 from koala.config.checks import ConfigError
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.train.checkpoint import StopSignal
 from koala.train.loop import train
 
 
 def run(tmp, shared, **kw):
-    return train(compose_config("train", tiny_overrides(tmp, shared, **kw)))
+    return train(compose_config("train", tiny_overrides(tmp, shared, **kw), schema=TrainConfig))
 
 
 def assert_same_weights(a, b):
@@ -98,7 +99,9 @@ def test_resume_refuses_settings_that_define_the_run(finished, shared, override,
     monkeypatch.setattr(koala.train.loop, "load_frozen", lambda *a: loaded.append(a))
     key, value = override.split("=")
     overrides = tiny_overrides(finished.parent, shared, max_steps=8, resume="latest")
-    cfg = compose_config("train", [o for o in overrides if not o.startswith(f"{key}=")] + [override])
+    cfg = compose_config(
+        "train", [o for o in overrides if not o.startswith(f"{key}=")] + [override], schema=TrainConfig
+    )
     with pytest.raises(ConfigError) as err:
         train(cfg)
     assert changed in str(err.value) and "Only these may change on resume" in str(err.value)

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.data import build_dataloader
 from koala.fixtures import ensure_fixtures, fixture_command
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
-from koala.shapes.evaluate import eval_prompts
+from koala.shapes.judge import eval_prompts
 from koala.shapes.score import agreement, caption_accuracy, read_scene, score
 from koala.shapes.world import COLOURS, SHAPES, all_captions, caption, draw_scene, parse_caption, render
 
@@ -91,6 +92,7 @@ def test_world_shards_are_deterministic_and_read_back_scored(tmp_path):
             "data.resampled=false",
             "data.shuffle=false",
         ],
+        schema=TrainConfig,
     )
     assert "world=shapes" in fixture_command(cfg)
     ensure_fixtures(cfg, samples=24)
@@ -107,7 +109,7 @@ def test_teacher_trainer_writes_a_loadable_sdxl_pipeline(tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from koala.models.unets import SHAPES_UNET_CONFIG
+    from koala.models.archs import SHAPES_UNET_CONFIG
     from koala.shapes.teacher import main
 
     out = main(
@@ -143,12 +145,12 @@ TEACHER_MIN_ACCURACY = 75.0  # the shipped teacher: 83.3% (15 of 18) on these pr
 @pytest.mark.slow
 def test_shipped_teacher_draws_its_captions():
     from koala.config.compose import compose_config
-    from koala.shapes.evaluate import judge, load_pipeline, sample
-    from koala.ship.presets import preset_for_kind
+    from koala.shapes.judge import judge, load_pipeline, sample
+    from koala.ship.presets import get_preset
 
-    cfg = compose_config("train", ["teacher=shapes"])
+    cfg = compose_config("train", ["teacher=shapes"], schema=TrainConfig)
     prompts = eval_prompts(18)  # every (shape, colour) pair once
-    pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
+    pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, get_preset(cfg.teacher.kind))
     assert judge(pictures, prompts)["caption_accuracy"] >= TEACHER_MIN_ACCURACY
 
 

@@ -12,9 +12,10 @@ from diffusers import UNet2DConditionModel
 from rundir import write_run_dir
 from safetensors.torch import load_file, save_file
 
-from koala.export import export_run
 from koala.models.convert import diffusers_to_original
-from koala.models.unets import SPECS, StudentSpec, build_student
+from koala.models.specs import SPECS, StudentSpec
+from koala.models.unets import build_student
+from koala.ship.export import export_run
 
 # Tiny analogues of the published layouts whose mid block or depths differ from SDXL's (KOALA.md section 1).
 LAYOUTS = {

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from conftest import unet_inputs
 
 from koala.distill.taps import FeatureTaps, list_tap_points, unwrap
-from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, count_self_attention, get_spec
+from koala.models.archs import TINY_UNET_CONFIG
+from koala.models.specs import get_spec
+from koala.models.unets import build_student, build_unet, count_self_attention
 
 SA = "down_blocks.1.attentions.0.transformer_blocks.1.attn1"
 BLOCK = SA.rpartition(".")[0]

@@ -10,9 +10,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 
+from koala.models.archs import TINY_UNET_CONFIG
 from koala.models.convert import diffusers_to_original, is_original_layout
+from koala.models.specs import get_spec
 from koala.models.teacher import load_teacher, load_unet
-from koala.models.unets import TINY_UNET_CONFIG, build_student, build_unet, get_spec
+from koala.models.unets import build_student, build_unet
 
 
 def teacher_cfg(**kw):

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from koala.config.compose import compose_config
+from koala.config.schema import TrainConfig
 from koala.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,7 @@ def test_short_run_lowers_kd_losses_and_exports(tmp_path, shared):
             batch_size=4,
             **{"optim.lr": "3e-4", "distill.task_weight": 0.1},
         ),
+        schema=TrainConfig,
     )
     run = train(cfg)
     rows = read_metrics(run)
@@ -88,11 +90,15 @@ def test_short_run_lowers_kd_losses_and_exports(tmp_path, shared):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, shared):
-    straight = train(compose_config("train", tiny_overrides(tmp_path / "a", shared, max_steps=4)))
+    straight = train(compose_config("train", tiny_overrides(tmp_path / "a", shared, max_steps=4), schema=TrainConfig))
     # The interrupted run stops after its step-2 checkpoint, then resumes to step 4.
     part = tiny_overrides(tmp_path / "b", shared, max_steps=2)
-    train(compose_config("train", part))
-    resumed = train(compose_config("train", tiny_overrides(tmp_path / "b", shared, max_steps=4, resume="latest")))
+    train(compose_config("train", part, schema=TrainConfig))
+    resumed = train(
+        compose_config(
+            "train", tiny_overrides(tmp_path / "b", shared, max_steps=4, resume="latest"), schema=TrainConfig
+        )
+    )
     for sub in ("unet", "unet_ema"):
         a = unet_state(straight / "checkpoints" / "step-00000004", sub)
         b = unet_state(resumed / "checkpoints" / "step-00000004", sub)

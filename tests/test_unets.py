@@ -8,21 +8,10 @@ import torch
 from conftest import unet_inputs
 from diffusers import UNet2DConditionModel
 
+from koala.models.archs import SDXL_UNET_CONFIG, TINY_UNET_CONFIG
 from koala.models.inherit import inherit_weights, map_name, module_map, select_layers
-from koala.models.unets import (
-    SDXL_UNET_CONFIG,
-    SPECS,
-    TINY_UNET_CONFIG,
-    StudentSpec,
-    build_student,
-    build_unet,
-    count_parameters,
-    count_self_attention,
-    get_spec,
-    resolve,
-    spec_from_fields,
-    stage_rows,
-)
+from koala.models.specs import SPECS, StudentSpec, get_spec, spec_from_fields
+from koala.models.unets import build_student, build_unet, count_parameters, count_self_attention, resolve, stage_rows
 
 
 @pytest.mark.parametrize(

@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from koala.bench import train_overrides
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
-from koala.export import export_run
 from koala.fixtures import ensure_fixtures
-from koala.shapes.evaluate import eval_prompts, judge, load_pipeline, sample
-from koala.ship.presets import preset_for_kind
+from koala.shapes.judge import eval_prompts, judge, load_pipeline, sample
+from koala.ship.export import export_run
+from koala.ship.presets import get_preset
 from koala.train.loop import train
 
 METRICS = (("caption_accuracy", "caption accuracy (%)"), ("psnr", "PSNR vs teacher (dB)"), ("mae", "MAE vs teacher"))
@@ -54,10 +54,10 @@ class BenchAblationJob(TrainConfig):
 def run_one(overrides: list[str], prompts: list[str], teacher_pictures: list) -> dict:
     """Distil, export and score one (preset, seed) run; returns its figures and wall time."""
     t0 = time.perf_counter()
-    cfg = compose_config("train", overrides)
+    cfg = compose_config("train", overrides, schema=TrainConfig)
     run_dir = train(cfg)
     export = export_run(run_dir, checkpoint="latest", ema=cfg.ema)
-    pictures = sample(load_pipeline(export), prompts, preset_for_kind(cfg.teacher.kind))
+    pictures = sample(load_pipeline(export), prompts, get_preset(cfg.teacher.kind))
     return {**judge(pictures, prompts, teacher_pictures), "minutes": (time.perf_counter() - t0) / 60}
 
 
@@ -115,10 +115,10 @@ def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
     out = Path(bench.out)
     out.mkdir(parents=True, exist_ok=True)
     base = ["experiment=demo", f"max_steps={bench.steps}", "report_to=[]", "sample_every=0", *train_overrides(argv)]
-    cfg = compose_config("train", base)
+    cfg = compose_config("train", base, schema=TrainConfig)
     ensure_fixtures(cfg, samples=bench.samples)  # the shapes-world shards every run trains on
     prompts = eval_prompts(bench.prompts)
-    teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, preset_for_kind(cfg.teacher.kind))
+    teacher_pictures = sample(load_pipeline(cfg.teacher.pipeline), prompts, get_preset(cfg.teacher.kind))
     teacher = judge(teacher_pictures, prompts)
     record = out / "runs.jsonl"
     runs = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
@@ -145,4 +145,4 @@ def bench_ablation(job: DictConfig, argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> dict:
     """CLI: compose `configs/bench_ablation.yaml` with `argv` and run the sweep."""
-    return run_command("bench_ablation", lambda cfg: bench_ablation(cfg, argv), argv)
+    return run_command("bench_ablation", lambda cfg: bench_ablation(cfg, argv), argv, schema=BenchAblationJob)

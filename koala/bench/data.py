@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.config.compose import run_command
 from koala.config.schema import DataConfig
@@ -65,7 +65,7 @@ def rate(loader, count_key: str = "keys") -> float:
     return n / (time.perf_counter() - start)
 
 
-def bench_data(cfg: DictConfig) -> None:
+def bench_data(cfg: BenchDataJob) -> None:
     """Time the readers a composed `bench_data` config describes and print the rates."""
     bench = cfg.bench
     n, res, bs = bench.n, bench.resolution, bench.batch_size
@@ -92,4 +92,4 @@ def bench_data(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: compose `configs/bench_data.yaml` with the overrides and run the benchmark."""
-    run_command("bench_data", bench_data, argv)
+    run_command("bench_data", bench_data, argv, schema=BenchDataJob)

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from koala.config.checks import ConfigError
 from koala.config.compose import CONFIG_DIR, compose_config, run_command
 from koala.config.schema import TrainConfig
+from koala.errors import ConfigError
 from koala.train.runs import config_changes
 
 GiB = 2**30
@@ -125,7 +125,7 @@ def run_phase(name: str, command: list[str], log_dir: Path, skip: bool = False) 
     return phase
 
 
-def settings(cfg: DictConfig, argv: list[str]) -> BenchFullsize:
+def settings(cfg: BenchFullsizeJob, argv: list[str]) -> BenchFullsize:
     """The bench settings of a composed `bench_fullsize` config; the student and the train overrides from `argv`."""
     bench = OmegaConf.to_object(cfg.bench)
     bench.unet = str(cfg.unet.name)
@@ -178,10 +178,15 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
     for p in (paths["run"], paths["cache"]):  # this command's own folders: each run starts from nothing
         shutil.rmtree(p, ignore_errors=True)
     paths["out"].mkdir(parents=True, exist_ok=True)
-    probe = compose_config("train", train_overrides(bench, paths, shards))  # the settings, before anything runs
+    probe = compose_config(
+        "train", train_overrides(bench, paths, shards), schema=TrainConfig
+    )  # the settings, before anything runs
     cached = probe.data.kind == "cached"
     args = train_overrides(bench, paths, paths["cache"] if cached else shards)
-    cfg, shipped = compose_config("train", args), compose_config("train", [f"experiment={experiment_of(bench)}"])
+    cfg, shipped = (
+        compose_config("train", args, schema=TrainConfig),
+        compose_config("train", [f"experiment={experiment_of(bench)}"], schema=TrainConfig),
+    )
     py = sys.executable
     ensure_demo_shards(str(shards), bench.samples, bench.resolution)
     plan = [
@@ -215,9 +220,9 @@ def run(bench: BenchFullsize) -> dict[str, Any]:
     return record(bench, cfg, shipped, phases, paths)
 
 
-def record(bench, cfg, shipped, phases: list[Phase], paths: dict[str, Path]) -> dict[str, Any]:
+def record(bench, cfg: TrainConfig, shipped, phases: list[Phase], paths: dict[str, Path]) -> dict[str, Any]:
     """What was run and measured, as plain data (the JSON report)."""
-    from koala.export import read_metrics
+    from koala.ship.export import read_metrics
 
     metrics = read_metrics(paths["run"])
     changed = config_changes(OmegaConf.to_container(shipped, resolve=True), OmegaConf.to_container(cfg, resolve=True))
@@ -282,7 +287,7 @@ def to_markdown(rec: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """CLI: compose `configs/bench_fullsize.yaml` with `argv` and run the phases."""
-    return run_command("bench_fullsize", lambda cfg: fullsize(settings(cfg, argv)), argv)
+    return run_command("bench_fullsize", lambda cfg: fullsize(settings(cfg, argv)), argv, schema=BenchFullsizeJob)
 
 
 def fullsize(bench: BenchFullsize) -> dict[str, Any]:

@@ -4,8 +4,8 @@ On a CUDA device: the SDXL teacher (random weights, bf16) -> KOALA-700M and KOAL
 precision, SDPA attention, cached conditioning, over a grid of configurations: recipe (plain: `experiment=koala-700m`
 / `koala-1b`; 24gb: `experiment=koala-700m-24gb`), eager vs `torch.compile` (inductor, the trainer's `compile=true`),
 gradient checkpointing off / on (the plain recipe; the 24 GB recipe always checkpoints). Each configuration is built
-by `koala.bench.train.build_bench` (the trainer's builders) and its step is the trainer's `train_step`, timed by
-`koala.bench.train.measure` (warm-up, then the median of timed steps, CUDA synchronised, peak memory reset per step).
+by `koala.bench.step_timing.build_bench` (the trainer's builders) and its step is the trainer's `train_step`, timed by
+`koala.bench.step_timing.measure` (warm-up, then the median of timed steps, CUDA synchronised, peak memory reset per step).
 It reports samples/s, TFLOP/s and MFU (meta-device FLOP counts, koala/bench/flops.py) and peak memory; a configuration
 that runs out of memory is reported as OOM and the grid goes on. Writes <out>/gpu.md and <out>/gpu.json (rewritten
 after every configuration, so a cut-short run keeps what it measured).
@@ -27,19 +27,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from koala.bench import train_overrides
+from koala.bench.budget import conditioning_params
 from koala.bench.flops import StepFlops, train_step_flops
 from koala.bench.gpu_report import device_peak, environment, table, to_markdown
-from koala.bench.memory import conditioning_params
-from koala.bench.train import BenchTrain, build_bench, measure
-from koala.config.choice import Choice
+from koala.bench.step_timing import BenchTrain, build_bench, measure
+from koala.choice import Choice
 from koala.config.compose import compose_config, run_command
 from koala.config.schema import TrainConfig
 from koala.devices import pick_device
+from koala.models.archs import ARCHS, Arch
 from koala.models.plans import student_plan
-from koala.models.unets import ARCHS, Arch, build_unet, student_config
+from koala.models.unets import build_unet, student_config
 from koala.train.step import Trainable, train_step
 
 GiB = 2**30
@@ -115,7 +116,7 @@ def plan(s: BenchGPU) -> list[Case]:
     return cases
 
 
-def settings_row(case: Case, cfg: Any, s: BenchGPU) -> dict[str, Any]:
+def settings_row(case: Case, cfg: TrainConfig, s: BenchGPU) -> dict[str, Any]:
     """What a configuration runs, as the report's row starts."""
     return {
         "student": case.unet, "recipe": case.recipe, "experiment": cfg.name,
@@ -132,7 +133,7 @@ def compiled(run: Trainable, backend: str) -> Trainable:
     return dataclasses.replace(run, student=student, task=run.task.running(student))
 
 
-def time_case(cfg: Any, case: Case, s: BenchGPU, device: torch.device) -> dict[str, Any]:
+def time_case(cfg: TrainConfig, case: Case, s: BenchGPU, device: torch.device) -> dict[str, Any]:
     """Build one configuration with the trainer's builders and time its step; median seconds and peak memory."""
     bt = BenchTrain(arch=s.arch, resolution=s.resolution, batch=s.batch or cfg.batch_size, steps=s.steps,
                     warmup=s.warmup, device=str(device), presets=[s.distill])  # fmt: skip
@@ -180,7 +181,7 @@ def free(device: torch.device) -> None:
 
 
 def run_case(
-    case: Case, cfg: Any, s: BenchGPU, device: torch.device, flops: StepFlops, peak: float | None
+    case: Case, cfg: TrainConfig, s: BenchGPU, device: torch.device, flops: StepFlops, peak: float | None
 ) -> dict[str, Any]:
     """One row: the settings, then the numbers, or OOM / skipped / error with the reason."""
     row = settings_row(case, cfg, s)
@@ -205,7 +206,7 @@ def run_case(
     return row
 
 
-def case_flops(cfg: Any, s: BenchGPU, batch: int) -> StepFlops:
+def case_flops(cfg: TrainConfig, s: BenchGPU, batch: int) -> StepFlops:
     """The meta-device FLOP count of one step of this configuration."""
     t_config = dict(ARCHS[s.arch])
     spec = student_plan(t_config, cfg.unet).spec
@@ -241,7 +242,9 @@ def run(s: BenchGPU, extra: list[str]) -> dict[str, Any]:
     if s.arch == "sdxl":  # what the plain recipe's online conditioning adds: VAE fp32 + text encoders bf16
         c = conditioning_params()
         report["online_conditioning_gib"] = (4 * c["vae"] + 2 * c["text_encoders"]) / GiB
-    cfgs = [compose_config("train", c.overrides(s, extra)) for c in cases]  # every override checked before any work
+    cfgs = [
+        compose_config("train", c.overrides(s, extra), schema=TrainConfig) for c in cases
+    ]  # every override checked before any work
     if s.dry_run:
         print(f"{len(cases)} configurations on {env['device']} ({s.size} size: {s.arch} teacher, {s.resolution} px, "
               f"{s.warmup} warm-up + {s.steps} timed steps each):")  # fmt: skip
@@ -271,7 +274,7 @@ class BenchGPUJob(TrainConfig):
     bench: BenchGPU = field(default_factory=BenchGPU)
 
 
-def bench_gpu(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
+def bench_gpu(cfg: BenchGPUJob, argv: list[str]) -> dict[str, Any]:
     """Run (or plan) the grid a composed `bench_gpu` config (from the command line `argv`) describes; write the report."""
     s: BenchGPU = OmegaConf.to_object(cfg.bench)
     report = run(s, train_overrides(argv))
@@ -283,4 +286,4 @@ def bench_gpu(cfg: DictConfig, argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """CLI: compose `configs/bench_gpu.yaml` with `argv` and run the grid."""
-    return run_command("bench_gpu", lambda cfg: bench_gpu(cfg, argv), argv)
+    return run_command("bench_gpu", lambda cfg: bench_gpu(cfg, argv), argv, schema=BenchGPUJob)

@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from koala.bench.flops import forward_flops
 from koala.config.compose import run_command
 from koala.devices import DTYPES, DType, parse_dtype, pick_device
+from koala.models.archs import ARCHS, Arch
 from koala.models.forward import random_inputs, unet_forward
-from koala.models.unets import ARCHS, Arch, build_unet, count_parameters, get_spec, student_config
+from koala.models.specs import get_spec
+from koala.models.unets import build_unet, count_parameters, student_config
 
 # Published latency (s/image) and peak memory (GB), RTX 4090, 1024 px, fp16 (KOALA.md section 5).
 PAPER = {
@@ -35,7 +37,7 @@ PAPER = {
 class BenchUNetConfig:
     """Settings of `python -m koala.bench unet` (`bench.<key>=...`)."""
 
-    arch: Arch = Arch.sdxl  # teacher U-Net config (koala.models.unets.ARCHS): sdxl | tiny
+    arch: Arch = Arch.sdxl  # teacher U-Net config (koala.models.archs.ARCHS): sdxl | tiny
     specs: list[str] = field(default_factory=lambda: ["sdxl", "koala-1b", "koala-700m", "ssd-1b", "vega"])
     resolution: int = 1024  # image px; latents are resolution / vae_scale
     vae_scale: int = 8
@@ -176,4 +178,4 @@ def bench_unet(job: DictConfig) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """CLI: compose `configs/bench_unet.yaml` with the overrides and run the benchmark."""
-    return run_command("bench_unet", bench_unet, argv)
+    return run_command("bench_unet", bench_unet, argv, schema=BenchUNetJob)

@@ -1,21 +1,24 @@
 """Check a training config before any model is loaded: every bad value fails here, in one line naming the key, the
-value and what is allowed. Choices are typed in the schema (`koala.config.choice.Choice`: Hydra rejects a bad one at
+value and what is allowed. Choices are typed in the schema (`koala.choice.Choice`: Hydra rejects a bad one at
 compose time); the checks here are ranges as data (`RANGES`) plus the few that need the file system."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from koala.errors import ConfigError  # raised by every check; importable from here too
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line a user can act on."""
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
+    from koala.models.unets import Plan
 
 
 # The folders of a diffusers SDXL pipeline a run reads (unet and vae unless teacher.unet / teacher.vae replace them).
@@ -83,7 +86,7 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
 
 
-def check_values(cfg) -> None:
+def check_values(cfg: TrainConfig) -> None:
     """Ranges of plain settings."""
     for key, (ok, allowed) in RANGES.items():
         value = OmegaConf.select(cfg, key)
@@ -92,13 +95,20 @@ def check_values(cfg) -> None:
 
 
 def check_distill(d) -> None:
-    """Feature-loss weights are not negative (kinds and stages are typed: the schema checks their names)."""
+    """Feature-loss weights are not negative; per-kind blocks name distilled kinds (kinds and stages are typed: the
+    schema checks their names; block names are checked against the model when the pairs are made)."""
     for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
         if not all(_finite(w) and w >= 0 for w in weights.values()):
             _fail(key, dict(weights), "finite weights >= 0")
+    idle = [str(k) for k, v in d.kind_blocks.items() if v is not None and k not in d.kinds]
+    if idle:
+        raise ConfigError(
+            f"distill.kind_blocks names {idle}, which distill.kinds={[str(k) for k in d.kinds]} does not distil: add "
+            "them to distill.kinds (e.g. distill=sa+lf) or drop those entries"
+        )
 
 
-def check_run_settings(cfg) -> None:
+def check_run_settings(cfg: TrainConfig) -> None:
     """Sampling has prompts to render; the run folder is named and can be made and written."""
     if cfg.sample_every > 0 and not cfg.sample_prompts:
         raise ConfigError(
@@ -138,7 +148,7 @@ def _refuse_pickle(key: str, path: str) -> None:
         )
 
 
-def _fixture_hint(cfg) -> str:
+def _fixture_hint(cfg: TrainConfig) -> str:
     """For the tiny teacher and the generated data sets: how to write them."""
     from koala.fixtures import fixture_command
 
@@ -146,7 +156,7 @@ def _fixture_hint(cfg) -> str:
     return f" (a generated fixture: write it with `{command}`)" if command else ""
 
 
-def check_teacher_paths(cfg) -> None:
+def check_teacher_paths(cfg: TrainConfig) -> None:
     """The teacher's folders and files exist and are not pickles."""
     t = cfg.teacher
     if not t.pipeline:
@@ -192,7 +202,7 @@ def _size_multiple(t) -> int:
     return vae_scale * 2 ** (len(teacher_unet_config(t)["block_out_channels"]) - 1)
 
 
-def check_data(cfg) -> None:
+def check_data(cfg: TrainConfig) -> None:
     """Resolution fits the models; the data path names something that exists (local paths only)."""
     data = cfg.data
     multiple = _size_multiple(cfg.teacher)
@@ -240,19 +250,50 @@ def check_data(cfg) -> None:
         problem = folder_problem(data.path, data.kind, data.hf_format)
         if problem:
             raise ConfigError(f"data.path={data.path!r} {problem}")
+    if data.kind == "cached":
+        check_cache_precision(cfg)
 
 
-def check_config(cfg) -> None:
-    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here."""
+def check_cache_precision(cfg: TrainConfig) -> None:
+    """A cache is trained on in the precision it was encoded in: a `conditioning.dtype` that differs is refused (the
+    empty prompt and sample grids would be encoded otherwise than the cached embeddings)."""
+    from koala.data.cached import recorded_conditioning_dtype
+
+    try:
+        recorded = recorded_conditioning_dtype(cfg.data.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    wanted = cfg.conditioning.dtype
+    if recorded is None and Path(cfg.data.path).is_dir():
+        logging.getLogger("koala.config").warning(
+            "the cache %s records no conditioning precision (written by an older koala.cache): it cannot be checked "
+            "against conditioning.dtype=%s",
+            cfg.data.path,
+            wanted,
+        )
+    if recorded is not None and wanted != "auto" and wanted != recorded:
+        raise ConfigError(
+            f"conditioning.dtype={wanted} differs from the cache's: data.path={cfg.data.path!r} was encoded in "
+            f"{recorded} (its info files); train with conditioning.dtype={recorded} (or auto), or re-cache with "
+            f"conditioning.dtype={wanted}"
+        )
+
+
+def check_config(cfg: TrainConfig) -> Plan:
+    """Fail before any model is loaded: unknown choices, bad values and missing paths are named here. Returns the
+    student plan, resolved on configs alone (the teacher folder's config.json, no weights): the run builds from it."""
     check_values(cfg)
     check_distill(cfg.distill)
     check_run_settings(cfg)
+    from koala.train.deepspeed import check_launch
+
+    check_launch(cfg)  # what a DeepSpeed launch config says must agree with these settings
     check_teacher_paths(cfg)
-    # The student spec must fit the teacher: resolved on configs alone (the teacher folder's config.json), no weights.
     from koala.models.plans import config_plan
 
     try:
-        config_plan(cfg)
+        plan = config_plan(cfg)[1]  # the student spec must fit the teacher
     except (KeyError, ValueError) as e:
         raise ConfigError(f"unet={cfg.unet.name}: {e}") from e
     check_data(cfg)
+    return plan

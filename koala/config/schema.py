@@ -1,9 +1,9 @@
 """Typed schema of every training setting (Hydra structured configs): a misspelt key or choice fails at compose time.
 
 YAML files under `configs/` fill these in; `configs/train.yaml` puts `koala_train` first in its defaults list so
-every group is merged onto its dataclass (`koala.config.compose.register_configs` registers it and every command's
-schema). A setting that takes one of a few names is a `Choice` Enum defined with the code that uses it. Objects are
-built from these in one place (the entry points), never inside constructors.
+every group is merged onto its dataclass (registered by `koala.config.compose.register_schema`, given `TrainConfig`
+by the commands that compose it). A setting that takes one of a few names is a `Choice` Enum defined with the code
+that uses it. Objects are built from these in one place (the entry points), never inside constructors.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from typing import Any, Optional
 
 from diffusers.optimization import SchedulerType
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.data import DataKind
-from koala.data.conditioning import DropoutMode
+from koala.data.conditioning import ConditioningDType, DropoutMode
 from koala.data.indexed import HfFormat
 from koala.devices import DType, MixedPrecision
-from koala.distill.losses import FeatureLoss
+from koala.distill.losses import FeatureLoss, Reduction
 from koala.distill.taps import SaPoint, Stage, TapKind
-from koala.models.unets import Arch, LayerSelect, MidMode
-from koala.ship.presets import TeacherKind
+from koala.models.archs import Arch
+from koala.models.specs import LayerSelect, MidMode
+from koala.ship.presets import PresetName
 from koala.train.diffusion import TimestepKind
 from koala.train.tracking import Tracker
 
@@ -33,8 +34,8 @@ class TeacherConfig:
     """The frozen SDXL-family teacher and the SDXL components (text encoders, tokenizers, VAE) around it."""
 
     name: str = "tiny"
-    kind: TeacherKind = TeacherKind.base  # base | lightning | turbo: sampling preset (koala.ship.presets), spacing
-    arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.unets.ARCHS) for meta-device inspection, single files
+    kind: PresetName = PresetName.base  # base | lightning | turbo: its students' sampling preset (koala.ship.presets)
+    arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.archs.ARCHS) for meta-device inspection, single files
     pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
@@ -43,8 +44,17 @@ class TeacherConfig:
 
 
 @dataclass
+class ConditioningConfig:
+    """The frozen SDXL text encoders that encode captions (online during training, and in `koala.cache`)."""
+
+    # auto: fp16 on a GPU (what inference encodes prompts in), fp32 on CPU; from a cache, the cache's own. Independent
+    # of teacher.dtype: a bf16 teacher does not make the prompt embeddings bf16.
+    dtype: ConditioningDType = ConditioningDType.auto  # auto | fp16 | bf16 | fp32
+
+
+@dataclass
 class UNetConfig:
-    """A student spec: a registered name, optionally with fields overridden (see koala.models.unets.StudentSpec)."""
+    """A student spec: a registered name, optionally with fields overridden (see koala.models.specs.StudentSpec)."""
 
     name: str = "tiny-700m"
     encoder_keep: Optional[Any] = None
@@ -74,6 +84,12 @@ class DistillConfig:
     kind_weights: dict[TapKind, float] = field(default_factory=lambda: dict.fromkeys(TapKind, 1.0))
     stage_weights: dict[Stage, float] = field(default_factory=lambda: dict.fromkeys(Stage, 1.0))
     blocks: Optional[list[str]] = None  # restrict taps to these blocks (e.g. [up_blocks.0]); null = all
+    # One kind's taps in other blocks than `blocks`, e.g. {lf: [up_blocks.2]}: with distill=sa+lf, SA everywhere and
+    # LF only at the last decoder block. A kind whose entry is null (all are, by default) follows `blocks`.
+    kind_blocks: dict[TapKind, Optional[list[str]]] = field(default_factory=lambda: dict.fromkeys(TapKind))
+    # sum (default): the feature term is the sum over pairs, as BK-SDM's objective (and KOALA's) writes it; mean
+    # divides it by the number of pairs (21 for KOALA-700M, 30 for 1B), so feat_weight means one strength for both.
+    reduction: Reduction = Reduction.sum
     sa_point: SaPoint = SaPoint.attn1  # attn1 (module output) | residual (stream after attn1 is added)
     pairing: LayerSelect = (
         LayerSelect.first
@@ -128,6 +144,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -158,7 +175,7 @@ class TrainConfig:
         default_factory=lambda: ["a koala bear eating leaves", "a red sports car on a mountain road"]
     )
     sample_seed: int = 0
-    sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (v1: 25)
+    sample_steps: Optional[int] = None  # sampling steps of the grids; null = the teacher kind's preset (base: 25)
     resume: Optional[str] = None  # latest | a checkpoint folder
     report_to: list[Tracker] = field(default_factory=lambda: [Tracker.tensorboard])  # tensorboard | wandb
     compile: bool = False
@@ -168,10 +185,3 @@ class TrainConfig:
     # (torch's default is 600 s for NCCL, 1800 s for gloo). Leave room for work one rank does alone: rank 0
     # writing a checkpoint and rendering sample grids while the others wait.
     dist_timeout_s: int = 600
-
-
-def asset_path(name: str) -> str:
-    """Absolute path of a folder shipped in the package (koala/assets/<name>): the `${koala_asset:<name>}` resolver."""
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parents[1] / "assets" / name)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from enum import auto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.data.buckets import sdxl_buckets
 from koala.data.cached import CachedCodec, cached_raw
 from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset
@@ -27,6 +27,9 @@ from koala.data.samples import ImageCodec
 from koala.data.shards import expand_shards, shard_order, shard_records
 from koala.data.stream import BatchStream, SkipTally, buffer_shuffle
 from koala.data.transforms import background_rgb
+
+if TYPE_CHECKING:
+    from koala.config.schema import DataConfig
 
 __all__ = ["DataKind", "BatchStream", "SkipTally", "build_dataloader", "build_stream"]
 
@@ -43,7 +46,7 @@ class DataKind(Choice):
 class ShardReader:
     """Records of tar shards for one global worker: its shards in order, shuffled through a buffer."""
 
-    def __init__(self, shards: list[str], to_raw: Callable[[dict], Raw], cfg: Any, seed: int) -> None:
+    def __init__(self, shards: list[str], to_raw: Callable[[dict], Raw], cfg: DataConfig, seed: int) -> None:
         self.shards, self.to_raw, self.seed = shards, to_raw, seed
         self.resampled, self.epochs = cfg.resampled, cfg.epochs
         self.buffer = cfg.shuffle_buffer if cfg.shuffle else 0
@@ -63,7 +66,7 @@ class ShardReader:
 class IndexReader:
     """Records of a random-access source for one global worker: its share of each epoch's permutation."""
 
-    def __init__(self, source: Any, cfg: Any, seed: int) -> None:
+    def __init__(self, source: Any, cfg: DataConfig, seed: int) -> None:
         self.source, self.seed, self.shuffle = source, seed, cfg.shuffle
         self.epochs = None if cfg.resampled else cfg.epochs
 
@@ -77,7 +80,7 @@ class IndexReader:
                 yield Raw(key=str(index))
 
 
-def _webdataset_raw(cfg: Any) -> Callable[[dict], Raw]:
+def _webdataset_raw(cfg: DataConfig) -> Callable[[dict], Raw]:
     """Converter from a webdataset sample to a raw image record, honouring `image_key` and `caption_key`."""
 
     def to_raw(sample: dict) -> Raw:
@@ -90,7 +93,7 @@ def _webdataset_raw(cfg: Any) -> Callable[[dict], Raw]:
     return to_raw
 
 
-def _image_codec(cfg: Any) -> ImageCodec:
+def _image_codec(cfg: DataConfig) -> ImageCodec:
     """The online codec from the data config."""
     return ImageCodec(
         cfg.resolution,
@@ -103,7 +106,7 @@ def _image_codec(cfg: Any) -> ImageCodec:
     )
 
 
-def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
+def build_reader(cfg: DataConfig, seed: int) -> tuple[Callable, Any]:
     """(reader, codec) for `cfg.kind`."""
     kind = DataKind(cfg.kind)
     if not cfg.path:
@@ -119,7 +122,7 @@ def build_reader(cfg: Any, seed: int) -> tuple[Callable, Any]:
 
 
 def build_stream(
-    data_cfg: Any,
+    data_cfg: DataConfig,
     *,
     batch_size: int,
     seed: int,
@@ -137,7 +140,7 @@ def build_stream(
 
 
 def build_dataloader(
-    data_cfg: Any,
+    data_cfg: DataConfig,
     *,
     batch_size: int,
     seed: int,

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import webdataset as wds
@@ -25,11 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from koala.config.checks import ConfigError
 from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, MARKER, WRITTEN, encode_sample
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
+from koala.errors import ConfigError
+
+if TYPE_CHECKING:
+    from koala.cache import CacheJobConfig
 
 EXACT = {"time_ids": torch.float32}  # sizes and crops are integers up to 8192+: fp16 would round them above 2048
 
@@ -148,7 +151,7 @@ def write_batch(writer: CacheWriter, batch: dict, cond: dict[str, torch.Tensor])
         writer.add(key, {k: v[i] for k, v in cond.items()}, meta)
 
 
-def build_cache(cfg: DictConfig) -> Path:
+def build_cache(cfg: CacheJobConfig) -> Path:
     """Encode this rank's share of `cfg.data` with `cfg.teacher`'s VAE and text encoders into `cfg.cache.out`."""
     from accelerate import PartialState
 
@@ -159,8 +162,10 @@ def build_cache(cfg: DictConfig) -> Path:
     data = cache_data_config(cfg.data)
     out = Path(cfg.cache.out)
     prepare_out(out, cfg.cache.overwrite, state)
-    dtype = DTYPES[cfg.teacher.dtype] if device.type != "cpu" else torch.float32
-    conditioner = SDXLConditioner.from_pretrained(pipeline, vae=cfg.teacher.vae, device=device, dtype=dtype)
+    text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
+    conditioner = SDXLConditioner.from_pretrained(
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype]
+    )
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         empty, pooled = conditioner.encode_prompts([""])
@@ -177,7 +182,7 @@ def build_cache(cfg: DictConfig) -> Path:
             bar.update(len(batch["keys"]))
     writer.close()
     settings = {"data": OmegaConf.to_container(cfg.data, resolve=True), "teacher": cfg.teacher.name,
-                "dtype": cfg.cache.dtype}  # fmt: skip
+                "dtype": cfg.cache.dtype, "conditioning_dtype": text_dtype}  # fmt: skip
     info = {"samples": writer.total, "skipped": skipped.totals(), "shards": writer.written, **settings}
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
     state.wait_for_everyone()

@@ -108,3 +108,17 @@ class CachedCodec:
 def cached_raw(sample: dict) -> Raw:
     """A webdataset sample of a cache shard -> raw record."""
     return Raw(key=sample["__key__"], payload=sample.get("safetensors"))
+
+
+def recorded_conditioning_dtype(path: str | Path) -> str | None:
+    """The precision the cache at `path` was encoded in (`conditioning_dtype` in its info files; None when they
+    record none: a cache written before koala recorded it, or not a local folder). Raises ValueError when the
+    ranks' info files disagree (a folder holding two caches)."""
+    folder = Path(str(path))
+    if not folder.is_dir():
+        return None
+    found = {json.loads(p.read_text()).get("conditioning_dtype") for p in sorted(folder.glob("info-*.json"))}
+    found.discard(None)
+    if len(found) > 1:
+        raise ValueError(f"the cache {folder} mixes conditioning precisions {sorted(found)} (its info-*.json files)")
+    return found.pop() if found else None

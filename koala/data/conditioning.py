@@ -11,15 +11,38 @@ from __future__ import annotations
 
 from enum import auto
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from koala.config.choice import Choice
+from koala.choice import Choice
+from koala.devices import DTYPES
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 CONDITION_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+ConditioningDType = Choice("ConditioningDType", ["auto", *DTYPES])  # conditioning.dtype
+
+
+def conditioning_dtype(cfg: TrainConfig, device: str | torch.device) -> str:
+    """The text encoders' precision (`conditioning.dtype`: a key of DTYPES), independent of `teacher.dtype`.
+
+    `auto`: on an accelerator fp16, what SDXL inference encodes prompts in (the stock pipeline loaded in fp16); on
+    CPU fp32. Training from a cache, `auto` is the precision the cache was encoded in (its info files record it), so
+    what is encoded during training (the empty prompt of `caption_dropout_mode=empty`, sample grids) matches it.
+    """
+    name = cfg.conditioning.dtype
+    if name == "auto" and cfg.data.kind == "cached":
+        from koala.data.cached import recorded_conditioning_dtype
+
+        name = recorded_conditioning_dtype(cfg.data.path) or name
+    if name == "auto":
+        name = "fp32" if torch.device(device).type == "cpu" else "fp16"
+    return str(name)
 
 
 class DropoutMode(Choice):

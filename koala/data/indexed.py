@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.data.records import IMAGE_EXTENSIONS, Raw, clean_caption
 
 

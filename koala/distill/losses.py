@@ -6,7 +6,7 @@ from enum import auto
 
 import torch
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class FeatureLoss(Choice):
@@ -14,6 +14,13 @@ class FeatureLoss(Choice):
 
     mse = auto()  # plain MSE (BK-SDM, KOALA)
     normalized = auto()  # MSE divided by the teacher feature's mean square (LAPTOP-Diff)
+
+
+class Reduction(Choice):
+    """`distill.reduction`: how the feature pairs' losses combine into the feature term."""
+
+    sum = auto()  # the sum over pairs l of BK-SDM's objective (and the paper's): grows with the number of pairs
+    mean = auto()  # the sum divided by the number of pairs: one feat_weight means one strength for any student
 
 
 def mse(student: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

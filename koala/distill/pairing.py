@@ -1,25 +1,30 @@
-"""Which student tap is compared with which teacher tap, and a shape check before training.
+"""Which student tap is compared with which teacher tap, with what weight, and a shape check before training.
 
-A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.unets.module_map`),
-with the transformer-layer rule chosen by `distill.pairing` (first / uniform / last) rather than the init rule:
-student `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs with teacher
-`up_blocks.0.attentions.2.transformer_blocks.4.attn1` under "first". Shapes are checked by a forward pass on the
-meta device, which costs no memory even for SDXL at 1024 px.
+A student tap's teacher partner is the module the weight-inheritance map assigns it (`koala.models.inherit.
+module_map` of the run's resolved plan), with the transformer-layer rule chosen by `distill.pairing` (first / uniform
+/ last) rather than the spec's init rule: KOALA-700M's `up_blocks.0.attentions.1.transformer_blocks.4.attn1` pairs
+with SDXL's `up_blocks.0.attentions.2.transformer_blocks.4.attn1` under `first` (block 9 under `uniform`). A pair's
+weight is `distill.kind_weights[kind] * distill.stage_weights[stage]`; pairs of weight 0 are dropped. Shapes are
+checked by a forward pass on the meta device, which costs no memory even for SDXL at 1024 px.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from koala.distill.taps import FeatureTaps, TapPoint, list_tap_points, unwrap
+from koala.distill.losses import Reduction
+from koala.distill.taps import FeatureTaps, TapPoint, block_names, check_blocks, list_tap_points, unwrap
 from koala.models.forward import random_inputs, unet_forward
 from koala.models.inherit import map_name, module_map
 from koala.models.unets import Plan, build_unet
+
+if TYPE_CHECKING:
+    from koala.config.schema import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -28,34 +33,59 @@ class TapPair:
 
     student: TapPoint
     teacher: TapPoint
-    weight: float  # distill.kind_weights[kind] * distill.stage_weights[stage]
+    weight: float  # its weight inside the feature term (pair_weights); feat_weight multiplies the whole term
 
 
 def pair_taps(
-    plan: Plan, distill_cfg: Any, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
+    plan: Plan, distill_cfg: DistillConfig, student_unet: torch.nn.Module, teacher_unet: torch.nn.Module
 ) -> list[TapPair]:
     """Pair every student tap selected by the `distill` section with its teacher tap; zero-weight taps are dropped.
 
     Raises listing every student tap whose teacher partner does not exist (or is not a tap of the same kind).
     """
     kinds, stages = list(distill_cfg.kinds), list(distill_cfg.stages)
-    kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
-    blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
-    students = list_tap_points(student_unet, kinds, stages, blocks, distill_cfg.sa_point)
+    students = selected_taps(student_unet, distill_cfg)
     teachers = {p.name: p for p in list_tap_points(teacher_unet, kinds, stages, None, distill_cfg.sa_point)}
     mapping = module_map(plan, layer_select=distill_cfg.pairing)
-    pairs, unmatched = [], []
+    matched, unmatched = [], []
     for s in students:
         t = teachers.get(map_name(s.name, mapping))
         if t is None or t.kind != s.kind:
             unmatched.append(f"{s.name} -> {map_name(s.name, mapping)}")
-            continue
-        weight = float(kind_w.get(s.kind, 1.0)) * float(stage_w.get(s.stage, 1.0))
-        if weight != 0.0:
-            pairs.append(TapPair(s, t, weight))
+        else:
+            matched.append((s, t))
     if unmatched:
         raise ValueError(f"{len(unmatched)} student taps have no teacher partner:\n  " + "\n  ".join(unmatched))
-    return pairs
+    weights = pair_weights(distill_cfg, [s for s, _ in matched])
+    return [TapPair(s, t, w) for (s, t), w in zip(matched, weights) if w != 0.0]
+
+
+def selected_taps(unet: torch.nn.Module, distill_cfg: DistillConfig) -> list[TapPoint]:
+    """The taps `distill` selects, in forward order: its kinds and stages, each kind in its `kind_blocks` entry's
+    blocks when it has one, else in `blocks` (null: every block)."""
+    blocks = list(distill_cfg.blocks) if distill_cfg.blocks is not None else None
+    per_kind = {k: list(v) for k, v in dict(distill_cfg.kind_blocks or {}).items() if v is not None}
+    names = block_names(unwrap(unet))
+    given = {"distill.blocks": blocks or [], **{f"distill.kind_blocks.{k}": v for k, v in per_kind.items()}}
+    for key, chosen in given.items():
+        try:
+            check_blocks(chosen, names)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    points = list_tap_points(unet, distill_cfg.kinds, distill_cfg.stages, None, distill_cfg.sa_point)
+    return [p for p in points if (allowed := per_kind.get(p.kind, blocks)) is None or p.block in allowed]
+
+
+def pair_weights(distill_cfg: DistillConfig, points: list[TapPoint]) -> list[float]:
+    """Each pair's weight inside the feature term (one function, so every rule that scales a pair composes here):
+    distill.kind_weights[kind] x distill.stage_weights[stage], divided by the number of weighted pairs when
+    `distill.reduction=mean`. A pair's effective weight in the objective is feat_weight times this."""
+    kind_w, stage_w = dict(distill_cfg.kind_weights), dict(distill_cfg.stage_weights)
+    weights = [float(kind_w.get(p.kind, 1.0)) * float(stage_w.get(p.stage, 1.0)) for p in points]
+    if Reduction(distill_cfg.reduction) is Reduction.mean:
+        n = sum(w != 0.0 for w in weights) or 1  # the pairs that count (zero-weight ones are dropped)
+        weights = [w / n for w in weights]
+    return weights
 
 
 def pair_counts(pairs: list[TapPair]) -> dict[tuple[str, str], int]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class TapKind(Choice):
@@ -73,7 +73,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_blocks(given: Iterable[str], valid: list[str]) -> list[str]:
+def check_blocks(given: Iterable[str], valid: list[str]) -> list[str]:
     """The given block names as a list; raise naming this model's blocks if any is not one of them."""
     given = list(given)
     bad = [g for g in given if g not in valid]
@@ -113,7 +113,7 @@ def list_tap_points(
     kinds, stages = [TapKind(k) for k in kinds], [Stage(s) for s in stages]
     SaPoint(sa_point)
     model = unwrap(unet)
-    blocks = None if blocks is None else _check_blocks(blocks, block_names(model))
+    blocks = None if blocks is None else check_blocks(blocks, block_names(model))
     modules = dict(model.named_modules())
     points = []
     for name in modules:

@@ -9,15 +9,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from koala.distill.losses import feature_loss, mse
+from koala.distill.losses import FeatureLoss, feature_loss, mse
 from koala.distill.pairing import TapPair
-from koala.distill.taps import FeatureTaps
+from koala.distill.taps import FeatureTaps, SaPoint
 from koala.models.forward import unet_forward
+from koala.models.teacher import freeze
 from koala.timing import Timer, no_timer
 
 
 @dataclass(frozen=True)
 class LossWeights:
+    """The weights of the objective's three terms (`distill.task_weight`, `out_weight`, `feat_weight`)."""
+
     task: float = 1.0
     out: float = 1.0
     feat: float = 1.0
@@ -26,8 +29,9 @@ class LossWeights:
 class DistillationTask(nn.Module):
     """Runs teacher and student on the same inputs and returns `{name: loss}`; `loss` is the objective.
 
-    The student may be wrapped (DDP, accelerate); the teacher is kept out of this module's parameters and
-    submodules, so nothing prepares, trains or checkpoints it, and it stays in eval mode.
+    The student may be wrapped (DDP, accelerate). The teacher is frozen here (`koala.models.teacher.freeze`: no
+    grads, eval mode whatever `train()` asks) and kept out of this module's parameters and submodules, so nothing
+    prepares, trains or checkpoints it. `feature_loss` compares each feature pair (`distill.loss`).
     """
 
     def __init__(
@@ -36,15 +40,15 @@ class DistillationTask(nn.Module):
         teacher: nn.Module,
         pairs: list[TapPair],
         weights: LossWeights,
-        feature_kind: str = "mse",
-        sa_point: str = "attn1",
+        feature_loss: FeatureLoss = FeatureLoss.mse,
+        sa_point: SaPoint = SaPoint.attn1,
     ):
         super().__init__()
         self.student = student
-        self._teacher = [teacher]  # a list hides it from nn.Module registration
+        self._teacher = [freeze(teacher)]  # a list hides it from nn.Module registration
         self.pairs = pairs
         self.weights = weights
-        self.feature_kind = feature_kind
+        self.feature_loss = FeatureLoss(feature_loss)
         self.sa_point = sa_point
         need_feats = weights.feat > 0 and bool(pairs)
         self.student_taps = FeatureTaps(student, [p.student for p in pairs] if need_feats else [], sa_point=sa_point)
@@ -59,7 +63,7 @@ class DistillationTask(nn.Module):
 
     def running(self, student: nn.Module) -> DistillationTask:
         """The same pairs and weights on `student` as wrapped for training (DDP, FSDP, `torch.compile`)."""
-        return DistillationTask(student, self.teacher, self.pairs, self.weights, self.feature_kind, self.sa_point)
+        return DistillationTask(student, self.teacher, self.pairs, self.weights, self.feature_loss, self.sa_point)
 
     def __enter__(self) -> DistillationTask:
         self.student_taps.__enter__()
@@ -69,11 +73,6 @@ class DistillationTask(nn.Module):
     def __exit__(self, *exc) -> None:
         self.teacher_taps.__exit__(*exc)
         self.student_taps.__exit__(*exc)
-
-    def train(self, mode: bool = True) -> DistillationTask:
-        super().train(mode)
-        self.teacher.eval()  # frozen whatever the caller asks
-        return self
 
     @torch.inference_mode()
     def teacher_forward(self, noisy: Tensor, t: Tensor, cond: dict) -> Tensor:
@@ -131,7 +130,7 @@ class DistillationTask(nn.Module):
         by_stage: dict[str, Tensor] = defaultdict(float)
         total = 0.0
         for p in self.pairs:
-            term = feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_kind)
+            term = feature_loss(s_feats[p.student.name], t_feats[p.teacher.name], self.feature_loss)
             total = total + p.weight * term
             by_kind[p.student.kind] = by_kind[p.student.kind] + term.detach()
             by_stage[p.student.stage] = by_stage[p.student.stage] + term.detach()

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 
 INCEPTION = "inception-2015-12-05"
 

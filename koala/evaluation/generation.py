@@ -19,8 +19,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from koala.evaluation.registry import Sample
-from koala.generate import generate
 from koala.ship.presets import get_preset
+from koala.ship.sampling import generate
 
 
 def share(n: int, rank: int, world: int) -> list[int]:
@@ -81,7 +81,7 @@ def generate_share(
     """Sample the missing (or undecodable) images of `indices` into `out`; returns what was assigned, generated,
     skipped (found intact) and regenerated (found damaged, sampled again).
 
-    `model` (the pipeline's path), the preset's sampler and `sampling` (koala.generate.generate's settings) are
+    `model` (the pipeline's path), the preset's sampler and `sampling` (koala.ship.sampling.generate's settings) are
     recorded in every PNG.
     """
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 INPUT_SIZE = 299
 FEATURES = 2048

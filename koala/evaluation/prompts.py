@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from koala.generate import read_prompts
+from koala.ship.sampling import read_prompts
 
 TEXT_FIELDS = ("prompt", "caption", "text")
 SUFFIXES = (".txt", ".json", ".csv")

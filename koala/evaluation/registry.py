@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.evaluation.extractor import INCEPTION, Extractor, check_stats, read_stats, write_stats
 from koala.evaluation.images import NO_PREP, ImagePrep, image_batches
 from koala.evaluation.metrics import ClipScorer, feature_stats, frechet_distance, frechet_distance_of_features

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from koala.evaluation.registry import Sample
-from koala.generate import make_grid
+from koala.ship.sampling import make_grid
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:

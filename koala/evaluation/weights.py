@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 from koala.evaluation.metrics import CLIP_MEAN, CLIP_STD, MissingMetricWeights
 from koala.evaluation.open_clip_keys import OPEN_CLIP_VIT_H_14, open_clip_to_hf_clip
 

@@ -18,7 +18,11 @@ TIME_IDS = 6  # SDXL micro-conditioning: original h, w, crop top, left, target h
 def unet_forward(
     unet: Any, noisy: Tensor, t: Tensor, cond: dict[str, Tensor], dtype: torch.dtype | None = None
 ) -> Tensor:
-    """The U-Net's prediction for `noisy` at `t` under `cond`; inputs are cast to `dtype` when one is given."""
+    """The U-Net's prediction for `noisy` at `t` under `cond`; inputs are cast to `dtype` when one is given.
+
+    `time_ids` stay fp32 whatever `dtype` is: they are pixel sizes and crops, which the U-Net embeds sinusoidally in
+    fp32 itself, and bf16 would round them (1023 -> 1024, 1365 -> 1368; fp16 above 2048).
+    """
 
     def cast(x: Tensor) -> Tensor:
         return x if dtype is None else x.to(dtype)
@@ -27,7 +31,7 @@ def unet_forward(
         cast(noisy),
         t,
         encoder_hidden_states=cast(cond["prompt_embeds"]),
-        added_cond_kwargs={"text_embeds": cast(cond["pooled_prompt_embeds"]), "time_ids": cast(cond["time_ids"])},
+        added_cond_kwargs={"text_embeds": cast(cond["pooled_prompt_embeds"]), "time_ids": cond["time_ids"].float()},
     ).sample
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from koala.models.unets import LayerSelect, Plan
+from koala.models.specs import LayerSelect
+from koala.models.unets import Plan
 
 # ---------------------------------------------------------------------------------------------------------------
 

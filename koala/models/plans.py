@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.models.unets import ARCHS, Arch, Plan, StudentSpec, resolve, spec_from_fields
+from koala.models.archs import ARCHS, Arch
+from koala.models.specs import StudentSpec, spec_from_fields
+from koala.models.unets import Plan, resolve
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig, TrainConfig, UNetConfig
+    from koala.lora import LoraRemapConfig
 
 SPEC_FIELDS = (
     "encoder_keep",
@@ -22,12 +28,12 @@ SPEC_FIELDS = (
 )
 
 
-def student_spec(unet_cfg: Any) -> StudentSpec:
+def student_spec(unet_cfg: UNetConfig) -> StudentSpec:
     """The StudentSpec a `unet` config section describes (a registered name plus overridden fields)."""
     return spec_from_fields(unet_cfg.name, **{k: _plain(getattr(unet_cfg, k, None)) for k in SPEC_FIELDS})
 
 
-def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
+def teacher_unet_config(teacher_cfg: TeacherConfig) -> dict[str, Any]:
     """The teacher's U-Net config: from its folder when one is on disk, else the built-in `arch` config."""
     for folder in (teacher_cfg.unet, teacher_cfg.pipeline and str(Path(teacher_cfg.pipeline) / "unet")):
         if folder and (Path(folder) / "config.json").is_file():
@@ -35,12 +41,12 @@ def teacher_unet_config(teacher_cfg: Any) -> dict[str, Any]:
     return dict(ARCHS[Arch(teacher_cfg.arch)])
 
 
-def student_plan(teacher_config: dict[str, Any], unet_cfg: Any) -> Plan:
+def student_plan(teacher_config: dict[str, Any], unet_cfg: UNetConfig) -> Plan:
     """The resolved plan of the student a `unet` section describes, on the given teacher U-Net config."""
     return resolve(teacher_config, student_spec(unet_cfg))
 
 
-def config_plan(cfg: Any) -> tuple[dict[str, Any], Plan]:
+def config_plan(cfg: TrainConfig | LoraRemapConfig) -> tuple[dict[str, Any], Plan]:
     """The teacher U-Net config and the resolved student plan of a config's `teacher` and `unet` sections."""
     teacher_config = teacher_unet_config(cfg.teacher)
     return teacher_config, student_plan(teacher_config, cfg.unet)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
@@ -29,9 +29,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
 
 from koala.devices import parse_dtype
+from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
 from koala.models.plans import teacher_unet_config
-from koala.models.unets import SDXL_UNET_CONFIG
+
+if TYPE_CHECKING:
+    from koala.config.schema import TeacherConfig
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 WEIGHT_NAME = "diffusion_pytorch_model"
@@ -213,16 +216,18 @@ def _stay_eval(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     return torch.nn.Module.train(self, False)
 
 
-def freeze(unet: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Freeze in place: no grads, eval mode now and after any later `train()` call, SDPA attention."""
+def freeze(unet: torch.nn.Module) -> torch.nn.Module:
+    """Freeze in place: no grads, eval mode now and after any later `train()` call, SDPA attention (a diffusers
+    U-Net); the one way a teacher is frozen (koala.models.teacher.load_teacher, koala.distill.task)."""
     unet.requires_grad_(False)
     unet.train = types.MethodType(_stay_eval, unet)  # instance attribute shadows nn.Module.train
     unet.eval()
-    unet.set_attn_processor(AttnProcessor2_0())
+    if isinstance(unet, UNet2DConditionModel):
+        unet.set_attn_processor(AttnProcessor2_0())
     return unet
 
 
-def load_teacher(teacher_cfg: Any, dtype: str | torch.dtype | None = "config") -> UNet2DConditionModel:
+def load_teacher(teacher_cfg: TeacherConfig, dtype: str | torch.dtype | None = "config") -> UNet2DConditionModel:
     """The frozen teacher a `teacher` config section names (`pipeline`, `unet`, `arch`, `dtype`).
 
     `dtype`: "config" casts to `teacher.dtype`; None keeps the stored precision (the trainer inherits the student's

@@ -1,222 +1,23 @@
-"""Compressed SDXL U-Nets: the teacher config as data, student specs as data, and weight inheritance.
+"""Compressed SDXL U-Nets from a teacher config and a student spec: resolution, the student's config, building.
 
-A `StudentSpec` says, relative to *any* SDXL-shaped teacher config, which residual(+transformer) layers each
-encoder and decoder stage keeps, how deep each kept transformer is, and what happens to the mid block.
-`student_config` derives the diffusers config; `module_map` gives, as data, the teacher module every student
-module inherits from; `inherit_weights` copies tensors along that map and refuses anything it cannot place.
+`layout` reads a diffusers U-Net config (koala.models.archs, or a teacher's config.json) into per-stage, per-layer
+tables; `resolve` checks a `StudentSpec` (koala.models.specs) against them and fills in every default, giving the
+`Plan` of what each student layer inherits (resolved once per run: everything downstream takes the plan);
+`student_config` derives the student's diffusers config from the teacher's and a plan; `build_unet` /
+`build_student` instantiate them (on the meta device when asked). Weight inheritance along the plan:
+koala.models.inherit.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
-from enum import auto
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from koala.config.choice import Choice
-
-
-class LayerSelect(Choice):
-    """Which teacher transformer layers a shallower student transformer takes (`unet.layer_select`) or is compared
-    with (`distill.pairing`)."""
-
-    first = auto()
-    uniform = auto()
-    last = auto()
-
-
-class MidMode(Choice):
-    """What a student keeps of the mid block (`unet.mid`)."""
-
-    keep = auto()  # the cross-attention mid block
-    resnet = auto()  # one resnet, no transformer
-    none = auto()  # no mid block
-
-
-# The SDXL-Base-1.0 U-Net (also SDXL-Lightning's and SDXL-Turbo's): 2,567,463,684 parameters.
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-
-# A tiny SDXL-shaped U-Net (same block types, text_time conditioning, depth-4 deepest stage) for tests and the
-# demo. Its cross-attention width is the two tiny text encoders' hidden sizes concatenated (32 + 32), and its
-# projection input is 6 time ids x 8 + the 32-wide pooled embedding.
-TINY_UNET_CONFIG: dict[str, Any] = {
-    **SDXL_UNET_CONFIG,
-    "addition_time_embed_dim": 8,
-    "attention_head_dim": [1, 2, 4],
-    "block_out_channels": [32, 64, 128],
-    "cross_attention_dim": 64,
-    "norm_num_groups": 8,
-    "projection_class_embeddings_input_dim": 80,
-    "sample_size": 32,
-    "transformer_layers_per_block": [1, 2, 4],
-}
-
-# SDXL-Base-1.0's scheduler config (scheduler/scheduler_config.json): the training noise schedule of SDXL teachers
-SDXL_SCHEDULER_CONFIG = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
-# A medium SDXL-shaped U-Net for CPU step-time benchmarks: big enough that convolutions and attention, not Python
-# overhead, dominate a step (head dim 64 as in SDXL), small enough for two CPU cores.
-MEDIUM_UNET_CONFIG: dict[str, Any] = {
-    **TINY_UNET_CONFIG,
-    "addition_time_embed_dim": 32,
-    "attention_head_dim": [1, 2, 4],
-    "block_out_channels": [64, 128, 256],
-    "cross_attention_dim": 128,
-    "norm_num_groups": 32,
-    "projection_class_embeddings_input_dim": 6 * 32 + 64,
-}
-
-# The shapes-world teacher (koala/assets/shapes-sdxl, trained by `python -m koala.shapes.teacher`): the tiny layout
-# with a narrower deepest stage (64 channels), for 16 x 16 latents of 64 px pictures; 3.8M parameters.
-SHAPES_UNET_CONFIG: dict[str, Any] = {
-    **TINY_UNET_CONFIG,
-    "attention_head_dim": [1, 2, 2],
-    "block_out_channels": [32, 48, 64],
-    "sample_size": 16,
-}
-
-ARCHS: dict[str, dict[str, Any]] = {
-    "sdxl": SDXL_UNET_CONFIG,
-    "tiny": TINY_UNET_CONFIG,
-    "medium": MEDIUM_UNET_CONFIG,
-    "shapes": SHAPES_UNET_CONFIG,
-}
-Arch = Choice("Arch", list(ARCHS))  # teacher.arch, bench.arch: a key of ARCHS
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    """What a student keeps of its teacher. `None` fields keep the teacher's choice.
-
-    encoder_keep[i]: teacher layer indices kept in encoder stage i (down_blocks.i).
-    decoder_keep[i]: teacher layer indices kept in decoder stage i (up_blocks.i, deepest stage first).
-    encoder_depth / decoder_depth[i]: transformer depth of every kept layer of stage i (an int), or one depth
-        per kept layer (a list); must not exceed the teacher layer it inherits from.
-    mid: "keep" (cross-attention mid block), "resnet" (one resnet, no transformer) or "none".
-    layer_select: which teacher transformer layers a shallower transformer inherits (first / uniform / last).
-    random_init: student module-name prefixes left randomly initialised instead of inherited.
-    """
-
-    name: str
-    description: str = ""
-    encoder_keep: tuple[tuple[int, ...], ...] | None = None
-    decoder_keep: tuple[tuple[int, ...], ...] | None = None
-    encoder_depth: tuple[int | tuple[int, ...], ...] | None = None
-    decoder_depth: tuple[int | tuple[int, ...], ...] | None = None
-    mid: MidMode = MidMode.keep
-    mid_depth: int | None = None
-    layer_select: LayerSelect = LayerSelect.first
-    random_init: tuple[str, ...] = field(default=())
-
-
-# KOALA keeps 1 of 2 encoder layers and decoder layers 0 and 2 of 3 (BK-SDM's mapping, KOALA.md section 2).
-_KOALA_KEEP = dict(encoder_keep=((0,), (0,), (0,)), decoder_keep=((0, 2), (0, 2), (0, 2)))
-
-SPECS: dict[str, StudentSpec] = {
-    s.name: s
-    for s in [
-        StudentSpec("sdxl", "identity: the teacher's own architecture"),
-        StudentSpec(
-            "koala-1b",
-            "KOALA-1B: 1 encoder / 2 decoder layers per stage, depth 6, mid kept",
-            **_KOALA_KEEP,
-            encoder_depth=(1, 2, 6),
-            decoder_depth=(6, 2, 1),
-            mid_depth=6,
-        ),
-        StudentSpec(
-            "koala-700m",
-            "KOALA-700M: 1 encoder / 2 decoder layers per stage, depth 5, no mid block",
-            **_KOALA_KEEP,
-            encoder_depth=(1, 2, 5),
-            decoder_depth=(5, 2, 1),
-            mid=MidMode.none,
-        ),
-        StudentSpec(
-            "ssd-1b",
-            "Segmind SSD-1B: all layers, shallower transformers, mid block without transformer",
-            encoder_depth=(0, 2, 4),
-            decoder_depth=((4, 4, 10), (2, 1, 1), 0),
-            mid=MidMode.resnet,
-        ),
-        StudentSpec(
-            "vega",
-            "Segmind-Vega: all layers, depths 1-2, mid block without transformer",
-            encoder_depth=(0, 1, 2),
-            decoder_depth=(2, 1, 0),
-            mid=MidMode.resnet,
-        ),
-        # Tiny specs follow the same rules on TINY_UNET_CONFIG (deepest teacher depth 4).
-        StudentSpec(
-            "tiny-1b",
-            "tiny KOALA-1B analogue: 1/2 layers per stage, depth 3, mid kept",
-            **_KOALA_KEEP,
-            encoder_depth=(1, 2, 3),
-            decoder_depth=(3, 2, 1),
-            mid_depth=3,
-        ),
-        StudentSpec(
-            "tiny-700m",
-            "tiny KOALA-700M analogue: 1/2 layers per stage, depth 2, no mid block",
-            **_KOALA_KEEP,
-            encoder_depth=(1, 2, 2),
-            decoder_depth=(2, 2, 1),
-            mid=MidMode.none,
-        ),
-    ]
-}
-
-
-def get_spec(name: str) -> StudentSpec:
-    """Look up a registered spec, naming the valid choices when the name is unknown."""
-    if name not in SPECS:
-        raise KeyError(f"unknown U-Net spec {name!r}; valid choices: {', '.join(SPECS)} (or a custom spec)")
-    return SPECS[name]
-
+from koala.models.specs import LayerSelect, MidMode, StudentSpec
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a teacher config into per-layer tables
@@ -357,9 +158,10 @@ def resolve(teacher_config: dict[str, Any], spec: StudentSpec) -> Plan:
     return Plan(spec, t, ek, dk, ed, dd, mid, mid_depth)
 
 
-def student_config(teacher_config: dict[str, Any], spec: StudentSpec) -> dict[str, Any]:
-    """The diffusers config of the student `spec` describes, derived from `teacher_config`."""
-    p = resolve(teacher_config, spec)
+def student_config(teacher_config: dict[str, Any], student: Plan | StudentSpec) -> dict[str, Any]:
+    """The diffusers config of a student, derived from `teacher_config`: a plan resolved against that config, or a
+    spec (resolved here)."""
+    p = student if isinstance(student, Plan) else resolve(teacher_config, student)
     cfg = copy.deepcopy({k: v for k, v in teacher_config.items() if not k.startswith("_")})
     n = p.teacher.num_stages
     lpb = [len(k) for k in p.encoder_keep]
@@ -403,25 +205,11 @@ def build_unet(config: dict[str, Any], device: str | torch.device | None = None)
         return UNet2DConditionModel(**cfg)
 
 
-def build_student(teacher_config: dict[str, Any], spec: StudentSpec, device=None) -> UNet2DConditionModel:
-    """Build the (uninitialised) student U-Net `spec` describes for this teacher."""
-    return build_unet(student_config(teacher_config, spec), device=device)
-
-
-def spec_from_fields(name: str, **fields: Any) -> StudentSpec:
-    """A spec from config: start from a registered spec (or an empty one for `custom`) and override fields."""
-    base = SPECS[name] if name in SPECS else None
-    if base is None and not any(v is not None for v in fields.values()):
-        get_spec(name)  # raises with the valid choices
-    base = base or StudentSpec(name)
-
-    def tup(v):
-        if isinstance(v, (list, tuple)):
-            return tuple(tup(x) for x in v)
-        return v
-
-    given = {k: tup(v) for k, v in fields.items() if v is not None}
-    return replace(base, **given)
+def build_student(
+    teacher_config: dict[str, Any], student: Plan | StudentSpec, device: str | torch.device | None = None
+) -> UNet2DConditionModel:
+    """Build the (uninitialised) student U-Net of a plan (or a spec, resolved here) for this teacher."""
+    return build_unet(student_config(teacher_config, student), device=device)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.ship.presets import SAMPLER_NAMES, preset_for_kind
+from koala.ship.presets import SAMPLER_NAMES, get_preset
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 
 def final_losses(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -19,18 +22,18 @@ def final_losses(metrics: list[dict[str, Any]]) -> dict[str, float]:
     return {}
 
 
-def _get(cfg: Any, dotted: str, default: Any = "n/a") -> Any:
+def _get(cfg: TrainConfig, dotted: str, default: Any = "n/a") -> Any:
     """A config value by dotted key, or `default` when the run config lacks it."""
     value = OmegaConf.select(cfg, dotted, default=default)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def render_model_card(
-    cfg: Any, checkpoint: str, step: int, ema: bool, parameters: int, metrics: list[dict[str, Any]], fp16: bool
+    cfg: TrainConfig, checkpoint: str, step: int, ema: bool, parameters: int, metrics: list[dict[str, Any]], fp16: bool
 ) -> str:
     """Markdown model card with Hugging Face front matter."""
     kind = _get(cfg, "teacher.kind", "base")
-    preset = preset_for_kind(kind)
+    preset = get_preset(kind)
     losses = final_losses(metrics)
     loss_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in losses.items() if k != "step") or "| (no metrics.jsonl) | |"
     spacing = preset.timestep_spacing or "as the teacher's scheduler"

@@ -1,8 +1,9 @@
 """Inference presets: sampler, steps, guidance and timestep spacing per teacher kind (KOALA.md sections 5 and 7).
 
+A preset is named by its teacher kind (`teacher.kind`; `preset=` of generate and evaluate names the same presets).
 Each teacher kind samples the way its teacher's release does; the schedulers those releases ship are kept as data in
 `koala/assets/schedulers/` (with their source) and `tests/test_generate.py` checks every preset against them:
-- v1 students (SDXL-Base teacher): Euler, 25 steps, guidance 7.5 (KOALA's tables), the model's own spacing (SDXL-Base
+- base students (SDXL-Base teacher, the paper's "v1"): Euler, 25 steps, guidance 7.5 (KOALA's tables), the model's own spacing (SDXL-Base
   ships EulerDiscreteScheduler, "leading").
 - KOALA-Lightning (SDXL-Lightning teacher): Euler with `timestep_spacing="trailing"` (SDXL-Lightning's card sets that
   on SDXL-Base's Euler config), 10 steps, guidance 3.5 (KOALA.md 5; the released KOALA-Lightning scheduler config
@@ -22,7 +23,7 @@ from typing import Any, Optional
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 SAMPLERS = {"euler": EulerDiscreteScheduler, "euler_ancestral": EulerAncestralDiscreteScheduler}
 SAMPLER_NAMES = {"euler": "Euler", "euler_ancestral": "Euler ancestral"}  # as model cards and docs write them
@@ -44,31 +45,25 @@ class Preset:
         return {"preset": self.name, "sampler": self.sampler, "timestep_spacing": self.timestep_spacing}
 
 
+# Keyed by teacher kind. `v1` (koala before issue 23 called the base preset so) is refused, naming these choices.
 PRESETS: dict[str, Preset] = {
-    "v1": Preset("v1", "euler", steps=25, guidance=7.5, timestep_spacing=None),
+    "base": Preset("base", "euler", steps=25, guidance=7.5, timestep_spacing=None),
     "lightning": Preset("lightning", "euler", steps=10, guidance=3.5, timestep_spacing="trailing"),
     "turbo": Preset("turbo", "euler_ancestral", steps=4, guidance=0.0, timestep_spacing="trailing"),
 }
-KIND_PRESETS = {"base": "v1", "lightning": "lightning", "turbo": "turbo"}  # teacher kind -> preset
 # teacher kind -> the scheduler its teacher's release ships (koala/assets/schedulers/, each file names its source)
 SHIPPED_SCHEDULERS = {"base": "sdxl-base.json", "lightning": "sdxl-lightning.json", "turbo": "sdxl-turbo.json"}
-PresetName = Choice("PresetName", list(PRESETS))  # generate.preset, evaluate.preset(s): a key of PRESETS
-TeacherKind = Choice("TeacherKind", list(KIND_PRESETS))  # teacher.kind: a key of KIND_PRESETS
+PresetName = Choice("PresetName", list(PRESETS))  # teacher.kind, generate.preset, evaluate.preset(s)
 
 
 def get_preset(name: str) -> Preset:
-    """Look up a preset by name, naming the valid choices when it is unknown."""
+    """The preset of a teacher kind (`base`, `lightning`, `turbo`), naming the valid choices when it is unknown."""
     return PRESETS[PresetName(name)]
-
-
-def preset_for_kind(kind: str) -> Preset:
-    """The preset a student of a `base`, `lightning` or `turbo` teacher samples with."""
-    return PRESETS[KIND_PRESETS[TeacherKind(kind)]]
 
 
 def shipped_scheduler_config(kind: str) -> dict[str, Any]:
     """The scheduler config the teacher of `kind` ships (with `_class_name` and `_source`)."""
-    path = Path(__file__).resolve().parent.parent / "assets" / "schedulers" / SHIPPED_SCHEDULERS[TeacherKind(kind)]
+    path = Path(__file__).resolve().parent.parent / "assets" / "schedulers" / SHIPPED_SCHEDULERS[PresetName(kind)]
     return json.loads(path.read_text())
 
 

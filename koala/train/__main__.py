@@ -11,11 +11,11 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
 
-from koala.config.checks import ConfigError
-from koala.config.compose import COMPOSE_ERRORS, exit_config_error, register_configs
+from koala.config.compose import COMPOSE_ERRORS, exit_config_error, register_schema
+from koala.config.schema import TrainConfig
 from koala.data.stream import TooManySkips
+from koala.errors import ConfigError
 from koala.train.checkpoint import NonFiniteWeights
 from koala.train.loop import train
 from koala.train.step import NonFiniteSteps
@@ -25,7 +25,7 @@ RUN_STOPPERS = (TooManySkips, NonFiniteSteps, NonFiniteWeights)
 
 
 @hydra.main(version_base=None, config_path="../../configs", config_name="train")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: TrainConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -43,8 +43,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Register the schemas and run `hydra_main` on the command line, reporting a refused config in one line."""
-    register_configs()
+    """Register the schema and run `hydra_main` on the command line, reporting a refused config in one line."""
+    register_schema("train", TrainConfig)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it refuses (instead of printing it) so it is caught here
     try:
         hydra_main()

@@ -35,9 +35,12 @@ import shutil
 import signal
 import sys
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from koala.rng import rng_preserved
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -323,6 +326,27 @@ def rotate(run_dir: str | Path, written: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         if old != written:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class Checkpointer:
+    """Writes the run's checkpoints and decides when: every `every` steps and at the last step (`save`), or now
+    (`force`: a stop request, data that ran out). Randomness is untouched (EMA's save builds a random model)."""
+
+    def __init__(self, accelerator, run_dir: Path, student, ema, every: int, keep: int, state: Callable[[], dict],
+                 step: int) -> None:  # fmt: skip
+        self.accelerator, self.run_dir, self.student, self.ema = accelerator, run_dir, student, ema
+        self.every, self.keep, self.state = every, keep, state  # state(): what state.json records beside the step
+        self.saved = step  # the step of the newest checkpoint (where the run started: it is on disk already)
+
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> Path | None:
+        """Write a checkpoint of `step` when one is due (or `force`d) and not written yet; its folder, or None."""
+        if step == self.saved or not (force or last_step or step % self.every == 0):
+            return None
+        with rng_preserved():
+            path = save_checkpoint(self.accelerator, self.run_dir, step, self.student, self.ema, self.state(),
+                                   keep=self.keep)  # fmt: skip
+        self.saved = step
+        return path
 
 
 class StopSignal:

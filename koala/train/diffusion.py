@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class TimestepKind(Choice):

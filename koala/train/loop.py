@@ -1,41 +1,47 @@
 """The KOALA distillation run: `train(cfg)` (the command is `python -m koala.train`, koala/train/__main__.py).
 
 `train(cfg)` reads top to bottom: check the config, build the parts, resume, then loop: encode, noise, teacher and
-student forward, losses, backward, step, EMA, log, sample, checkpoint.
+student forward, losses, backward, step, EMA (koala.train.step), then the metrics log, the sample renderer and the
+checkpointer, each of which decides itself whether this step is one of its steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.devices import DTYPES
 from koala.models.teacher import teacher_identity
+from koala.rng import rng_preserved
 from koala.train.build import build_trainable, load_frozen, make_accelerator
-from koala.train.checkpoint import StopSignal, read_state, save_checkpoint
-from koala.train.rng import rng_preserved
+from koala.train.checkpoint import Checkpointer, StopSignal, read_state
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, run_folder_lock, trim_metrics
 from koala.train.sampling import SampleRenderer
-from koala.train.sharding import plain_student, shard_like
+from koala.train.sharding import shard_like
 from koala.train.step import Trainable, train_step
 from koala.train.tracking import MetricsLog, flat_hparams, write_rank_record
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
+    from koala.models.unets import Plan
 
 log = logging.getLogger("koala.train")
 
 
-def setup_run(cfg: DictConfig, resuming: bool) -> tuple[Accelerator, Path]:
+def setup_run(cfg: TrainConfig, resuming: bool) -> tuple[Accelerator, Path]:
     """Accelerator, seeds and the run directory (deterministic, so every rank and a resume agree on it)."""
     run_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, project_dir=run_dir)
@@ -57,7 +63,7 @@ def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def resume(cfg: DictConfig, run: Trainable, ckpt: Path | None) -> int:
+def resume(cfg: TrainConfig, run: Trainable, ckpt: Path | None) -> int:
     """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
     if ckpt is None:
         return 0
@@ -92,70 +98,70 @@ def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite
         yield batch
 
 
-def train(cfg: DictConfig) -> Path:
+def make_loader(cfg: TrainConfig, accelerator: Accelerator, step: int) -> Iterable[dict]:
+    """This rank's batches, skipping (without decoding) the `step` x `grad_accum` batches consumed before a resume.
+
+    The loader splits the data by rank itself; it is not passed to accelerator.prepare, which would re-split or
+    dispatch it."""
+    return build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum,
+                            final_tally=True)  # fmt: skip
+
+
+def open_metrics(
+    cfg: TrainConfig, run: Trainable, run_dir: Path, step: int, config: dict, skipped: SkipTally
+) -> MetricsLog:
+    """The run's metrics log (metrics.jsonl cut back to `step`, the trackers, a progress bar on the main process)."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        trim_metrics(run_dir / "metrics.jsonl", step)
+        accelerator.init_trackers(
+            "koala", config=flat_hparams(config), init_kwargs={"wandb": {"dir": str(run_dir)}}
+        )  # wandb/ in the run, not the cwd
+
+    def extras() -> dict:
+        """What every row adds to the loss terms: the learning rate, the skipped-sample counts and the optimizer
+        steps skipped for a non-finite loss or gradient norm."""
+        nonfinite = {"nonfinite_steps": run.guard.skipped} if run.guard is not None else {}
+        return {"lr": run.lr_scheduler.get_last_lr()[0], **{f"skipped/{k}": v for k, v in skipped.totals().items()},
+                **nonfinite}  # fmt: skip
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
+    return MetricsLog(accelerator, run_dir / "metrics.jsonl", cfg.log_every, extras, bar)
+
+
+def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
-    check_config(cfg)  # before any model is loaded
+    plan = check_config(cfg)  # before any model is loaded; the student plan, resolved once
     with run_folder_lock(cfg.output_dir):  # one process per run folder: a second is refused here, naming the holder
-        return distill_run(cfg)
+        return distill_run(cfg, plan)
 
 
-def distill_run(cfg: DictConfig) -> Path:
-    """The run itself, in its locked folder (`train` checked the config)."""
+def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
+    """The run itself, in its locked folder (`train` checked the config and resolved the student plan)."""
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
 
     # Frozen parts: SDXL conditioning, the noise schedule and the teacher. The teacher is never prepared.
     conditioner, noising, teacher = load_frozen(cfg, device)
-    run = build_trainable(cfg, accelerator, teacher, noising, cfg.data.resolution // conditioner.vae_scale_factor)
+    run = build_trainable(cfg, accelerator, teacher, noising, plan, cfg.data.resolution // conditioner.vae_scale_factor)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
     step = resume(cfg, run, ckpt)
     if run.ema is not None:
         run.ema.to(device)
-    # The loader splits the data by rank itself and skips what was consumed without decoding it; it is not
-    # passed to accelerator.prepare, which would re-split or dispatch it.
-    loader = build_dataloader(
-        cfg.data,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        resume_batches=step * cfg.grad_accum,
-        final_tally=True,
-    )
+    loader, skipped = make_loader(cfg, accelerator, step), SkipTally()
     config, teacher_id = OmegaConf.to_container(cfg, resolve=True), teacher_identity(cfg.teacher)
-    if accelerator.is_main_process:
-        trim_metrics(run_dir / "metrics.jsonl", step)
-        accelerator.init_trackers(
-            "koala", config=flat_hparams(config), init_kwargs={"wandb": {"dir": str(run_dir)}}
-        )  # wandb/ in the run, not the cwd
-    metrics, skipped = MetricsLog(accelerator, run_dir / "metrics.jsonl"), SkipTally()
-    renderer = (
-        SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples") if accelerator.is_main_process else None
-    )
-    if renderer is not None and step == 0 and cfg.sample_every > 0:
-        renderer.render_teacher(teacher)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
-    last, saved, seen_keys = {}, step, []
-    finite = not cfg.data.resampled and cfg.data.epochs is not None
-
-    def checkpoint() -> None:
-        with rng_preserved():  # writing (EMA's save builds a random model) consumes no training randomness
-            save_checkpoint(
-                accelerator,
-                run_dir,
-                step,
-                run.student,
-                run.ema,
-                {"last": last, "config": config, "teacher_identity": teacher_id},
-                keep=cfg.keep_checkpoints,
-            )
-
-    def log_point() -> dict:
-        skips = {f"skipped/{k}": v for k, v in skipped.totals().items()}
-        nonfinite = {"nonfinite_steps": run.guard.skipped} if run.guard is not None else {}
-        return metrics.flush(step, {"lr": run.lr_scheduler.get_last_lr()[0], **skips, **nonfinite})
+    # Each decides when it runs: metrics every log_every steps, samples every sample_every, checkpoints every
+    # checkpoint_every; metrics and checkpoints also at the last step.
+    metrics = open_metrics(cfg, run, run_dir, step, config, skipped)
+    renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples")
+    checkpointer = Checkpointer(accelerator, run_dir, run.student, run.ema, cfg.checkpoint_every, cfg.keep_checkpoints,
+                                lambda: {"last": metrics.last, "config": config, "teacher_identity": teacher_id},
+                                step)  # fmt: skip
+    renderer.render_teacher(teacher, step)
+    seen_keys, finite = [], not cfg.data.resampled and cfg.data.epochs is not None
 
     with run.task, StopSignal() as stop:
         run.task.train()
@@ -169,28 +175,18 @@ def distill_run(cfg: DictConfig) -> Path:
             if not accelerator.sync_gradients:
                 continue  # a micro-step of gradient accumulation
             step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                last = log_point() or last  # nothing to log when every step since the last row was skipped
-                if last:
-                    bar.set_postfix(loss=f"{last['loss/total']:.4f}", img_s=f"{last['images_per_s']:.1f}")
-            if cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                unet = plain_student(accelerator, run.student)  # every rank: a gather under FSDP
-                if renderer is not None:
-                    renderer.render_student(unet.to(device), step)
+            metrics.log(step, last_step=step == cfg.max_steps)
+            renderer.render_student(run.student, step)
             if stop.agreed(accelerator):
                 log.warning("stop requested: writing a checkpoint at step %d before exiting", step)
-                checkpoint()
-                saved = step
+                checkpointer.save(step, force=True)
                 break
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                checkpoint()
-                saved = step
-    if saved != step:  # a finite dataset ran out before max_steps (every rank stops at the same step)
-        last = log_point() or last
+            checkpointer.save(step, last_step=step == cfg.max_steps)
+    if checkpointer.saved != step:  # a finite dataset ran out before max_steps (every rank stops at the same step)
+        metrics.log(step, force=True)
         log.info("the data ran out at step %d; skipped: %s", step, skipped.totals())
-        checkpoint()
-    bar.close()
+        checkpointer.save(step, force=True)
+    metrics.close()
     if cfg.record_ranks:
         write_rank_record(accelerator, run_dir, seen_keys, accelerator.unwrap_model(run.student))
     # Every rank waits here before the process group goes (end_training destroys it): without this barrier gloo

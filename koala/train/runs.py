@@ -22,13 +22,16 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from koala.config.checks import ConfigError
+from koala.errors import ConfigError
 from koala.locks import FileLock, LockHeld, describe_holder
 from koala.train.checkpoint import CorruptCheckpoint, find_checkpoint, list_checkpoints, read_state
+
+if TYPE_CHECKING:
+    from koala.config.schema import TrainConfig
 
 log = logging.getLogger("koala.train.runs")
 
@@ -87,7 +90,7 @@ def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def resolve_resume(cfg) -> Path | None:
+def resolve_resume(cfg: TrainConfig) -> Path | None:
     """The checkpoint this run continues (None: a fresh start), checked against the config; raises ConfigError."""
     run_dir = Path(cfg.output_dir)
     if not cfg.resume:
@@ -107,7 +110,7 @@ def resolve_resume(cfg) -> Path | None:
     return ckpt
 
 
-def check_teacher(ckpt: Path, state: dict, cfg) -> None:
+def check_teacher(ckpt: Path, state: dict, cfg: TrainConfig) -> None:
     """Refuse a resume whose teacher files are not those the checkpoint was trained from (moved or not)."""
     from koala.models.teacher import teacher_identity
 
@@ -125,7 +128,7 @@ def check_teacher(ckpt: Path, state: dict, cfg) -> None:
         )
 
 
-def check_resumable(ckpt: Path, cfg) -> None:
+def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
     """Refuse a resume whose config changes what defines the run, or whose teacher is another; warn about moved
     paths."""
     state = read_state(ckpt)
@@ -149,7 +152,7 @@ def check_resumable(ckpt: Path, cfg) -> None:
             log.warning("resume: %s moved from %r to %r; assuming the same contents", key, *changes[key])
 
 
-def record_config(run_dir: Path, cfg) -> None:
+def record_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Write `config.yaml`; an earlier, different one is kept as `config.<n>.yaml` (never silently rewritten)."""
     text = OmegaConf.to_yaml(cfg, resolve=True)
     path = run_dir / "config.yaml"

@@ -1,37 +1,50 @@
-"""Images from fixed prompts and seeds during training: the student every N steps, the teacher once."""
+"""Images from fixed prompts and seeds during training: the student every `sample_every` steps, the teacher once."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from koala.data.conditioning import SDXLConditioner
+from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
-from koala.generate import generate, make_grid
-from koala.ship.presets import preset_for_kind
-from koala.train.rng import rng_preserved
+from koala.rng import rng_preserved
+from koala.ship.presets import get_preset
+from koala.ship.sampling import generate, make_grid
+from koala.train.sharding import plain_student
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from koala.config.schema import TrainConfig
 
 
 class SampleRenderer:
-    """Renders the config's sample prompts with fixed seeds through a stock SDXL pipeline around any U-Net.
+    """Renders the config's sample prompts with fixed seeds through a stock SDXL pipeline around any U-Net, and
+    decides when: the teacher before the first step, the student every `sample_every` steps (0: never).
 
-    It reuses the conditioner's text encoders and VAE; a run on cached conditioning holds none, so they are loaded
+    Every rank holds one (under FSDP the student is gathered by all of them); only the main process renders. It
+    reuses the conditioner's text encoders and VAE; a run on cached conditioning holds none, so they are loaded
     for each rendering and freed after it (not held through training). The teacher kind picks the sampling preset
     (steps, guidance, timestep spacing) exactly as exported students use it.
     """
 
-    def __init__(self, cfg, conditioner, accelerator, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, conditioner, accelerator: Accelerator, out_dir: Path):
+        self.every = cfg.sample_every
+        self.renders = accelerator.is_main_process and self.every > 0
         self.prompts = list(cfg.sample_prompts)
         self.seed = cfg.sample_seed
         self.size = cfg.data.resolution
-        self.preset = preset_for_kind(cfg.teacher.kind)
+        self.preset = get_preset(cfg.teacher.kind)
         self.steps = cfg.sample_steps  # None: the preset's
-        self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
+        if self.renders:
+            self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
         self.conditioner = conditioner
         self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
+        self.text_dtype = DTYPES[conditioning_dtype(cfg, accelerator.device)]  # and their precision then
         self.accelerator = accelerator
         self.out_dir = out_dir
 
@@ -45,7 +58,7 @@ class SampleRenderer:
                 self.teacher.pipeline,
                 vae=self.teacher.vae,
                 device=self.accelerator.device,
-                dtype=DTYPES[self.teacher.dtype],
+                dtype=self.text_dtype,
             )
         )
         pipe = StableDiffusionXLPipeline(
@@ -75,8 +88,13 @@ class SampleRenderer:
                 tracker.writer.add_image(f"samples/{name.split('-')[0]}", np.asarray(grid), step, dataformats="HWC")
         return path
 
-    def render_teacher(self, teacher) -> Path:
-        return self.render(teacher, "teacher")
+    def render_teacher(self, teacher, step: int) -> Path | None:
+        """The teacher's grid, once: before the first step of a run (not on resume)."""
+        return self.render(teacher, "teacher") if self.renders and step == 0 else None
 
-    def render_student(self, student, step: int) -> Path:
-        return self.render(student, f"student-{step:08d}", step)
+    def render_student(self, student, step: int) -> Path | None:
+        """The (prepared) student's grid at a finished `step` when one is due; every rank must call it."""
+        if self.every <= 0 or step % self.every:
+            return None
+        unet = plain_student(self.accelerator, student)  # every rank: a gather under FSDP
+        return self.render(unet.to(self.accelerator.device), f"student-{step:08d}", step) if self.renders else None

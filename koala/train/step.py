@@ -9,7 +9,7 @@ backward, clipping, optimizer and schedule (`optimizer_step`), EMA on the micro-
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,12 +59,13 @@ class NonFiniteGuard:
         bad = ~torch.isfinite(loss.detach())
         self._bad = bad if self._bad is None else self._bad | bad
 
-    def allows(self, acc: Accelerator, grad_norm: Tensor | None) -> bool:
+    def allows(self, acc: Accelerator, grad_norm: Tensor | float | None) -> bool:
         """Whether this optimizer step may be taken: the same answer on every rank. Raises NonFiniteSteps at the limit."""
         bad = self._bad.reshape(1).float()
         self._bad = None
-        if grad_norm is not None:
-            bad = bad + (~torch.isfinite(local_part(grad_norm).detach().float())).reshape(1).to(bad.device)
+        if grad_norm is not None:  # a tensor (a DTensor under FSDP), or DeepSpeed's float
+            norm = local_part(grad_norm).detach() if isinstance(grad_norm, Tensor) else torch.tensor(grad_norm)
+            bad = bad + (~torch.isfinite(norm.float())).reshape(1).to(bad.device)
         if acc.num_processes > 1:
             bad = acc.reduce(bad, reduction="sum")
         if not bad.item():
@@ -84,15 +85,14 @@ class NonFiniteGuard:
         return False
 
 
-def gradient_norm(run: Trainable) -> Tensor | None:
-    """The gradient norm the guard checks: clipped by accelerate when `max_grad_norm` > 0 (it returns the norm),
-    else computed; None under fp16 loss scaling (the scaler handles infinite gradients)."""
-    acc = run.accelerator
-    if run.max_grad_norm > 0:
-        norm = acc.clip_grad_norm_(run.student.parameters(), run.max_grad_norm)
-        return None if acc.scaler is not None or not isinstance(norm, Tensor) else norm
-    if acc.scaler is not None:
+def checked_norm(run: Trainable, clipped: Tensor | float | None) -> Tensor | float | None:
+    """The gradient norm the guard checks: the one clipping measured (`clipped`), else computed; None under fp16
+    loss scaling (the scaler skips infinite gradients itself) and where the gradients live in the engine (DeepSpeed
+    without clipping, which skips a non-finite norm itself)."""
+    if run.accelerator.scaler is not None:
         return None
+    if clipped is not None:
+        return clipped
     grads = [p.grad for p in run.student.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
 
@@ -111,6 +111,7 @@ class Trainable:
     max_grad_norm: float
     plan: Plan  # which teacher layer each student layer came from (pairing other presets, export)
     guard: NonFiniteGuard | None = None  # skips steps with a non-finite loss or gradient norm
+    held: list = field(default_factory=list)  # this optimizer step's micro-steps' (loss terms, images), not yet logged
 
 
 def distill_losses(run: Trainable, cond: dict[str, Tensor], timer: Timer = no_timer) -> dict[str, Tensor]:
@@ -127,26 +128,33 @@ def distill_losses(run: Trainable, cond: dict[str, Tensor], timer: Timer = no_ti
         return run.task(noisy, t, cond, target, sample_weights=snr_w, timer=timer)
 
 
-def optimizer_step(run: Trainable, loss: Tensor, timer: Timer = no_timer) -> bool:
+def optimizer_step(run: Trainable, loss: Tensor, timer: Timer = no_timer) -> tuple[bool, Tensor | float | None]:
     """Backward, then (accelerate skips these on accumulation micro-steps) clip, step, schedule, zero the grads.
-    Returns False when the guard skipped the update (the schedule still advances: steps stay aligned with data)."""
+
+    Returns whether the update was taken (False when the guard skipped it; the schedule still advances, so steps stay
+    aligned with the data) and the gradient norm before clipping on the micro-step that syncs (None otherwise, or
+    without clipping). Under DeepSpeed the engine steps and clips inside `backward` (`gradient_clipping`,
+    koala/train/deepspeed.py); accelerate's `clip_grad_norm_` then only reports the norm it clipped, and the
+    optimizer calls are no-ops. DeepSpeed skips an update whose gradient norm is not finite itself (its fp32 ZeRO
+    optimizer checks the norm), so the guard's skip there agrees with what the engine did.
+    """
     acc = run.accelerator
     with timer("backward"):
         acc.backward(loss)
     if run.guard is not None:
         run.guard.watch(loss)
-    stepped = True
+    stepped, norm = True, None
     with timer("clip"):
+        if acc.sync_gradients and run.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(run.student.parameters(), run.max_grad_norm)
         if acc.sync_gradients and run.guard is not None:
-            stepped = run.guard.allows(acc, gradient_norm(run))
-        elif acc.sync_gradients and run.max_grad_norm > 0:
-            acc.clip_grad_norm_(run.student.parameters(), run.max_grad_norm)
+            stepped = run.guard.allows(acc, checked_norm(run, norm))
     with timer("optimizer"):
         if stepped:
             run.optimizer.step()
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return stepped
+    return stepped, norm
 
 
 def train_step(run: Trainable, cond: dict[str, Tensor], metrics: Any, timer: Timer = no_timer) -> dict[str, Tensor]:
@@ -155,11 +163,26 @@ def train_step(run: Trainable, cond: dict[str, Tensor], metrics: Any, timer: Tim
     acc = run.accelerator
     with acc.accumulate(run.student):
         losses = distill_losses(run, cond, timer)
-        stepped = optimizer_step(run, losses["loss"], timer)
+        stepped, norm = optimizer_step(run, losses["loss"], timer)
     if acc.sync_gradients and stepped and run.ema is not None:
         with timer("ema"):
             run.ema.step(acc.unwrap_model(run.student).parameters())
     with timer("logging"):
-        if stepped:  # a skipped step's non-finite terms would make the logged averages NaN
-            metrics.add(losses, cond["latents"].shape[0])
+        log_terms(run, metrics, losses, cond["latents"].shape[0], stepped, norm)
     return losses
+
+
+def log_terms(run: Trainable, metrics: Any, losses: dict[str, Tensor], images: int, stepped: bool,
+              norm: Tensor | float | None) -> None:  # fmt: skip
+    """Hand this micro-step's loss terms to the metrics log once its optimizer step is judged: the terms of every
+    micro-step of a taken step (and its gradient norm) are added, those of a skipped one dropped (their non-finite
+    values would make the logged averages NaN)."""
+    run.held.append(({k: v.detach() for k, v in losses.items()}, images))
+    if not run.accelerator.sync_gradients:
+        return  # an accumulation micro-step: judged with the step's last one
+    if stepped:
+        for terms, n in run.held:
+            metrics.add(terms, n)
+        if norm is not None:
+            metrics.add_step({"grad_norm": norm})
+    run.held.clear()

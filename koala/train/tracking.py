@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from enum import auto
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from koala.config.choice import Choice
+from koala.choice import Choice
 
 
 class Tracker(Choice):
@@ -41,15 +43,45 @@ def flat_hparams(config: dict, prefix: str = "") -> dict[str, int | float | str 
 
 
 class MetricsLog:
-    """Averages loss terms between log points and writes them to `metrics.jsonl` and the trackers."""
+    """Averages loss terms between log points and writes them to `metrics.jsonl` and the trackers; `log` decides
+    when (every `every` steps and the last) and keeps the progress bar, `last` the newest row written."""
 
-    def __init__(self, accelerator, path: Path):
+    def __init__(
+        self,
+        accelerator,
+        path: Path,
+        every: int = 1,
+        extras: Callable[[], dict] | None = None,
+        bar: tqdm | None = None,
+    ):
         self.accelerator = accelerator
         self.path = path
+        self.every, self.extras, self.bar = every, extras, bar  # extras(): what each row adds (lr, skip counts)
+        self.last: dict[str, float] = {}
         self.sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync per step
         self.count = 0
+        self.step_sums: dict[str, torch.Tensor] = {}  # once per optimizer step (grad_norm), not per micro-step
+        self.steps = 0
         self.images = 0
         self.t0 = time.perf_counter()
+
+    def log(self, step: int, last_step: bool = False, force: bool = False) -> dict[str, float]:
+        """Advance the progress bar to a finished `step`; write a row when one is due (or `force`d); the row or {}."""
+        if self.bar is not None and self.bar.n < step:
+            self.bar.update(step - self.bar.n)
+        if not (force or last_step or step % self.every == 0):
+            return {}
+        row = self.flush(step, self.extras() if self.extras else None)
+        if row:
+            self.last = row
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{row['loss/total']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+        return row
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        if self.bar is not None:
+            self.bar.close()
 
     def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
         for k, v in losses.items():
@@ -57,6 +89,13 @@ class MetricsLog:
             self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
         self.images += images
+
+    def add_step(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Values that exist once per optimizer step and are the same on every rank (the gradient norm)."""
+        for k, v in values.items():
+            v = torch.as_tensor(v).detach().float()
+            self.step_sums[k] = self.step_sums[k] + v if k in self.step_sums else v
+        self.steps += 1
 
     def flush(self, step: int, extra: dict | None = None) -> dict[str, float]:
         """Average over ranks and steps since the last flush; write; return what was written."""
@@ -67,6 +106,7 @@ class MetricsLog:
         mean = self.accelerator.reduce(local, reduction="mean") if self.accelerator.num_processes > 1 else local
         elapsed = time.perf_counter() - self.t0
         row = {"step": step, **{f"loss/{k}" if k != "loss" else "loss/total": float(v) for k, v in zip(keys, mean)}}
+        row.update({k: float(v) / self.steps for k, v in sorted(self.step_sums.items())})  # already global
         row["images_per_s"] = self.images * self.accelerator.num_processes / max(elapsed, 1e-9)
         row.update(extra or {})
         if self.accelerator.is_main_process:
@@ -74,6 +114,7 @@ class MetricsLog:
                 f.write(json.dumps(row) + "\n")
         self.accelerator.log(row, step=step)
         self.sums, self.count, self.images, self.t0 = {}, 0, 0, time.perf_counter()
+        self.step_sums, self.steps = {}, 0
         return row
 
 

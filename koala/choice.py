@@ -1,4 +1,5 @@
-"""`Choice`: the type of every setting that takes one of a fixed set of names.
+"""`Choice`: the type of every setting that takes one of a fixed set of names (the ground floor: imports nothing
+from koala, so every module may import it).
 
 A choice is a str-valued Enum whose members are named by their values (`mse = auto()` is `"mse"`), defined next to
 the code that uses it. In a schema field, OmegaConf and Hydra accept a member by its name at compose time and reject
