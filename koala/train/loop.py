@@ -163,7 +163,7 @@ def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
     renderer.render_teacher(teacher, step)
     seen_keys, finite = [], not cfg.data.resampled and cfg.data.epochs is not None
 
-    with run.task, StopSignal() as stop:
+    with run.task, StopSignal() as stop, metrics:  # metrics: an error closes the progress bar first
         run.task.train()
         for batch in every_rank_batches(skipped.batches(loader), accelerator, finite):
             if step >= cfg.max_steps:
