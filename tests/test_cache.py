@@ -236,6 +236,27 @@ def test_cache_counts_a_bad_shard_after_the_last_batch(tmp_path, tiny_pipeline_d
     assert info["samples"] == 4 and info["skipped"]["bad_shard"] == 1  # before: 0
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_each_cache_their_own_share(cache_setup, tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from conftest import two_process_launch
+
+    cfg, single = cache_setup
+    args = [f"data.path='{cfg.data.path}'", "data.resolution=32", f"teacher.pipeline={cfg.teacher.pipeline}",
+            f"cache.out={tmp_path / 'latents'}", "cache.dtype=fp32", "cache.samples_per_shard=4"]  # fmt: skip
+    repo = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        two_process_launch("koala.cache", *args), capture_output=True, text=True, cwd=repo, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    infos = [json.loads((tmp_path / "latents" / f"info-{r:03d}.json").read_text()) for r in (0, 1)]
+    names = [m.name for p in (tmp_path / "latents").glob("*.tar") for m in tarfile.open(p).getmembers()]
+    assert infos[0]["samples"] > 0 and infos[1]["samples"] > 0  # two ranks, not two copies of rank 0
+    assert sorted(names) == sorted(m.name for p in single.glob("*.tar") for m in tarfile.open(p).getmembers())
+
+
 def test_cache_encodes_in_conditioning_dtype_and_training_refuses_another(cache_setup, tiny_pipeline_dir, tmp_path):
     from koala.config.checks import ConfigError, check_config
     from koala.data.conditioning import conditioning_dtype

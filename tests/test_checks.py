@@ -217,6 +217,7 @@ COMMAND_SCHEMAS = {
     "evaluate": "koala.evaluate:EvaluateConfig",
     "lora": "koala.lora:LoraRemapConfig",
     "search": "koala.search:SearchConfig",
+    "synth": "koala.synth:SynthConfig",
     "fixtures": "koala.fixtures.__main__:FixturesConfig",
     "shapes_evaluate": "koala.shapes.evaluate:ShapesEvaluateConfig",
     "shapes_teacher": "koala.shapes.teacher:TeacherTrainConfig",

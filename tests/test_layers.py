@@ -15,7 +15,7 @@ import grimp
 # The command modules: `python -m <module>` (and the `koala.bench <name>` subcommands).
 COMMANDS = (
     "koala.train.__main__", "koala.demo", "koala.export", "koala.generate", "koala.evaluate", "koala.cache",
-    "koala.lora", "koala.inspect", "koala.search", "koala.fixtures.__main__", "koala.shapes.evaluate", "koala.shapes.teacher",
+    "koala.lora", "koala.inspect", "koala.search", "koala.synth", "koala.fixtures.__main__", "koala.shapes.evaluate", "koala.shapes.teacher",
     "koala.bench.ablation", "koala.bench.data", "koala.bench.fullsize", "koala.bench.gpu", "koala.bench.memory",
     "koala.bench.train", "koala.bench.unet",
 )  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from koala.data import SkipTally, build_dataloader
 from koala.data.cached import EMPTY_PROMPT, MARKER, WRITTEN, encode_sample
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
-from koala.devices import DTYPES
+from koala.devices import DTYPES, multi_cpu
 from koala.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -45,44 +46,59 @@ def member_stem(key: str) -> str:
 
 
 class CacheWriter:
-    """Writes cached samples into `<out>/<rank>-<n>.tar` shards, each renamed into place once complete."""
+    """Writes cached samples into `<out>/<rank>-<n>.tar` shards (or the names `shard_name(first key)` gives), each
+    written under a temporary name, synced to disk and renamed into place once complete."""
 
-    def __init__(self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, out: Path, rank: int, samples_per_shard: int, dtype: torch.dtype,
+        shard_name: Callable[[str], str] | None = None,
+    ) -> None:  # fmt: skip
         self.out, self.rank, self.per_shard, self.dtype = out, rank, samples_per_shard, dtype
+        self.shard_name = shard_name or (lambda key: f"{self.rank:03d}-{self.shard:05d}.tar")
         self.shard, self.count, self.sink, self.total = 0, 0, None, 0
         self.names: set[str] = set()  # member stems of the current shard: two samples never share one
         self.written: list[str] = []  # the finished shards' file names
         out.mkdir(parents=True, exist_ok=True)
 
-    def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Append one sample (its source key kept in the metadata); starts a new shard every `samples_per_shard`."""
+    def add(
+        self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], extra: dict[str, bytes] | None = None
+    ) -> None:
+        """Append one sample (its source key kept in the metadata; `extra` members, e.g. `jpg`, beside it); starts a
+        new shard every `samples_per_shard`."""
         if self.sink is None:
-            self.path = self.out / f"{self.rank:03d}-{self.shard:05d}.tar"
-            self.sink = wds.TarWriter(str(self.path) + ".tmp")
+            self.path = self.out / self.shard_name(key)
+            self.file = open(str(self.path) + ".tmp", "wb")
+            self.sink = wds.TarWriter(self.file)
             self.names = set()
         stored = {k: v.detach().to("cpu", EXACT.get(k, self.dtype)) for k, v in tensors.items()}
         stem, n = member_stem(key), 1
         while stem in self.names:
             stem, n = f"{member_stem(key)}_{n}", n + 1
         self.names.add(stem)
-        self.sink.write({"__key__": stem, "safetensors": encode_sample(stored, {"key": key, **meta})})
+        self.sink.write({"__key__": stem, "safetensors": encode_sample(stored, {"key": key, **meta}), **(extra or {})})
         self.count, self.total = self.count + 1, self.total + 1
         if self.count == self.per_shard:
             self.close()
 
     def close(self) -> None:
-        """Finish the current shard (rename `.tmp` into place)."""
+        """Finish the current shard: sync it to disk, then rename `.tmp` into place (a crash leaves only `.tmp`)."""
         if self.sink is not None:
             self.sink.close()
-            fsync(Path(str(self.path) + ".tmp"))  # on disk before the marker can claim it
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
             os.replace(str(self.path) + ".tmp", self.path)
+            sync_dir(self.out)
             self.written.append(self.path.name)
             self.sink, self.count, self.shard = None, 0, self.shard + 1
 
 
-def fsync(path: Path) -> None:
-    """Flush a file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
+def sync_dir(folder: Path) -> None:
+    """fsync a folder, so a rename in it survives a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
     finally:
@@ -118,16 +134,22 @@ def write_marker(out: Path, world: int, settings: dict) -> None:
     for info in infos:
         for reason, n in info["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
-    marker = {
-        "shards": sorted(s for info in infos for s in info["shards"]),
-        "samples": sum(info["samples"] for info in infos),
-        "skipped": skipped,
-        **settings,
-    }
+    shards = sorted(s for info in infos for s in info["shards"])
+    seal_cache(
+        out, {"shards": shards, "samples": sum(info["samples"] for info in infos), "skipped": skipped, **settings}
+    )
+
+
+def seal_cache(out: Path, record: dict) -> None:
+    """Write the completeness marker `cache.json` (its `shards` list names every shard of the cache), synced and
+    renamed into place: written last, by koala.cache and koala.synth, once the cache is complete."""
     tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=1))
-    fsync(tmp)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out / MARKER)
+    sync_dir(out)
 
 
 def cache_data_config(data: DictConfig) -> DictConfig:
@@ -155,7 +177,7 @@ def build_cache(cfg: CacheJobConfig) -> Path:
     """Encode this rank's share of `cfg.data` with `cfg.teacher`'s VAE and text encoders into `cfg.cache.out`."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=multi_cpu())  # gloo on CPU processes (else each would think itself rank 0 of 1)
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
     pipeline = resolve_pipeline(cfg.teacher)

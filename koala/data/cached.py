@@ -46,8 +46,9 @@ def check_cache(path: str) -> None:
         marker = folder / MARKER
         if not marker.is_file():
             raise IncompleteCache(
-                f"{folder} holds no {MARKER}: the cache is incomplete (`python -m koala.cache` was stopped before it "
-                "finished) or was not written by koala.cache; write it again (cache.overwrite=true replaces it)"
+                f"{folder} holds no {MARKER}: the cache is incomplete (`python -m koala.cache` or `koala.synth` was "
+                "stopped before it finished) or was not written by either; write it again (koala.cache: "
+                "cache.overwrite=true replaces it) or resume koala.synth with the same settings"
             )
         listed = set(json.loads(marker.read_text())["shards"])
         stray = sorted(s.name for s in shards if s.parent == folder and s.name not in listed)
@@ -111,14 +112,15 @@ def cached_raw(sample: dict) -> Raw:
 
 
 def recorded_conditioning_dtype(path: str | Path) -> str | None:
-    """The precision the cache at `path` was encoded in (`conditioning_dtype` in its info files; None when they
-    record none: a cache written before koala recorded it, or not a local folder). Raises ValueError when the
-    ranks' info files disagree (a folder holding two caches)."""
+    """The precision the cache at `path` was encoded in (`conditioning_dtype` in its info files: koala.cache's
+    `info-<rank>.json`, koala.synth's `info.json`; None when they record none: a cache written before koala recorded
+    it, or not a local folder). Raises ValueError when the info files disagree (a folder holding two caches)."""
     folder = Path(str(path))
     if not folder.is_dir():
         return None
-    found = {json.loads(p.read_text()).get("conditioning_dtype") for p in sorted(folder.glob("info-*.json"))}
+    infos = [*sorted(folder.glob("info-*.json")), *folder.glob("info.json")]
+    found = {json.loads(p.read_text()).get("conditioning_dtype") for p in infos}
     found.discard(None)
     if len(found) > 1:
-        raise ValueError(f"the cache {folder} mixes conditioning precisions {sorted(found)} (its info-*.json files)")
+        raise ValueError(f"the cache {folder} mixes conditioning precisions {sorted(found)} (its info files)")
     return found.pop() if found else None

@@ -14,6 +14,7 @@ Each teacher kind samples the way its teacher's release does; the schedulers tho
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
@@ -53,12 +54,26 @@ PRESETS: dict[str, Preset] = {
 }
 # teacher kind -> the scheduler its teacher's release ships (koala/assets/schedulers/, each file names its source)
 SHIPPED_SCHEDULERS = {"base": "sdxl-base.json", "lightning": "sdxl-lightning.json", "turbo": "sdxl-turbo.json"}
+# The teacher's own sampling (`koala.synth`), by teacher kind; its steps are `teacher.steps`. SDXL-Base samples as
+# the base preset does; SDXL-Lightning and SDXL-Turbo as their releases do: trailing timesteps, no guidance, Euler for
+# Lightning (its card) and Euler-ancestral for Turbo (the scheduler it ships).
+TEACHER_PRESETS: dict[str, Preset] = {
+    "base": Preset("sdxl", "euler", steps=25, guidance=7.5, timestep_spacing=None),
+    "lightning": Preset("sdxl-lightning", "euler", steps=4, guidance=0.0, timestep_spacing="trailing"),
+    "turbo": Preset("sdxl-turbo", "euler_ancestral", steps=4, guidance=0.0, timestep_spacing="trailing"),
+}
 PresetName = Choice("PresetName", list(PRESETS))  # teacher.kind, generate.preset, evaluate.preset(s)
 
 
 def get_preset(name: str) -> Preset:
     """The preset of a teacher kind (`base`, `lightning`, `turbo`), naming the valid choices when it is unknown."""
     return PRESETS[PresetName(name)]
+
+
+def teacher_preset(kind: str, steps: int | None = None) -> Preset:
+    """How a `base`, `lightning` or `turbo` teacher itself samples, with `steps` (its `teacher.steps`) when given."""
+    preset = TEACHER_PRESETS[PresetName(kind)]
+    return preset if steps is None else dataclasses.replace(preset, steps=steps)
 
 
 def shipped_scheduler_config(kind: str) -> dict[str, Any]:
