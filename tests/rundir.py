@@ -16,8 +16,11 @@ from koala.models.unets import build_student, resolve
 from koala.train.checkpoint import seal_checkpoint
 
 
-def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10) -> Path:
-    """A finished tiny run: one complete checkpoint (unet + perturbed unet_ema), one incomplete newer one."""
+def write_run_dir(
+    root: Path, pipeline_dir: Path, kind: str = "base", step: int = 10, unet: tuple[str, ...] = ("unet=tiny-700m",)
+) -> Path:
+    """A finished tiny run: one complete checkpoint (unet + perturbed unet_ema), one incomplete newer one; `unet`:
+    the overrides naming the student."""
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
@@ -27,7 +30,7 @@ def write_run_dir(root: Path, pipeline_dir: Path, kind: str = "base", step: int 
         [
             f"teacher.pipeline={pipeline_dir}",
             f"teacher.kind={kind}",
-            "unet=tiny-700m",
+            *unet,
             f"output_dir={run}",
             f"max_steps={step}",
         ],

@@ -66,8 +66,8 @@ def test_paths_are_checked_before_loading(tmp_path, tiny_pipeline_dir):
         check_config(config(tmp_path, pickle))
     single = tmp_path / "unet.safetensors"
     save_file({}, str(single))
-    with pytest.raises(ConfigError, match="is a file; it must be a diffusers SDXL pipeline folder"):
-        check_config(config(tmp_path, single))
+    with pytest.raises(ConfigError, match="is not a Stable Diffusion checkpoint koala recognises"):
+        check_config(config(tmp_path, single))  # a file must be a full SDXL checkpoint (tests/test_teacher_file.py)
     with pytest.raises(ConfigError, match="matches no shard on disk"):
         check_config(config(tmp_path, tiny_pipeline_dir, f"data.path='{tmp_path}/nothing-{{0..3}}.tar'"))
     with pytest.raises(ConfigError, match="does not exist"):

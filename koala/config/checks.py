@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from koala.errors import ConfigError  # raised by every check; importable from here too
 
 if TYPE_CHECKING:
-    from koala.config.schema import TrainConfig
+    from koala.config.schema import TeacherConfig, TrainConfig
     from koala.models.unets import Plan
 
 
@@ -156,19 +156,35 @@ def _fixture_hint(cfg: TrainConfig) -> str:
     return f" (a generated fixture: write it with `{command}`)" if command else ""
 
 
+def check_teacher_file(t: TeacherConfig) -> None:
+    """A single-file `teacher.pipeline`: a full SDXL checkpoint whose every part fits its configs (header only)."""
+    if t.config and not Path(t.config).is_dir():
+        raise ConfigError(f"teacher.config={t.config!r} is not a folder (a local diffusers folder of configs)")
+    from koala.models.pipeline_parts import PipelineSource
+
+    try:
+        PipelineSource.of(t).check_file()
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"teacher.pipeline={t.pipeline!r}: {e}") from None
+
+
 def check_teacher_paths(cfg: TrainConfig) -> None:
-    """The teacher's folders and files exist and are not pickles."""
+    """The teacher's folders and files exist and are not pickles; a single-file teacher is a full SDXL checkpoint."""
     t = cfg.teacher
     if not t.pipeline:
-        raise ConfigError("teacher.pipeline is required: a local diffusers SDXL folder (text encoders, VAE, scheduler)")
+        raise ConfigError(
+            "teacher.pipeline is required: a local diffusers SDXL folder, or a full SDXL .safetensors checkpoint"
+        )
     _refuse_pickle("teacher.pipeline", t.pipeline)
     p = Path(t.pipeline)
     if p.is_file():
-        raise ConfigError(
-            f"teacher.pipeline={t.pipeline!r} is a file; it must be a diffusers SDXL pipeline folder "
-            "(a single U-Net file goes in teacher.unet)"
-        )
-    if not p.is_dir():
+        if p.suffix.lower() != ".safetensors":
+            raise ConfigError(
+                f"teacher.pipeline={t.pipeline!r} is a file but not .safetensors; expected a diffusers SDXL folder or "
+                "a full SDXL checkpoint <file>.safetensors"
+            )
+        check_teacher_file(t)
+    elif not p.is_dir():
         raise ConfigError(f"teacher.pipeline={t.pipeline!r} does not exist{_fixture_hint(cfg)}")
     for key in ("unet", "vae"):
         path = t[key]
@@ -177,7 +193,7 @@ def check_teacher_paths(cfg: TrainConfig) -> None:
             if not Path(path).exists():
                 raise ConfigError(f"teacher.{key}={path!r} does not exist")
     needed = [c for c in PIPELINE_PARTS if not (c == "unet" and t.unet) and not (c == "vae" and t.vae)]
-    missing = [c for c in needed if not (p / c).is_dir()]
+    missing = [] if p.is_file() else [c for c in needed if not (p / c).is_dir()]  # a file holds every part
     if missing:
         raise ConfigError(
             f"teacher.pipeline={t.pipeline!r} is not a diffusers SDXL pipeline folder: it has no {', '.join(missing)} "
@@ -193,8 +209,10 @@ def check_teacher_paths(cfg: TrainConfig) -> None:
 
 def _size_multiple(t) -> int:
     """Pixels per latent pixel (VAE) times the U-Net's total downsampling: 8 x 4 = 32 for SDXL."""
+    from koala.models.pipeline_parts import PipelineSource
+
     vae_scale = 8
-    vae_dir = Path(t.vae) if t.vae else Path(t.pipeline) / "vae"
+    vae_dir = Path(t.vae) if t.vae else PipelineSource.of(t).config_dir / "vae"
     if (vae_dir / "config.json").is_file():
         vae_scale = 2 ** (len(json.loads((vae_dir / "config.json").read_text())["block_out_channels"]) - 1)
     from koala.models.plans import teacher_unet_config

@@ -36,7 +36,10 @@ class TeacherConfig:
     name: str = "tiny"
     kind: PresetName = PresetName.base  # base | lightning | turbo: its students' sampling preset (koala.ship.presets)
     arch: Arch = Arch.sdxl  # built-in U-Net config (koala.models.archs.ARCHS) for meta-device inspection, single files
-    pipeline: Optional[str] = None  # local diffusers SDXL folder: text encoders, tokenizers, VAE, scheduler, unet/
+    # a local diffusers SDXL folder (text encoders, tokenizers, VAE, scheduler, unet/), or one full SDXL checkpoint in
+    # the original layout (<file>.safetensors: the A1111 / ComfyUI "Load Checkpoint" file of a fine-tune)
+    pipeline: Optional[str] = None
+    config: Optional[str] = None  # a single-file pipeline's configs: a local diffusers folder; null = SDXL-Base's
     unet: Optional[str] = None  # optional U-Net override: diffusers U-Net folder or a .safetensors file
     vae: Optional[str] = None  # optional VAE folder (e.g. an fp16-fixed SDXL VAE)
     dtype: DType = DType.bf16  # bf16 | fp16 | fp32 (the CPU demo uses fp32)

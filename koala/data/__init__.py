@@ -22,6 +22,7 @@ from koala.choice import Choice
 from koala.data.buckets import sdxl_buckets
 from koala.data.cached import CachedCodec, cached_raw
 from koala.data.indexed import FolderSource, HFSource, index_order, load_hf_dataset
+from koala.data.position import DataPosition
 from koala.data.records import Raw, caption_from_sample, image_from_sample
 from koala.data.samples import ImageCodec
 from koala.data.shards import expand_shards, shard_order, shard_records
@@ -130,12 +131,14 @@ def build_stream(
     world_size: int = 1,
     resume_batches: int = 0,
     final_tally: bool = False,
+    position: DataPosition | None = None,
 ) -> BatchStream:
     """The batch stream (an IterableDataset of whole batches) described by `data_cfg`."""
     reader, codec = build_reader(data_cfg, seed)
     return BatchStream(
         reader, codec, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
         resume_batches=resume_batches, max_consecutive_skips=data_cfg.max_consecutive_skips, final_tally=final_tally,
+        position=position,
     )  # fmt: skip
 
 
@@ -148,8 +151,10 @@ def build_dataloader(
     world_size: int = 1,
     resume_batches: int = 0,
     final_tally: bool = False,
+    position: DataPosition | None = None,
 ) -> DataLoader:
-    """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches.
+    """A DataLoader over this rank's share of the data; `resume_batches=n` continues after the first n batches, or
+    `position` (koala.data.position) says where every stream stands, for any number of ranks and workers.
 
     `final_tally=True`: a finite stream's last skip counts arrive as `tally_only` items (use `SkipTally.batches`).
     """
@@ -161,6 +166,7 @@ def build_dataloader(
         world_size=world_size,
         resume_batches=resume_batches,
         final_tally=final_tally,
+        position=position,
     )
     workers = data_cfg.num_workers
     return DataLoader(

@@ -31,6 +31,7 @@ from koala.data.cached import EMPTY_PROMPT, MARKER, WRITTEN, encode_sample
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES, multi_cpu
 from koala.errors import ConfigError
+from koala.models.pipeline_parts import PipelineSource
 
 if TYPE_CHECKING:
     from koala.cache import CacheJobConfig
@@ -186,7 +187,7 @@ def build_cache(cfg: CacheJobConfig) -> Path:
     prepare_out(out, cfg.cache.overwrite, state)
     text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
     conditioner = SDXLConditioner.from_pretrained(
-        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype]
+        pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype], config=cfg.teacher.config
     )
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -215,13 +216,21 @@ def build_cache(cfg: CacheJobConfig) -> Path:
 
 
 def resolve_pipeline(teacher: DictConfig) -> str:
-    """The teacher's diffusers folder."""
+    """The teacher's diffusers folder, or its full single-file checkpoint (checked to fit its configs)."""
     if not teacher.pipeline:
         raise ConfigError(
-            f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder"
+            f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder or a full "
+            "SDXL .safetensors checkpoint"
         )
-    if not (Path(teacher.pipeline) / "model_index.json").is_file():
+    source = PipelineSource.of(teacher)
+    if source.is_file and Path(teacher.pipeline).is_file():
+        try:  # what the file is, and that every part fits its configs, before any weight is read
+            source.check_file()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e  # the message names the file and the part
+    elif not (Path(teacher.pipeline) / "model_index.json").is_file():
         raise ConfigError(
-            f"teacher.pipeline={teacher.pipeline!r} is not a diffusers pipeline folder (no model_index.json)"
+            f"teacher.pipeline={teacher.pipeline!r} is neither a diffusers pipeline folder (no model_index.json) nor a "
+            "full SDXL .safetensors checkpoint"
         )
     return str(teacher.pipeline)

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from koala.choice import Choice
 from koala.devices import DTYPES
+from koala.models.pipeline_parts import PipelineSource
 
 if TYPE_CHECKING:
     from koala.config.schema import TrainConfig
@@ -81,25 +82,15 @@ class SDXLConditioner(nn.Module):
         dtype: torch.dtype = torch.float32,
         sample_latents: bool = False,
         caption_dropout_mode: str = DropoutMode.zeros,
+        config: str | Path | None = None,
     ) -> SDXLConditioner:
-        """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE)."""
-        root = Path(pipeline_dir)
-        tokenizers = [
-            CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-        ]
-        text_encoders = [
-            CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype),
-            CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype),
-        ]
-        vae_model = (
-            AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
-            if vae
-            else AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
-        )
+        """Load tokenizers, text encoders (in `dtype`) and the VAE (fp32, or `dtype` for a given fp16-fixed VAE) from
+        a diffusers folder or a full single-file checkpoint (converted onto the configs in `config`)."""
+        source = PipelineSource(Path(pipeline_dir), Path(config) if config else None)
+        vae_model = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype) if vae else source.vae(torch.float32)
         return cls(
-            tokenizers,
-            text_encoders,
+            source.tokenizers(),
+            source.text_encoders(dtype),
             vae_model,
             sample_latents=sample_latents,
             caption_dropout_mode=caption_dropout_mode,
@@ -196,11 +187,16 @@ class CachedConditioner(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, pipeline_dir: str | Path, vae: str | Path | None = None, device: str | torch.device = "cpu"
+        cls,
+        pipeline_dir: str | Path,
+        vae: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        config: str | Path | None = None,
     ) -> CachedConditioner:
-        """Read the VAE's config (not its weights) from the pipeline folder, or from the given VAE folder."""
-        config = AutoencoderKL.load_config(vae or Path(pipeline_dir) / "vae")
-        return cls(2 ** (len(config["block_out_channels"]) - 1), device)
+        """Read the VAE's config (not its weights) from the pipeline (folder or file's configs), or the VAE folder."""
+        source = PipelineSource(Path(pipeline_dir), Path(config) if config else None)
+        vae_config = AutoencoderKL.load_config(vae) if vae else source.component_config("vae")
+        return cls(2 ** (len(vae_config["block_out_channels"]) - 1), device)
 
     @property
     def device(self) -> torch.device:

@@ -34,10 +34,17 @@ def student_spec(unet_cfg: UNetConfig) -> StudentSpec:
 
 
 def teacher_unet_config(teacher_cfg: TeacherConfig) -> dict[str, Any]:
-    """The teacher's U-Net config: from its folder when one is on disk, else the built-in `arch` config."""
+    """The teacher's U-Net config: from its folder when one is on disk, a single-file teacher's config folder, else
+    the built-in `arch` config."""
     for folder in (teacher_cfg.unet, teacher_cfg.pipeline and str(Path(teacher_cfg.pipeline) / "unet")):
         if folder and (Path(folder) / "config.json").is_file():
             return json.loads((Path(folder) / "config.json").read_text())
+    if teacher_cfg.pipeline:
+        from koala.models.pipeline_parts import PipelineSource
+
+        source = PipelineSource.of(teacher_cfg)
+        if source.is_file:
+            return source.component_config("unet")
     return dict(ARCHS[Arch(teacher_cfg.arch)])
 
 

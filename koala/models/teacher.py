@@ -6,7 +6,9 @@ Accepted sources (`load_unet`):
   (c) one `.safetensors` file of U-Net weights in diffusers key layout, placed onto a base config
       (SDXL-Lightning / Turbo U-Net files);
   (d) one `.safetensors` single-file checkpoint in the original SGM / ComfyUI layout
-      (`model.diffusion_model.input_blocks...`), converted with diffusers' own single-file conversion.
+      (`model.diffusion_model.input_blocks...`), converted with diffusers' own single-file conversion: a U-Net
+      alone, or the U-Net of a full checkpoint (text encoders and VAE in the same file; only the U-Net's tensors
+      are read). `teacher.pipeline` may name such a full checkpoint (koala.models.pipeline_parts).
 The layout of a single file is detected from its keys. Pickle formats are refused: they can run code on load.
 
 Freezing (`freeze`): no parameter requires grad, and the instance's `train` method is replaced by one that
@@ -31,7 +33,9 @@ from safetensors.torch import load_file
 from koala.devices import parse_dtype
 from koala.models.archs import SDXL_UNET_CONFIG
 from koala.models.convert import ORIGINAL_PREFIX, is_original_layout
+from koala.models.pipeline_parts import PipelineSource
 from koala.models.plans import teacher_unet_config
+from koala.models.single_file import read_header, read_part
 
 if TYPE_CHECKING:
     from koala.config.schema import TeacherConfig
@@ -83,11 +87,14 @@ def unet_weight_files(teacher_cfg: Any) -> list[Path]:
 
 
 def teacher_weight_files(teacher_cfg: Any) -> dict[str, list[Path]]:
-    """Every weight file a run reads from its teacher, by part (a part whose folder holds none: an empty list)."""
+    """Every weight file a run reads from its teacher, by part (a part whose folder holds none: an empty list). A
+    single-file teacher is its own part `pipeline` (every part not given apart is read from it)."""
     root = Path(teacher_cfg.pipeline)
+    files = {"unet": unet_weight_files(teacher_cfg)}
+    if root.is_file():
+        files["pipeline"] = [root]
     folders = {"vae": (Path(teacher_cfg.vae) if teacher_cfg.vae else root / "vae", WEIGHT_NAME)}
     folders |= {name: (root / name, "model") for name in ("text_encoder", "text_encoder_2")}
-    files = {"unet": unet_weight_files(teacher_cfg)}
     for part, (folder, stem) in folders.items():
         try:
             files[part] = folder_weight_files(folder, stem)
@@ -98,17 +105,21 @@ def teacher_weight_files(teacher_cfg: Any) -> dict[str, list[Path]]:
 
 def check_teacher_files(teacher_cfg: Any) -> None:
     """Raise FileNotFoundError naming the first model part (U-Net, VAE, text encoders) whose folder lacks its
-    config.json or safetensors weights: before any of them loads."""
+    config.json or safetensors weights: before any of them loads. A single-file teacher's own parts are checked by
+    koala.config.checks.check_teacher_file; only the parts given apart (`teacher.unet`, `teacher.vae`) are here."""
     unet_weight_files(teacher_cfg)  # a U-Net folder of pickle weights is named here
     root = Path(teacher_cfg.pipeline)
+    single = root.is_file()
     unet = None if Path(teacher_cfg.unet or root).is_file() else unet_folder(Path(teacher_cfg.unet or root))
-    vae = Path(teacher_cfg.vae) if teacher_cfg.vae else root / "vae"
-    for folder in (unet, vae, root / "text_encoder", root / "text_encoder_2"):
+    vae = Path(teacher_cfg.vae) if teacher_cfg.vae else None if single else root / "vae"
+    encoders = [] if single else [root / "text_encoder", root / "text_encoder_2"]
+    for folder in (unet, vae, *encoders):
         if folder is not None and not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json")
-    folder_weight_files(vae)
-    for name in ("text_encoder", "text_encoder_2"):
-        folder_weight_files(root / name, "model")
+    if vae is not None:
+        folder_weight_files(vae)
+    for folder in encoders:
+        folder_weight_files(folder, "model")
 
 
 def file_fingerprint(path: Path, samples: int = 16, block: int = 4096) -> str:
@@ -141,14 +152,16 @@ def teacher_identity(teacher_cfg: Any) -> dict[str, str]:
 
 
 def _single_file_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Read one safetensors file; convert the original SGM / ComfyUI layout to diffusers keys."""
-    state = load_file(path)
-    if not is_original_layout(state):
-        return state
+    """Read one safetensors file's U-Net; convert the original SGM / ComfyUI layout to diffusers keys."""
+    keys = read_header(path)[0]
+    if not is_original_layout(keys):
+        return load_file(path)
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    if not any(k.startswith(ORIGINAL_PREFIX) for k in state):  # a bare U-Net file without the model prefix
-        state = {ORIGINAL_PREFIX + k: v for k, v in state.items()}
+    if any(k.startswith(ORIGINAL_PREFIX) for k in keys):
+        state = read_part(path, "unet")  # of a full checkpoint, the U-Net's tensors only
+    else:  # a bare U-Net file without the model prefix
+        state = {ORIGINAL_PREFIX + k: v for k, v in load_file(path).items()}
     if isinstance(config.get("layers_per_block"), (list, tuple)):
         raise ValueError(f"{path}: original-layout files need a config with one int layers_per_block")
     return convert_ldm_unet_checkpoint(state, config)
@@ -236,6 +249,8 @@ def load_teacher(teacher_cfg: TeacherConfig, dtype: str | torch.dtype | None = "
     source = teacher_cfg.unet or teacher_cfg.pipeline
     if not source:
         raise ValueError("no teacher weights: set teacher.pipeline (a diffusers SDXL folder) and/or teacher.unet")
+    if source == teacher_cfg.pipeline and PipelineSource.of(teacher_cfg).is_file:
+        PipelineSource.of(teacher_cfg).check_header()  # a full SDXL checkpoint, or an error naming what the file is
     base = teacher_unet_config(teacher_cfg) if Path(source).suffix.lower() == ".safetensors" else None
     dtype = teacher_cfg.dtype if dtype == "config" else dtype
     return freeze(load_unet(source, base_config=base, dtype=dtype))

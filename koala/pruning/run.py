@@ -25,6 +25,7 @@ from koala.devices import DTYPES, pick_device
 from koala.errors import ConfigError
 from koala.fixtures import ensure_fixtures
 from koala.models.forward import pooled_dim
+from koala.models.pipeline_parts import PipelineSource
 from koala.models.plans import teacher_unet_config
 from koala.models.specs import SPECS
 from koala.models.teacher import load_teacher
@@ -47,8 +48,9 @@ GiB = 2**30
 
 
 def vae_scale(teacher_cfg: TeacherConfig) -> int:
-    """Image pixels per latent pixel: from the pipeline's VAE config when it is on disk, else SDXL's 8."""
-    path = Path(teacher_cfg.pipeline or "") / "vae" / "config.json"
+    """Image pixels per latent pixel: from the pipeline's VAE config (a folder's, or a single-file teacher's config
+    folder) when it is on disk, else SDXL's 8."""
+    path = (PipelineSource.of(teacher_cfg).config_dir if teacher_cfg.pipeline else Path()) / "vae" / "config.json"
     return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1) if path.is_file() else 8
 
 
@@ -92,8 +94,9 @@ def expected(costs: Costs, units: list[Unit], s: Any, dtype: torch.dtype, latent
 def calibration(cfg: SearchConfig, device: torch.device, latent_size: int) -> list[dict]:
     """The fixed calibration set: `search.samples` noisy latents of the data source at the training timesteps."""
     s = cfg.search
-    conditioner = SDXLConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
-    noising = make_noising(cfg, build_noise_scheduler(cfg.teacher.pipeline))
+    t = cfg.teacher  # a diffusers folder, or a full single-file checkpoint converted onto t.config
+    conditioner = SDXLConditioner.from_pretrained(t.pipeline, vae=t.vae, device=device, config=t.config)
+    noising = make_noising(cfg, build_noise_scheduler(t.pipeline, t.config))
     loader = build_dataloader(cfg.data, batch_size=s.batch_size, seed=s.seed)
     inputs = calibration_inputs(loader, conditioner, noising, s.samples, s.seed, device)
     del conditioner  # the text encoders and VAE are not needed again

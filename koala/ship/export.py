@@ -2,7 +2,10 @@
 
 The student U-Net (`<out>/unet`, itself a complete diffusers U-Net folder) plus the teacher's text encoders,
 tokenizers and VAE, an Euler scheduler set for the teacher kind, safetensors only, an optional fp16 variant, and a
-model card. The result loads with `StableDiffusionXLPipeline.from_pretrained(out)` and no project code.
+model card. The result loads with `StableDiffusionXLPipeline.from_pretrained(out)` and no project code. Beside it:
+`<name>-checkpoint.safetensors`, the whole pipeline as one original-layout checkpoint (fp16 unless asked otherwise;
+koala.ship.checkpoint_file) for ComfyUI's Load Checkpoint, A1111 and diffusers' `from_single_file`, with a warning
+when ComfyUI cannot detect the student, and `unet.safetensors`, the U-Net alone in that layout.
 
 Every export carries a `.koala-export` marker listing the files it wrote. An existing `out` is replaced only when it
 is empty or such an export holding nothing else; anything else is refused, never deleted. The export is written to a
@@ -27,9 +30,12 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from koala.devices import parse_dtype
 from koala.locks import FileLock, is_stale
 from koala.models.convert import diffusers_to_original
+from koala.models.pipeline_parts import PipelineSource
 from koala.models.unets import count_parameters
+from koala.ship.checkpoint_file import warn_unless_comfy_detects, write_checkpoint_file
 from koala.ship.model_card import write_model_card
 from koala.ship.presets import get_preset, preset_scheduler
 from koala.train.checkpoint import CorruptCheckpoint, NonFiniteWeights, find_checkpoint, step_of
@@ -40,6 +46,11 @@ if TYPE_CHECKING:
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
 log = logging.getLogger("koala.export")
 REFUSALS = (FileNotFoundError, FileExistsError, CorruptCheckpoint, NonFiniteWeights)  # a run or target it refuses
+
+
+def checkpoint_file_name(cfg: DictConfig) -> str:
+    """`<run name>-checkpoint.safetensors`: the single-file checkpoint's name in the export folder."""
+    return f"{str(cfg.get('name') or 'student').replace('/', '-')}-checkpoint.safetensors"
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:
@@ -80,22 +91,19 @@ def resolve_local_path(path: str, run_dir: Path, what: str) -> Path:
 def assemble_pipeline(
     teacher_cfg: TeacherConfig, student: UNet2DConditionModel, run_dir: Path
 ) -> StableDiffusionXLPipeline:
-    """The teacher's SDXL pipeline with its U-Net swapped for the student and the scheduler set for its kind."""
+    """The teacher's SDXL pipeline (a diffusers folder or a full single-file checkpoint) with its U-Net swapped for
+    the student and the scheduler set for its kind."""
     if not teacher_cfg.get("pipeline"):
         raise ValueError("the run config has no teacher.pipeline: nothing to take text encoders, tokenizers, VAE from")
-    teacher_dir = resolve_local_path(teacher_cfg.pipeline, run_dir, "teacher.pipeline")
-    scheduler_cfg = json.loads((teacher_dir / "scheduler" / "scheduler_config.json").read_text())
-    extra: dict[str, Any] = {}
+    teacher_path = resolve_local_path(teacher_cfg.pipeline, run_dir, "teacher.pipeline")
+    config = teacher_cfg.get("config")
+    source = PipelineSource(teacher_path, resolve_local_path(config, run_dir, "teacher.config") if config else None)
+    scheduler = preset_scheduler(source.component_config("scheduler"), get_preset(teacher_cfg.get("kind", "base")))
+    vae = None
     if teacher_cfg.get("vae"):
         vae_dir = resolve_local_path(teacher_cfg.vae, run_dir, "teacher.vae")
-        extra["vae"] = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
-    return StableDiffusionXLPipeline.from_pretrained(
-        teacher_dir,
-        unet=student,
-        scheduler=preset_scheduler(scheduler_cfg, get_preset(teacher_cfg.get("kind", "base"))),
-        use_safetensors=True,
-        **extra,
-    )
+        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
+    return source.pipeline(student, scheduler, vae=vae)
 
 
 def add_fp16_variant(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
@@ -190,11 +198,14 @@ def export_run(
     out: str | Path | None = None,
     fp16: bool = False,
     single_file: bool = True,
+    full_checkpoint: str | None = "fp16",
 ) -> Path:
     """Export a run's checkpoint as a complete SDXL pipeline folder; returns the folder.
 
     `single_file` also writes `unet.safetensors`: the student U-Net alone in the original SDXL (SGM) key layout,
     for ComfyUI-style loaders (koala.models.convert; the same conversion `koala.models.teacher` reads back).
+    `full_checkpoint` (a dtype, or None for none) also writes `<run name>-checkpoint.safetensors`: the whole pipeline
+    in that layout (koala.ship.checkpoint_file).
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -215,7 +226,10 @@ def export_run(
     tmp = out.with_name(f"{staging_prefix(out)}{uuid.uuid4().hex[:8]}")  # a name no one else uses
     with FileLock(tmp.with_name(tmp.name + ".lock"), unlink=True):  # koala's, and alive, while it is held
         try:
-            _write_export(tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file)
+            _write_export(
+                tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file,
+                full_checkpoint=full_checkpoint,
+            )  # fmt: skip
             _publish(tmp, out)  # the folder appears only once complete
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
@@ -244,12 +258,16 @@ def remove_stale_staging(out: Path) -> None:
 
 def _write_export(
     tmp: Path, pipe: StableDiffusionXLPipeline, student: UNet2DConditionModel, cfg: TrainConfig, ckpt: Path,
-    run_dir: Path, *, ema: bool, fp16: bool, single_file: bool,
+    run_dir: Path, *, ema: bool, fp16: bool, single_file: bool, full_checkpoint: str | None,
 ) -> None:  # fmt: skip
     """Write the pipeline, its variants, the model card and last the marker into the staging folder `tmp`."""
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if single_file:  # before the fp16 variant casts the model in place: the single file keeps fp32
+    # the single files come before the fp16 variant casts the model in place (unet.safetensors keeps fp32)
+    if single_file:
         save_file(diffusers_to_original(student.state_dict()), str(tmp / "unet.safetensors"))
+    if full_checkpoint:
+        path = write_checkpoint_file(pipe, tmp / checkpoint_file_name(cfg), parse_dtype(full_checkpoint))
+        warn_unless_comfy_detects(diffusers_to_original(student.state_dict()), path)
     if fp16:
         add_fp16_variant(pipe, tmp)
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}

@@ -62,14 +62,17 @@ def load_frozen(
     """Conditioner (text encoders + VAE; for a cache, none of them), how latents are noised, and the teacher in its
     stored precision."""
     if cfg.data.kind == "cached" and cfg.data.caption_dropout_mode == "zeros":  # nothing to encode during training
-        conditioner = CachedConditioner.from_pretrained(cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device)
+        conditioner = CachedConditioner.from_pretrained(
+            cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, config=cfg.teacher.config
+        )
     else:
         conditioner = SDXLConditioner.from_pretrained(
             cfg.teacher.pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[conditioning_dtype(cfg, device)],
-            caption_dropout_mode=cfg.data.caption_dropout_mode,
+            caption_dropout_mode=cfg.data.caption_dropout_mode, config=cfg.teacher.config,
         )  # fmt: skip
     teacher = load_teacher(cfg.teacher, dtype=None)  # stored precision: the student inherits unrounded weights
-    return conditioner, make_noising(cfg, build_noise_scheduler(cfg.teacher.pipeline)), teacher
+    noise_scheduler = build_noise_scheduler(cfg.teacher.pipeline, cfg.teacher.config)
+    return conditioner, make_noising(cfg, noise_scheduler), teacher
 
 
 def make_noising(cfg: TrainConfig, scheduler) -> Noising:

@@ -332,10 +332,10 @@ class Checkpointer:
     """Writes the run's checkpoints and decides when: every `every` steps and at the last step (`save`), or now
     (`force`: a stop request, data that ran out). Randomness is untouched (EMA's save builds a random model)."""
 
-    def __init__(self, accelerator, run_dir: Path, student, ema, every: int, keep: int, state: Callable[[], dict],
+    def __init__(self, accelerator, run_dir: Path, student, ema, every: int, keep: int, state: Callable[[int], dict],
                  step: int) -> None:  # fmt: skip
         self.accelerator, self.run_dir, self.student, self.ema = accelerator, run_dir, student, ema
-        self.every, self.keep, self.state = every, keep, state  # state(): what state.json records beside the step
+        self.every, self.keep, self.state = every, keep, state  # state(step): what state.json records beside it
         self.saved = step  # the step of the newest checkpoint (where the run started: it is on disk already)
 
     def save(self, step: int, last_step: bool = False, force: bool = False) -> Path | None:
@@ -343,7 +343,7 @@ class Checkpointer:
         if step == self.saved or not (force or last_step or step % self.every == 0):
             return None
         with rng_preserved():
-            path = save_checkpoint(self.accelerator, self.run_dir, step, self.student, self.ema, self.state(),
+            path = save_checkpoint(self.accelerator, self.run_dir, step, self.student, self.ema, self.state(step),
                                    keep=self.keep)  # fmt: skip
         self.saved = step
         return path

@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from koala.choice import Choice
+from koala.models.pipeline_parts import PipelineSource
 
 
 class TimestepKind(Choice):
@@ -19,9 +20,11 @@ class TimestepKind(Choice):
     teacher_schedule = auto()  # only a step-distilled teacher's own trailing steps, optionally jittered
 
 
-def build_noise_scheduler(pipeline_dir: str | Path) -> DDPMScheduler:
-    """The training noise schedule, from the teacher pipeline's own scheduler config (betas, prediction type)."""
-    return DDPMScheduler.from_pretrained(str(pipeline_dir), subfolder="scheduler")
+def build_noise_scheduler(pipeline_dir: str | Path, config: str | Path | None = None) -> DDPMScheduler:
+    """The training noise schedule, from the teacher pipeline's own scheduler config (betas, prediction type); for a
+    single-file teacher, from its config folder."""
+    source = PipelineSource(Path(pipeline_dir), Path(config) if config else None)
+    return DDPMScheduler.from_config(source.component_config("scheduler"))
 
 
 def teacher_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:

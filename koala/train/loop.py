@@ -23,11 +23,13 @@ from tqdm.auto import tqdm
 
 from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
+from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
 from koala.models.teacher import teacher_identity
 from koala.rng import rng_preserved
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import Checkpointer, StopSignal, read_state
+from koala.train.resume import check_launch, load_training_state
 from koala.train.runs import keep_old_metrics, record_config, resolve_resume, run_folder_lock, trim_metrics
 from koala.train.sampling import SampleRenderer
 from koala.train.sharding import shard_like
@@ -63,17 +65,21 @@ def set_base_lr(optimizer, lr_scheduler, lr: float) -> None:
     sched._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def resume(cfg: TrainConfig, run: Trainable, ckpt: Path | None) -> int:
-    """Restore optimizer, LR schedule, RNG (accelerate) and EMA; return the step to continue from."""
+def resume(cfg: TrainConfig, run: Trainable, ckpt: Path | None) -> tuple[int, DataPosition]:
+    """Restore optimizer, LR schedule, RNG and EMA (on any number of ranks: koala.train.resume); return the step to
+    continue from and where the data streams stand for this launch."""
+    ranks, workers = run.accelerator.num_processes, data_workers(cfg.data.num_workers)
     if ckpt is None:
-        return 0
-    run.accelerator.load_state(str(ckpt / "accelerate"))
+        return 0, DataPosition.start(ranks, workers)
+    state = read_state(ckpt)
+    saved_ranks = load_training_state(
+        run.accelerator, ckpt / "accelerate", run.student, run.optimizer, run.lr_scheduler, state["step"], cfg.seed
+    )
     with rng_preserved():  # building the EMA model draws random weights: that must not move the restored RNG
         if run.ema is not None:
             saved = EMAModel.from_pretrained(ckpt / "unet_ema", UNet2DConditionModel).state_dict()
             saved["shadow_params"] = shard_like(saved["shadow_params"], run.ema.shadow_params)  # FSDP: this rank's
             run.ema.load_state_dict(saved)
-    state = read_state(ckpt)
     saved_lr = state.get("config", {}).get("optim", {}).get("lr", cfg.optim.lr)
     if saved_lr != cfg.optim.lr:
         set_base_lr(run.optimizer, run.lr_scheduler, cfg.optim.lr)
@@ -81,7 +87,12 @@ def resume(cfg: TrainConfig, run: Trainable, ckpt: Path | None) -> int:
             "resume: optim.lr changed from %g to %g; the schedule continues from the new base", saved_lr, cfg.optim.lr
         )
     log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state["step"]
+    if "data" in state:
+        position = DataPosition.from_json(state["data"])
+    else:  # written before positions were recorded: one fresh deal on the layout that wrote it
+        saved_workers = data_workers(state.get("config", {}).get("data", {}).get("num_workers", cfg.data.num_workers))
+        position = DataPosition.start(saved_ranks, saved_workers).advanced(state["step"] * cfg.grad_accum)
+    return state["step"], position.on(ranks, workers)
 
 
 def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite: bool) -> Iterator[dict]:
@@ -98,14 +109,31 @@ def every_rank_batches(batches: Iterator[dict], accelerator: Accelerator, finite
         yield batch
 
 
-def make_loader(cfg: TrainConfig, accelerator: Accelerator, step: int) -> Iterable[dict]:
-    """This rank's batches, skipping (without decoding) the `step` x `grad_accum` batches consumed before a resume.
+def make_loader(cfg: TrainConfig, accelerator: Accelerator, position: DataPosition) -> Iterable[dict]:
+    """This rank's batches from where `position` says its data streams stand (koala.data.position), skipping what
+    was consumed before a resume without decoding it.
 
     The loader splits the data by rank itself; it is not passed to accelerator.prepare, which would re-split or
     dispatch it."""
     return build_dataloader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, resume_batches=step * cfg.grad_accum,
-                            final_tally=True)  # fmt: skip
+                            world_size=accelerator.num_processes, final_tally=True, position=position)  # fmt: skip
+
+
+def checkpoint_state(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    last: dict,
+    config: dict,
+    teacher_id: dict,
+    position: DataPosition,
+    steps: int,
+) -> dict:
+    """What state.json records beside the step: the last logged terms, the config, the teacher's identity (a resume
+    checks it), the number of ranks that wrote it, and where the data streams stand `steps` optimizer steps after
+    `position` (this launch's start)."""
+    data = position.advanced(steps * cfg.grad_accum).to_json()
+    return {"last": last, "config": config, "teacher_identity": teacher_id, "world_size": accelerator.num_processes,
+            "data": data}  # fmt: skip
 
 
 def open_metrics(
@@ -140,6 +168,7 @@ def train(cfg: TrainConfig) -> Path:
 def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
     """The run itself, in its locked folder (`train` checked the config and resolved the student plan)."""
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
+    check_launch(ckpt)  # what this launch cannot resume (DeepSpeed state on other ranks) fails here too
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
     device = accelerator.device
 
@@ -148,17 +177,19 @@ def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
     run = build_trainable(cfg, accelerator, teacher, noising, plan, cfg.data.resolution // conditioner.vae_scale_factor)
     set_seed(cfg.seed, device_specific=True)  # each rank draws its own noise and timesteps
     teacher.to(device, DTYPES[cfg.teacher.dtype])  # only now: the student inherited the stored precision
-    step = resume(cfg, run, ckpt)
+    step, position = resume(cfg, run, ckpt)
+    start = step
     if run.ema is not None:
         run.ema.to(device)
-    loader, skipped = make_loader(cfg, accelerator, step), SkipTally()
+    loader, skipped = make_loader(cfg, accelerator, position), SkipTally()
     config, teacher_id = OmegaConf.to_container(cfg, resolve=True), teacher_identity(cfg.teacher)
     # Each decides when it runs: metrics every log_every steps, samples every sample_every, checkpoints every
     # checkpoint_every; metrics and checkpoints also at the last step.
     metrics = open_metrics(cfg, run, run_dir, step, config, skipped)
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples")
     checkpointer = Checkpointer(accelerator, run_dir, run.student, run.ema, cfg.checkpoint_every, cfg.keep_checkpoints,
-                                lambda: {"last": metrics.last, "config": config, "teacher_identity": teacher_id},
+                                lambda at: checkpoint_state(cfg, accelerator, metrics.last, config, teacher_id,
+                                                            position, at - start),
                                 step)  # fmt: skip
     renderer.render_teacher(teacher, step)
     seen_keys, finite = [], not cfg.data.resampled and cfg.data.epochs is not None

@@ -39,10 +39,10 @@ log = logging.getLogger("koala.train.runs")
 MAY_CHANGE = (
     "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
     "sample_seed", "report_to", "resume", "compile", "record_ranks", "gradient_checkpointing", "optim.lr",
-    "dist_timeout_s", "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "data.path", "output_dir",
-    "max_nonfinite_steps", "data.max_consecutive_skips",
+    "dist_timeout_s", "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path",
+    "output_dir", "max_nonfinite_steps", "data.max_consecutive_skips",
 )  # fmt: skip
-MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "data.path")
+MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path")
 LOCK = ".lock"  # in the run folder; never deleted (deleting a lock file others may have opened would split it)
 
 

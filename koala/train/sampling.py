@@ -11,6 +11,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES
+from koala.models.pipeline_parts import PipelineSource
 from koala.rng import rng_preserved
 from koala.ship.presets import get_preset
 from koala.ship.sampling import generate, make_grid
@@ -41,7 +42,9 @@ class SampleRenderer:
         self.preset = get_preset(cfg.teacher.kind)
         self.steps = cfg.sample_steps  # None: the preset's
         if self.renders:
-            self.scheduler = EulerDiscreteScheduler.from_pretrained(cfg.teacher.pipeline, subfolder="scheduler")
+            self.scheduler = EulerDiscreteScheduler.from_config(
+                PipelineSource.of(cfg.teacher).component_config("scheduler")
+            )
         self.conditioner = conditioner
         self.teacher = cfg.teacher  # where the text encoders and VAE are, when the conditioner holds none
         self.text_dtype = DTYPES[conditioning_dtype(cfg, accelerator.device)]  # and their precision then
@@ -59,6 +62,7 @@ class SampleRenderer:
                 vae=self.teacher.vae,
                 device=self.accelerator.device,
                 dtype=self.text_dtype,
+                config=self.teacher.config,
             )
         )
         pipe = StableDiffusionXLPipeline(
