@@ -24,6 +24,7 @@ class CacheConfig:
     samples_per_shard: int = 1000
     dtype: DType = DType.fp16  # storage precision of the cached tensors: fp32 | fp16 | bf16
     device: str = "auto"  # auto (this rank's accelerator, else cpu) | cpu | cuda:N
+    overwrite: bool = False  # replace a cache in `out` (deleting only the files koala.cache writes); else refused
 
 
 @dataclass

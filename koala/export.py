@@ -15,7 +15,8 @@ from typing import Optional
 
 from koala.config.compose import run_command
 from koala.devices import DType
-from koala.ship.export import export_run
+from koala.errors import ConfigError
+from koala.ship.export import REFUSALS, export_run
 
 
 @dataclass
@@ -38,10 +39,13 @@ def export_command(cfg: ExportConfig) -> Path:
         raise SystemExit(
             "usage: python -m koala.export run_dir=<run> [checkpoint=latest] [ema=true] [fp16=false] [out=...]"
         )
-    out = export_run(
-        cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16, single_file=cfg.single_file,
-        full_checkpoint=str(cfg.full_checkpoint_dtype) if cfg.full_checkpoint else None,
-    )  # fmt: skip
+    try:
+        out = export_run(
+            cfg.run_dir, checkpoint=cfg.checkpoint, ema=cfg.ema, out=cfg.out, fp16=cfg.fp16, single_file=cfg.single_file,
+            full_checkpoint=str(cfg.full_checkpoint_dtype) if cfg.full_checkpoint else None,
+        )  # fmt: skip
+    except REFUSALS as e:  # what was named cannot be exported: one `error:` line, exit status 2
+        raise ConfigError(str(e).replace("\n", " ")) from e
     print(f"exported {cfg.run_dir} -> {out}")
     return out
 

@@ -152,7 +152,11 @@ def test_cache_counts_the_skips_of_every_worker(hostile_cache):
     _, out = hostile_cache
     info = json.loads((out / "info-000.json").read_text())
     assert info["samples"] == 5
-    assert info["skipped"] == {"corrupt_image": 1, "missing_caption": 3, "too_small": 0, "bad_shard": 0}
+    assert info["skipped"] == {"corrupt_image": 1, "unsupported_image": 0, "missing_caption": 3, "too_small": 0,
+                               "bad_shard": 0}  # fmt: skip
+    marker = json.loads((out / "cache.json").read_text())
+    assert marker["samples"] == 5 and marker["skipped"] == info["skipped"]
+    assert marker["shards"] == sorted(p.name for p in out.glob("*.tar"))
 
 
 def test_cache_keeps_time_ids_exact_at_any_size(hostile_cache):
@@ -162,6 +166,74 @@ def test_cache_keeps_time_ids_exact_at_any_size(hostile_cache):
     assert wide["latents"].dtype == torch.float16 and wide["time_ids"].dtype == torch.float32
     # original (h, w) = (8, 4097); resized to (32, 16388) and centre-cropped at left 8178: not representable in fp16
     assert wide["time_ids"].tolist() == [8, 4097, 0, 8178, 32, 32]
+
+
+def cache_config(root, tiny_pipeline_dir, source: str, *extra: str):
+    """A `koala.cache` config of `source` shards at 32 px into `root/latents`."""
+    return compose_config("cache", [
+        f"data.path='{source}'", "data.resolution=32", "data.num_workers=0", f"teacher.pipeline={tiny_pipeline_dir}",
+        f"cache.out={root}/latents", "cache.batch_size=4", *extra,
+    ], schema=CacheJobConfig)  # fmt: skip
+
+
+def train_config(tiny_pipeline_dir, cache):
+    return compose_config("train", ["data=cached", f"data.path={cache}", "data.resolution=32", "data.resampled=false",
+                                    f"teacher.pipeline={tiny_pipeline_dir}", "output_dir=unused"],
+                          schema=TrainConfig)  # fmt: skip
+
+
+def test_a_stopped_or_mixed_cache_is_refused_and_recaching_replaces_only_koala_files(
+    tmp_path, tiny_pipeline_dir, monkeypatch
+):
+    from koala.config.checks import ConfigError, check_config
+    from koala.data import cache_writer
+
+    write_demo_shards(tmp_path / "src", n=12, resolution=32, samples_per_shard=4)
+    source = f"{tmp_path}/src/demo-{{00000..00002}}.tar"
+    cfg = cache_config(tmp_path, tiny_pipeline_dir, source, "cache.samples_per_shard=4")
+    calls = []
+
+    def stopped(*args):  # the process dies after its first shard is on disk (nothing runs after a SIGKILL either)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(cache_writer.write_batch.__wrapped__(*args))
+
+    stopped.__wrapped__ = cache_writer.write_batch
+    with monkeypatch.context() as m:
+        m.setattr(cache_writer, "write_batch", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(cfg)
+    out = tmp_path / "latents"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000-00000.tar", "000-00001.tar"]  # 8 of 12 samples
+    with pytest.raises(ConfigError, match="holds no cache.json: the cache is incomplete"):
+        check_config(train_config(tiny_pipeline_dir, out))  # before: trained on 8 of 12 samples, silently
+    with pytest.raises(ConfigError, match="already holds a koala cache or part of one.*cache.overwrite=true"):
+        build_cache(cfg)
+    (out / "notes.txt").write_text("mine")
+    build_cache(cache_config(tmp_path, tiny_pipeline_dir, source, "cache.samples_per_shard=12", "cache.overwrite=true"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-00000.tar",
+        "cache.json",
+        "empty_prompt.safetensors",
+        "info-000.json",
+        "notes.txt",
+    ]  # the old shards are gone (before: kept, and trained on with the new ones); the user's file stays
+    check_config(train_config(tiny_pipeline_dir, out))
+    keys = [k for b in build_dataloader(train_config(tiny_pipeline_dir, out).data, batch_size=4, seed=0)
+            for k in b["keys"]]  # fmt: skip
+    assert sorted(keys) == [f"{i:08d}" for i in range(12)]
+    (out / "000-00007.tar").write_bytes((out / "000-00000.tar").read_bytes())  # a shard the cache did not write
+    with pytest.raises(ConfigError, match=r"holds shards its cache did not write \(000-00007.tar\)"):
+        check_config(train_config(tiny_pipeline_dir, out))
+
+
+def test_cache_counts_a_bad_shard_after_the_last_batch(tmp_path, tiny_pipeline_dir):
+    write_demo_shards(tmp_path / "src", n=4, resolution=32, samples_per_shard=4)
+    (tmp_path / "src" / "demo-00001.tar").write_bytes(b"not a tar at all" * 64)  # read after the last batch
+    cfg = cache_config(tmp_path, tiny_pipeline_dir, f"{tmp_path}/src/demo-{{00000..00001}}.tar")
+    out = build_cache(cfg)
+    info = json.loads((out / "info-000.json").read_text())
+    assert info["samples"] == 4 and info["skipped"]["bad_shard"] == 1  # before: 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,15 @@ from diffusers.training_utils import EMAModel
 from rundir import write_run_dir
 
 from koala.ship.export import export_run
-from koala.train.checkpoint import MANIFEST, CorruptCheckpoint, checkpoint_problems, find_checkpoint, save_checkpoint
+from koala.train.checkpoint import (
+    MANIFEST,
+    CorruptCheckpoint,
+    NonFiniteWeights,
+    checkpoint_problems,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 
 DAMAGE = [  # (file, what is done to it, a word the problem names)
     ("unet/diffusion_pytorch_model.safetensors", "truncate", "bytes"),
@@ -29,14 +37,21 @@ DAMAGE = [  # (file, what is done to it, a word the problem names)
 
 
 @pytest.fixture(scope="module")
-def written(tiny_pipeline_dir, tmp_path_factory) -> Path:
-    """A run folder with checkpoints at steps 2 and 4, written by save_checkpoint as the trainer calls it."""
-    run = tmp_path_factory.mktemp("ckpt") / "run"
+def parts(tiny_pipeline_dir):
+    """(accelerator, prepared student, EMA) as the trainer holds them, for save_checkpoint."""
     accelerator = Accelerator(cpu=True)
     student = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet")
     ema = EMAModel(student.parameters(), decay=0.9, model_cls=UNet2DConditionModel, model_config=student.config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student, optimizer = accelerator.prepare(student, optimizer)
+    return accelerator, student, ema, optimizer
+
+
+@pytest.fixture(scope="module")
+def written(parts, tmp_path_factory) -> Path:
+    """A run folder with checkpoints at steps 2 and 4, written by save_checkpoint as the trainer calls it."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    accelerator, student, ema, optimizer = parts
     for step in (2, 4):
         for p in student.parameters():  # an optimizer step, so the checkpoint holds real optimizer state
             p.grad = torch.full_like(p, 1e-3)
@@ -98,10 +113,21 @@ def test_no_intact_checkpoint_names_every_problem(run):
         find_checkpoint(run)
 
 
-def test_unreadable_files_are_caught_without_a_manifest(run):
+def as_written_before_manifests(ckpt: Path) -> None:
+    """Make a checkpoint look like one koala wrote before manifests (and a format) existed."""
+    (ckpt / MANIFEST).unlink()
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["format"]
+    (ckpt / "state.json").unlink()  # a hard link: never write through to the original
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def test_unreadable_files_are_caught_without_a_manifest(run, caplog):
     ckpt = run / "checkpoints" / "step-00000004"
-    (ckpt / MANIFEST).unlink()  # as written before checkpoints carried one: readability is still checked
-    assert checkpoint_problems(ckpt) == []
+    as_written_before_manifests(ckpt)  # readability is still checked, with a warning that this is all
+    with caplog.at_level(logging.WARNING, logger="koala.train.checkpoint"):
+        assert checkpoint_problems(ckpt) == []
+    assert "only checked that its files parse" in caplog.text
     damage(ckpt / "accelerate" / "optimizer.bin", "truncate")
     damage(ckpt / "unet" / "diffusion_pytorch_model.safetensors", "truncate")
     problems = "\n".join(checkpoint_problems(ckpt))
@@ -115,3 +141,49 @@ def test_export_refuses_a_damaged_checkpoint(tiny_pipeline_dir, tmp_path):
     with pytest.raises(CorruptCheckpoint, match=r"unet_ema/diffusion_pytorch_model\.safetensors: \d+ bytes"):
         export_run(run, checkpoint="10")
     assert not (run / "export").exists()
+
+
+def test_a_checkpoint_of_this_format_without_its_manifest_is_damaged(run):
+    ckpt = run / "checkpoints" / "step-00000004"
+    (ckpt / MANIFEST).unlink()
+    damage(ckpt / "unet" / "diffusion_pytorch_model.safetensors", "flip")  # parses still: only the hash would tell
+    assert checkpoint_problems(ckpt) == [f"{MANIFEST}: missing (this checkpoint was written with one; its files "
+                                         "cannot be verified)"]  # fmt: skip
+    assert find_checkpoint(run, "latest").name == "step-00000002"
+    with pytest.raises(CorruptCheckpoint, match="manifest.json: missing"):
+        find_checkpoint(run, 4)
+
+
+@pytest.mark.parametrize("part", ["student", "EMA"])
+def test_weights_that_are_not_finite_are_never_written(parts, run, part):
+    accelerator, student, ema, _ = parts
+    target = next(iter(student.parameters())) if part == "student" else ema.shadow_params[0]
+    kept = target.detach().clone()
+    try:
+        with torch.no_grad():
+            target.view(-1)[0] = float("nan")
+        with pytest.raises(NonFiniteWeights, match=f"step 6: the {part} weights hold NaN or inf.*no checkpoint"):
+            save_checkpoint(accelerator, run, 6, student, ema, {"last": {}}, keep=1)
+    finally:
+        with torch.no_grad():
+            target.copy_(kept)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+
+def test_rotation_keeps_the_checkpoint_just_written_after_resuming_from_an_older_one(parts, run):
+    accelerator, student, ema, _ = parts  # a resume from step 2 while step 4 exists, then a checkpoint at step 3
+    save_checkpoint(accelerator, run, 3, student, ema, {"last": {}}, keep=1)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]
+    assert find_checkpoint(run, "latest").name == "step-00000003"
+
+
+def test_rotation_never_leaves_only_damaged_checkpoints(parts, run):
+    accelerator, student, ema, _ = parts
+    save_checkpoint(accelerator, run, 6, student, ema, {"last": {}}, keep=3)
+    for step in (4, 6):  # the two newest are damaged after they were written
+        damage(run / "checkpoints" / f"step-{step:08d}" / "unet" / "diffusion_pytorch_model.safetensors", "flip")
+    assert find_checkpoint(run, "latest").name == "step-00000002"  # the resume continues from step 2 ...
+    save_checkpoint(accelerator, run, 3, student, ema, {"last": {}}, keep=2)  # ... with a smaller keep_checkpoints
+    left = list_checkpoints(run)
+    assert [p.name for p in left] == ["step-00000006", "step-00000003"]  # the newest written: one intact
+    assert find_checkpoint(run, "latest").name == "step-00000003" and checkpoint_problems(left[-1]) == []

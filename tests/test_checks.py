@@ -37,13 +37,18 @@ def config(tmp_path, pipeline, *overrides):
         ("grad_accum=0", "grad_accum=0"),
         ("checkpoint_every=0", "checkpoint_every=0"),
         ("log_every=0", "log_every=0"),
-        ("optim.lr=-1e-4", "optim.lr=-0.0001 is not allowed: expected a number > 0"),
+        ("optim.lr=-1e-4", "optim.lr=-0.0001 is not allowed: expected a finite number > 0"),
         ("data.caption_dropout=1.5", "data.caption_dropout=1.5 is not allowed: expected a number in [0.0, 1.0]"),
         ("ema_decay=2", "ema_decay=2.0"),
         ("data.resolution=33", "data.resolution=33 is not allowed: expected a positive multiple of 8"),
         ("data.resolution=0", "data.resolution=0"),
         ("data.resolution=36", "data.resolution=36 is not allowed: expected a positive multiple of 64"),  # buckets
         ("data.max_consecutive_skips=0", "data.max_consecutive_skips=0"),
+        ("optim.lr=inf", "optim.lr=inf is not allowed: expected a finite number > 0"),
+        ("optim.lr=nan", "optim.lr=nan is not allowed"),
+        ("optim.max_grad_norm=inf", "optim.max_grad_norm=inf is not allowed"),
+        ("distill.feat_weight=inf", "distill.feat_weight=inf is not allowed"),
+        ("seed=-1", "seed=-1 is not allowed: expected a number in [0, 4294967295]"),
     ],
 )
 def test_bad_values_are_named_in_one_line(override, message, tmp_path, tiny_pipeline_dir):
@@ -68,6 +73,80 @@ def test_paths_are_checked_before_loading(tmp_path, tiny_pipeline_dir):
         check_config(config(tmp_path, tiny_pipeline_dir, f"data.path='{tmp_path}/nothing-{{0..3}}.tar'"))
     with pytest.raises(ConfigError, match="does not exist"):
         check_config(config(tmp_path, tiny_pipeline_dir, "data=folder", f"data.path={tmp_path}/no-folder"))
+
+
+def bad_folders(tmp_path, pipeline) -> dict[str, list[str]]:
+    """Overrides naming folders a run cannot use: an empty teacher, a U-Net folder of pickle weights, a run folder
+    that cannot be made."""
+    import shutil
+
+    (tmp_path / "empty-teacher").mkdir(exist_ok=True)
+    pickled = tmp_path / "bin-unet"
+    pickled.mkdir(exist_ok=True)
+    shutil.copy(pipeline / "unet" / "config.json", pickled)
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled")
+    (tmp_path / "a-file").write_text("x")
+    for empty in ("empty-vae", "empty-data"):
+        (tmp_path / empty).mkdir(exist_ok=True)
+    return {
+        "empty vae": [f"teacher.vae={tmp_path / 'empty-vae'}"],
+        "empty hf dataset": ["data=hf", f"data.path={tmp_path / 'empty-data'}"],
+        "empty image folder": ["data=folder", f"data.path={tmp_path / 'empty-data'}"],
+        "empty teacher": [f"teacher.pipeline={tmp_path / 'empty-teacher'}"],
+        "pickled unet": [f"teacher.unet={pickled}"],
+        "empty output_dir": ["output_dir="],
+        "output_dir in a file": [f"output_dir={tmp_path / 'a-file' / 'run'}"],
+        "no sample prompts": ["sample_prompts=[]", "sample_every=5"],
+    }
+
+
+REFUSED = {  # what the one line says for each of `bad_folders`
+    "empty teacher": "teacher.pipeline=.* is not a diffusers SDXL pipeline folder: it has no unet, vae, text_encoder, "
+    "text_encoder_2, tokenizer, tokenizer_2, scheduler folders",
+    "empty vae": "teacher: .*empty-vae has no config.json",
+    "empty hf dataset": "data.path=.* holds no dataset: no parquet files, no save_to_disk folder",
+    "empty image folder": "data.path=.* holds no jpg/jpeg/png/webp images",
+    "pickled unet": r"teacher: .*bin-unet: no diffusion_pytorch_model.safetensors .*found pickle weights "
+    r"\['diffusion_pytorch_model.bin'\]",
+    "empty output_dir": "output_dir='' is empty \\(the run would be written into the current folder\\)",
+    "output_dir in a file": "output_dir=.* cannot be created or written: .*a-file is a file",
+    "no sample prompts": "sample_prompts is empty while sample_every=5 renders them",
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_unusable_folders_and_settings_are_refused_before_loading(case, tmp_path, tiny_pipeline_dir):
+    overrides = bad_folders(tmp_path, tiny_pipeline_dir)[case]
+    pipeline = overrides.pop()[len("teacher.pipeline=") :] if case == "empty teacher" else tiny_pipeline_dir
+    with pytest.raises(ConfigError, match=REFUSED[case]) as err:
+        check_config(config(tmp_path, pipeline, *overrides))
+    assert "\n" not in str(err.value)
+    if case == "no sample prompts":
+        check_config(config(tmp_path, pipeline, "sample_prompts=[]", "sample_every=0"))  # nothing to render: fine
+
+
+@pytest.mark.slow
+def test_every_start_up_refusal_is_one_line_with_status_2(tmp_path, tiny_pipeline_dir):
+    cases = {**bad_folders(tmp_path, tiny_pipeline_dir), "lr": ["optim.lr=inf"], "seed": ["seed=-1"]}
+    for case, overrides in cases.items():
+        if not any(o.startswith("teacher.pipeline=") for o in overrides):
+            overrides = [f"teacher.pipeline={tiny_pipeline_dir}", *overrides]
+        if not any(o.startswith("output_dir=") for o in overrides):
+            overrides.append(f"output_dir={tmp_path / 'run'}")
+        res = subprocess.run([sys.executable, "-m", "koala.train", *overrides], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)  # fmt: skip
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert res.returncode == 2 and len(errors) == 1, (case, res.returncode, res.stderr[-1500:])
+        assert "Traceback" not in res.stderr and "Loading" not in res.stderr, case  # refused before any model loads
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing ran (Hydra alone made the folder for its log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a-file",
+        "bin-unet",
+        "empty-data",
+        "empty-teacher",
+        "empty-vae",
+        "run",
+    ]  # nothing written into the cwd
 
 
 @pytest.mark.slow

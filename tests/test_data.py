@@ -16,6 +16,7 @@ from koala.config.compose import compose_config
 from koala.config.schema import DataConfig, TrainConfig
 from koala.data import DataKind, SkipTally, build_dataloader
 from koala.data.samples import ImageCodec
+from koala.data.stream import TooManySkips
 from koala.fixtures.shards import ensure_demo_shards, write_demo_shards
 
 
@@ -200,3 +201,30 @@ def test_skips_after_the_last_batch_reach_the_totals(tmp_path):
     batches = list(tally.batches(build_dataloader(cfg, batch_size=4, seed=0, final_tally=True)))
     assert sum(len(b["keys"]) for b in batches) == 8 and tally.totals()["bad_shard"] == 1
     assert all("tally_only" not in b for b in read_all(cfg))  # only asked-for tally items are sent
+
+
+def noisy_jpeg(size: int = 64, seed: int = 0) -> bytes:
+    """A JPEG of random pixels (large enough that half of it holds the whole header)."""
+    buf = io.BytesIO()
+    rng = torch.Generator().manual_seed(seed)
+    Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=rng, dtype=torch.uint8).numpy()).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_images_whose_data_does_not_decode_count_toward_the_skip_limit(tmp_path, caplog):
+    whole = noisy_jpeg()
+    cut = whole[: len(whole) // 2]  # the header reads (the cheap check passes), the data does not
+    write_plain_tar(
+        tmp_path / "cut.tar", {n: d for i in range(5) for n, d in ((f"c{i}.jpg", cut), (f"c{i}.txt", b"a"))}
+    )
+    cfg = data_cfg(tmp_path / "cut.tar", max_consecutive_skips=12, epochs=10)  # 50 records, none decodes
+    with caplog.at_level(logging.WARNING, logger="koala.data"), pytest.raises(TooManySkips) as err:
+        read_all(cfg)  # before: no batch, no error, no log line (an endless silent loop when resampled)
+    assert "12 samples in a row were skipped (corrupt_image=12)" in str(err.value)
+    assert "does not decode" in caplog.text
+    good = encode((40, 40))
+    write_plain_tar(tmp_path / "mix.tar", {"a.png": good, "a.txt": b"a", "b.jpg": cut, "b.txt": b"b",
+                                           "c.png": good, "c.txt": b"c"})  # fmt: skip
+    tally = SkipTally()
+    keys = [k for b in tally.batches(read_all(data_cfg(tmp_path / "mix.tar"), final_tally=True)) for k in b["keys"]]
+    assert keys == ["a", "c"] and tally.totals()["corrupt_image"] == 1

@@ -177,3 +177,40 @@ def test_background_is_a_data_setting(tmp_path):
             "train", ["data=folder", f"data.path={tmp_path}", "data.background=blu"], schema=TrainConfig
         )
         build_dataloader(cfg.data, batch_size=1, seed=0)
+
+
+def tiff(image: Image.Image) -> bytes:
+    """`image` encoded as TIFF (the format that holds 32-bit float pictures)."""
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_32_bit_float_image_in_0_1_is_scaled_not_black():
+    gradient = np.arange(8, dtype=np.float32) / 7  # 0 .. 1
+    image = Image.fromarray(np.tile(gradient, (8, 1)))
+    assert image.mode == "F"
+    pixels = transformed(tiff(image))
+    assert pixels[0, :, 0].tolist() == [0, 36, 73, 109, 146, 182, 219, 255]  # round(255 * i / 7)
+    assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_32_bit_float_image_of_unknown_scale_is_skipped_counted_and_explained(tmp_path, caplog):
+    import logging
+
+    from test_data import read_all, write_plain_tar
+
+    from koala.data.records import UnsupportedImage
+
+    wide = Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32))  # 0..255 or 0..1? unknown: not guessed
+    with pytest.raises(UnsupportedImage, match=r"mode F\) image with values in \[200, 200\]"):
+        transformed(tiff(wide))
+    ok = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32))
+    write_plain_tar(tmp_path / "f.tar", {"a.tif": tiff(wide), "a.txt": b"wide", "b.tif": tiff(ok), "b.txt": b"ok"})
+    cfg = OmegaConf.structured(DataConfig(path=str(tmp_path / "f.tar"), resolution=8, num_workers=0,
+                                          resampled=False, shuffle=False, image_key="tif"))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="koala.data"):
+        batches = read_all(cfg, final_tally=True)
+    assert [k for b in batches if "keys" in b for k in b["keys"]] == ["b"]
+    assert batches[-1]["skipped"]["unsupported_image"] == 1
+    assert "skipping a: a 32-bit float (mode F) image with values in [200, 200]" in caplog.text

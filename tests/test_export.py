@@ -16,6 +16,8 @@ from koala.export import main
 from koala.ship.export import export_run
 from koala.train.checkpoint import find_checkpoint
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_pipeline_dir, tmp_path_factory):
@@ -162,3 +164,58 @@ def test_export_loads_without_project_code(exported):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "LOADED EulerDiscreteScheduler" in res.stdout
     assert "not expected" not in res.stderr, res.stderr[-2000:]  # diffusers warns about unknown config keys
+
+
+def test_export_refuses_weights_that_are_not_finite(tiny_pipeline_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from koala.train.checkpoint import NonFiniteWeights, seal_checkpoint
+
+    run = write_run_dir(tmp_path, tiny_pipeline_dir)
+    ckpt = run / "checkpoints" / "step-00000010"
+    weights = ckpt / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state[sorted(state)[0]] = torch.full_like(state[sorted(state)[0]], float("nan"))
+    save_file(state, str(weights))  # a diverged EMA, sealed as the trainer of before would have sealed it
+    (ckpt / "COMPLETE").unlink()
+    seal_checkpoint(ckpt)
+    with pytest.raises(NonFiniteWeights, match=r"unet_ema holds NaN or inf in 1 of \d+ tensors.*not exported"):
+        export_run(run, checkpoint="10")
+    assert not (run / "export").exists()
+    assert export_run(run, checkpoint="10", ema=False).is_dir()  # the student itself is finite
+    with pytest.raises(SystemExit) as code:
+        main([f"run_dir={run}", f"out={tmp_path / 'cli'}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code.value.code == 2 and last.startswith("error: ") and "NaN" in last and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_nothing_that_the_next_export_does_not_remove(run_dir, tmp_path):
+    out = tmp_path / "out"
+    stop_in = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import koala.export, koala.ship.export
+        def stop(*args, **kwargs):  # the model card is written after the pipeline: the staging folder is full
+            if sys.argv[1] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            print("staged", flush=True)
+            time.sleep(600)
+        koala.ship.export.write_model_card = stop
+        koala.export.main(["run_dir={run_dir}", "out={out}"])
+    """)  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", stop_in, "kill"], cwd=REPO, capture_output=True, timeout=300)
+    assert killed.returncode == -9
+    stale = sorted(p.name for p in tmp_path.iterdir())
+    assert len(stale) == 2 and stale[0].startswith(".out.koala-tmp-") and stale[1] == stale[0] + ".lock"
+    live = subprocess.Popen([sys.executable, "-c", stop_in, "wait"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        # a second export, still writing its staging folder (lines before: library notices, e.g. DeepSpeed's)
+        assert any(line == "staged\n" for line in iter(live.stdout.readline, ""))
+        running = {p.name for p in tmp_path.iterdir()} - set(stale)
+        export_run(run_dir, out=out)
+        assert {p.name for p in tmp_path.iterdir()} == {"out"} | running  # the killed one's gone, the live one kept
+    finally:
+        live.kill()
+        live.wait()
+    export_run(run_dir, out=out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

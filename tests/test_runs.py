@@ -2,11 +2,19 @@
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_train import read_metrics, tiny_overrides, unet_state
 
 import koala.train.loop
@@ -125,3 +133,86 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, shared):
     run(tmp_path, shared, max_steps=2, resume="auto")
     again = run(tmp_path, shared, max_steps=4, resume="auto")
     assert [r["step"] for r in read_metrics(again)] == [1, 2, 3, 4]
+
+
+def copy_run(finished, tmp_path):
+    """A private copy of the finished run, at `tmp_path/run` (where tiny_overrides(tmp_path, ...) points)."""
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+class Loaded(RuntimeError):
+    """Raised in place of loading the models: the start-up checks passed."""
+
+
+def refuse_loading(*args):
+    raise Loaded
+
+
+HOLD = "import sys, time\nfrom koala.train.runs import run_folder_lock\nwith run_folder_lock(sys.argv[1]):\n" \
+       "    print('held', flush=True)\n    time.sleep(600)\n"  # fmt: skip
+
+
+def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(finished, shared, tmp_path, monkeypatch):
+    run_dir = copy_run(finished, tmp_path)
+    monkeypatch.setattr(koala.train.loop, "load_frozen", refuse_loading)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=rf"in use by another koala process: pid {holder.pid} on host "
+                                              rf"{socket.gethostname()} \(since .*\) holds {run_dir}/\.lock"):  # fmt: skip
+            run(tmp_path, shared, max_steps=8, resume="auto")
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(Loaded):  # the lock of a process that died does not block
+        run(tmp_path, shared, max_steps=8, resume="auto")
+
+
+def test_resume_refuses_a_different_teacher_behind_a_moved_path(finished, shared, tmp_path, monkeypatch):
+    copy_run(finished, tmp_path)
+    monkeypatch.setattr(koala.train.loop, "load_frozen", refuse_loading)
+    moved = Path(shutil.copytree(shared / "tiny-sdxl", tmp_path / "moved-teacher"))
+    weights = moved / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    tuned = {k: v + 0.01 for k, v in load_file(weights).items()}  # a fine-tune: same names, shapes, header, size
+    save_file(tuned, str(weights), metadata=metadata)
+    assert weights.stat().st_size == (shared / "tiny-sdxl" / "unet" / weights.name).stat().st_size
+    with pytest.raises(ConfigError, match=r"the teacher is not the one .*step-00000004 was trained from: its unet "
+                                          r"weights differ \(teacher.pipeline='.*moved-teacher'"):  # fmt: skip
+        run(tmp_path, shared, max_steps=8, resume="latest", **{"teacher.pipeline": moved})
+    shutil.copy(shared / "tiny-sdxl" / "unet" / weights.name, weights)  # the same teacher, moved: accepted
+    with pytest.raises(Loaded):
+        run(tmp_path, shared, max_steps=8, resume="latest", **{"teacher.pipeline": moved})
+
+
+@pytest.mark.slow
+def test_rotation_after_resuming_an_older_checkpoint_keeps_the_new_one(finished, shared, tmp_path):
+    run_dir = copy_run(finished, tmp_path)  # checkpoints at steps 2 and 4
+    run(tmp_path, shared, max_steps=3, checkpoint_every=1, keep_checkpoints=1, resume="2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]  # before: only step 4
+    again = run(tmp_path, shared, max_steps=4, checkpoint_every=1, keep_checkpoints=1, resume="latest")
+    assert [r["step"] for r in read_metrics(again)] == [1, 2, 3, 4]  # continued from step 3, not the old step 4
+
+
+@pytest.mark.slow
+def test_two_real_processes_on_one_run_folder(tmp_path, shared):
+    args = [sys.executable, "-m", "koala.train", *tiny_overrides(tmp_path, shared, max_steps=100000,
+                                                                 checkpoint_every=100000, resume="auto")]  # fmt: skip
+    first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.5)  # the first run is training
+        second = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"in use by another koala process: pid {first.pid}" in second.stderr
+        assert "Loading" not in second.stderr and first.poll() is None  # refused before loading; the first goes on
+    finally:
+        first.kill()  # SIGKILL: no checkpoint, the lock file stays behind
+        first.wait()
+    third = subprocess.run([*args[:-1], "resume=auto", "max_steps=2"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "COMPLETE").is_file()

@@ -308,6 +308,32 @@ def test_a_run_on_a_file_teacher_exports_the_same_pipeline(distilled, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_on_a_file_teacher_resumes_and_refuses_another_file(distilled, files, shared, tmp_path):
+    from koala.train.loop import train
+
+    run_dir = Path(shutil.copytree(distilled["file"], tmp_path / "run"))  # the shared run stays as it is
+
+    def resume(teacher_file: Path) -> Path:
+        overrides = {
+            "teacher": "tiny", "unet": "tiny-700m", "data": "demo", "data.resolution": 32,
+            "data.path": f"'{shared / 'demo-shards' / 'demo-{00000..00003}.tar'}'", "output_dir": run_dir,
+            "batch_size": 2, "max_steps": 4, "log_every": 1, "checkpoint_every": 3, "sample_every": 3,
+            "sample_steps": 2, "report_to": "[]", "resume": "latest", "teacher.pipeline": teacher_file,
+            "teacher.config": files["config"],
+        }  # fmt: skip
+        return train(compose_config("train", [f"{k}={v}" for k, v in overrides.items()], schema=TrainConfig))
+
+    other = tmp_path / "other.safetensors"  # another teacher of the same shape (the fp16 file's values)
+    write_checkpoint_file(files["pipe"], other, torch.float16)
+    with pytest.raises(ConfigError, match=r"the teacher is not the one .*step-00000003 was trained from: its "
+                                          r"pipeline, unet weights differ"):  # fmt: skip
+        resume(other)
+    moved = Path(shutil.copy(files["fp32"], tmp_path / "moved.safetensors"))  # the same teacher, moved: resumes
+    assert resume(moved) == run_dir
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_inspect_and_lora_read_a_file_teacher_as_the_folder(files, shared, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

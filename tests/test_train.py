@@ -118,8 +118,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, shared):
     ],
 )
 @pytest.mark.slow
-def test_bad_config_fails_before_loading_models(override, message, tmp_path):
-    extra = [] if override.startswith("teacher") else [f"teacher.pipeline={tmp_path}"]
+def test_bad_config_fails_before_loading_models(override, message, tmp_path, tiny_pipeline_dir):
+    # a real teacher folder (an empty one is refused first, by the start-up check of its parts)
+    extra = [] if override.startswith("teacher") else [f"teacher.pipeline={tiny_pipeline_dir}"]
     res = subprocess.run(
         [sys.executable, "-m", "koala.train", override, f"output_dir={tmp_path / 'run'}", *extra],
         capture_output=True,
@@ -213,3 +214,23 @@ def test_two_processes_with_finite_uneven_data_stop_together(tmp_path, shared):
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == 8  # rank 1's one shard: 4 batches of 2 each
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_an_error_and_writes_no_nan(tmp_path, shared):
+    args = tiny_overrides(tmp_path, shared, max_steps=8, checkpoint_every=1, max_nonfinite_steps=3,
+                          **{"optim.lr": "1e10"})  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "koala.train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 1, res.stderr[-2000:]  # before: rc 0, every checkpoint (EMA too) all NaN
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: 3 optimizer steps in a row had a non-finite loss") and len(errors) == 1
+    assert "Traceback" not in res.stderr
+    assert "optimizer step skipped (1 in a row" in res.stdout  # logged where Hydra logs: stdout
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ckpts, "the steps before the divergence were checkpointed"
+    for ckpt in ckpts:
+        for sub in ("unet", "unet_ema"):
+            assert all(torch.isfinite(t).all() for t in unet_state(ckpt, sub).values()), (ckpt.name, sub)
+    assert all(r["loss/total"] == r["loss/total"] for r in read_metrics(tmp_path / "run"))  # no NaN logged

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,21 +21,36 @@ if TYPE_CHECKING:
     from koala.models.unets import Plan
 
 
+# The folders of a diffusers SDXL pipeline a run reads (unet and vae unless teacher.unet / teacher.vae replace them).
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def _finite(v: Any) -> bool:
+    """A real number that is not NaN or infinite (inf passes every `>=` test: it must be refused by name)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _at_least(n: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is not None and v >= n), f"a number >= {n}"
+    return (lambda v: _finite(v) and v >= n), f"a number >= {n}"
 
 
 def _between(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is not None and lo <= v <= hi), f"a number in [{lo}, {hi}]"
+    return (lambda v: _finite(v) and lo <= v <= hi), f"a number in [{lo}, {hi}]"
 
 
 def _positive_or_null() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is None or v > 0), "null or a number > 0"
+    return (lambda v: v is None or (_finite(v) and v > 0)), "null or a finite number > 0"
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _finite(v) and v > 0), "a finite number > 0"
 
 
 # key -> (predicate, what is allowed). Cadences of 0 would divide by zero; a batch of 0 would loop forever.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_steps": _at_least(1),
+    "max_nonfinite_steps": _at_least(1),
+    "seed": _between(0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy too)
     "batch_size": _at_least(1),
     "grad_accum": _at_least(1),
     "log_every": _at_least(1),
@@ -46,12 +63,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timestep_jitter": _at_least(0),
     "dist_timeout_s": _at_least(1),
     "distill.balance_batches": _at_least(1),
-    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.lr": _positive(),
     "optim.weight_decay": _at_least(0.0),
-    "optim.eps": (lambda v: v > 0, "a number > 0"),
+    "optim.eps": _positive(),
     "optim.warmup_steps": _at_least(0),
-    "optim.max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or a number > 0"),
-    "optim.betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.max_grad_norm": (lambda v: _finite(v) and v >= 0, "0 (no clipping) or a finite number > 0"),
+    "optim.betas": (lambda v: len(v) == 2 and all(_finite(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "distill.task_weight": _at_least(0.0),
     "distill.out_weight": _at_least(0.0),
     "distill.feat_weight": _at_least(0.0),
@@ -82,8 +99,8 @@ def check_distill(d) -> None:
     """Feature-loss weights are not negative; per-kind blocks name distilled kinds (kinds and stages are typed: the
     schema checks their names; block names are checked against the model when the pairs are made)."""
     for key, weights in (("distill.kind_weights", d.kind_weights), ("distill.stage_weights", d.stage_weights)):
-        if any(w < 0 for w in weights.values()):
-            _fail(key, dict(weights), "weights >= 0")
+        if not all(_finite(w) and w >= 0 for w in weights.values()):
+            _fail(key, dict(weights), "finite weights >= 0")
     idle = [str(k) for k, v in d.kind_blocks.items() if v is not None and k not in d.kinds]
     if idle:
         raise ConfigError(
@@ -97,6 +114,36 @@ def check_distill(d) -> None:
             raise ConfigError("distill.balance=grad is not supported under FSDP yet (it measures gradients of the "
                               "unsharded student); measure the weights in a DDP or one-process run and pass them "
                               "as distill.kind_weights, or use distill.balance=none")  # fmt: skip
+
+
+def check_run_settings(cfg: TrainConfig) -> None:
+    """Sampling has prompts to render; the run folder is named and can be made and written."""
+    if cfg.sample_every > 0 and not cfg.sample_prompts:
+        raise ConfigError(
+            f"sample_prompts is empty while sample_every={cfg.sample_every} renders them every so many steps: give at "
+            "least one prompt, or sample_every=0 to render none"
+        )
+    usable_output_dir(cfg.output_dir)
+
+
+def usable_output_dir(output_dir: Any) -> str:
+    """`output_dir` when it names a folder that exists or can be made, and can be written; else ConfigError. Also
+    the `koala_run_dir` resolver of Hydra's run folder (configs/train.yaml), so that Hydra, which makes its run
+    folder before koala runs, neither writes into the current folder nor fails on one that cannot be made."""
+    out = str(output_dir).strip() if output_dir is not None else ""
+    if not out:
+        raise ConfigError(
+            f"output_dir={output_dir!r} is empty (the run would be written into the current folder): name a "
+            "folder for the run, e.g. outputs/<name>"
+        )
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir={out!r} is a file, not a folder: name a folder for the run")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "a file" if not existing.is_dir() else "not writable"
+        raise ConfigError(f"output_dir={out!r} cannot be created or written: {existing} is {what}")
+    return str(output_dir)
 
 
 def _refuse_pickle(key: str, path: str) -> None:
@@ -153,6 +200,19 @@ def check_teacher_paths(cfg: TrainConfig) -> None:
             _refuse_pickle(f"teacher.{key}", path)
             if not Path(path).exists():
                 raise ConfigError(f"teacher.{key}={path!r} does not exist")
+    needed = [c for c in PIPELINE_PARTS if not (c == "unet" and t.unet) and not (c == "vae" and t.vae)]
+    missing = [] if p.is_file() else [c for c in needed if not (p / c).is_dir()]  # a file holds every part
+    if missing:
+        raise ConfigError(
+            f"teacher.pipeline={t.pipeline!r} is not a diffusers SDXL pipeline folder: it has no {', '.join(missing)} "
+            f"folder{'s' if len(missing) > 1 else ''}{_fixture_hint(cfg)}"
+        )
+    from koala.models.teacher import check_teacher_files
+
+    try:
+        check_teacher_files(t)  # before any part loads: a U-Net folder of .bin weights is refused here
+    except FileNotFoundError as e:
+        raise ConfigError(f"teacher: {e}") from None
 
 
 def _size_multiple(t) -> int:
@@ -201,8 +261,21 @@ def check_data(cfg: TrainConfig) -> None:
         missing = [s for s in shards if not Path(s).exists()]
         if not shards or len(missing) == len(shards):
             raise ConfigError(f"data.path={data.path!r} matches no shard on disk{_fixture_hint(cfg)}")
+        if data.kind == "cached":
+            from koala.data.cached import IncompleteCache, check_cache
+
+            try:
+                check_cache(data.path)
+            except IncompleteCache as e:
+                raise ConfigError(f"data.path={data.path!r}: {e}") from None
     elif not Path(data.path.split("::")[0]).exists() and not any(c in data.path for c in "*?["):
         raise ConfigError(f"data.path={data.path!r} does not exist")
+    elif Path(data.path).is_dir():
+        from koala.data.indexed import folder_problem
+
+        problem = folder_problem(data.path, data.kind, data.hf_format)
+        if problem:
+            raise ConfigError(f"data.path={data.path!r} {problem}")
     if data.kind == "cached":
         check_cache_precision(cfg)
 
@@ -237,6 +310,7 @@ def check_config(cfg: TrainConfig) -> Plan:
     student plan, resolved on configs alone (the teacher folder's config.json, no weights): the run builds from it."""
     check_values(cfg)
     check_distill(cfg.distill)
+    check_run_settings(cfg)
     from koala.train.deepspeed import check_launch
 
     check_launch(cfg)  # what a DeepSpeed launch config says must agree with these settings

@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from koala.config.checks import usable_output_dir
 from koala.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -46,6 +47,8 @@ def register_schema(config_name: str, schema: type) -> None:
         _registered[name] = schema
     if not OmegaConf.has_resolver("koala_asset"):
         OmegaConf.register_new_resolver("koala_asset", asset_path)
+    if not OmegaConf.has_resolver("koala_run_dir"):  # Hydra's run folder: the output_dir, once it is usable
+        OmegaConf.register_new_resolver("koala_run_dir", usable_output_dir)
 
 
 def compose_config(config_name: str, overrides: list[str] | None = None, *, schema: type) -> DictConfig:
@@ -74,6 +77,10 @@ def error_line(e: BaseException) -> str:
 
 def exit_config_error(e: BaseException) -> NoReturn:
     """Print `error: <message>` (no traceback: the config is wrong, not the code) and exit with status 2."""
+    cause = e
+    while cause is not None and not isinstance(cause, ConfigError):  # one a resolver raised (koala_run_dir)
+        cause = cause.__cause__ or cause.__context__
+    e = cause or e
     print(f"error: {e if isinstance(e, ConfigError) else error_line(e)}", file=sys.stderr)
     sys.exit(2)
 

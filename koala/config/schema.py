@@ -162,6 +162,9 @@ class TrainConfig:
     output_dir: str = "outputs/${name}"  # deterministic, so every rank (and a resume) agrees on it
     seed: int = 0
     max_steps: int = 1000
+    # Optimizer steps in a row whose loss or gradient norm is NaN or inf (each one skipped, counted and logged) that
+    # stop the run with an error: a diverged run ends instead of writing NaN weights.
+    max_nonfinite_steps: int = 10
     batch_size: int = 8  # per process
     grad_accum: int = 1
     mixed_precision: MixedPrecision = MixedPrecision.no  # no | bf16 | fp16

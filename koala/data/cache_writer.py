@@ -2,9 +2,13 @@
 
 Every rank (accelerate / torch.distributed) encodes its share of the data with the frozen VAE and text encoders and
 writes tar shards `<rank>-<n>.tar` of `<key>.safetensors` samples (see koala.data.cached; member names are clean
-relative paths, the source key is kept in each sample's metadata); rank 0 adds the
-empty-prompt embeddings (for caption dropout at training time) and `info.json`. Crops and flips are drawn once,
-here, and recorded; caption dropout is left to training. Train from the result with `data=cached data.path=<out>`.
+relative paths, the source key is kept in each sample's metadata) and `info-<rank>.json`; rank 0 adds the
+empty-prompt embeddings (for caption dropout at training time) and, once every rank is done, the completeness marker
+`cache.json` listing every shard. Crops and flips are drawn once, here, and recorded; caption dropout is left to
+training. Train from the result with `data=cached data.path=<out>`.
+
+A folder that already holds files koala.cache writes is refused (their shards would mix with the new ones);
+`cache.overwrite=true` deletes those files, and only those, first.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from koala.data import SkipTally, build_dataloader
-from koala.data.cached import EMPTY_PROMPT, encode_sample
+from koala.data.cached import EMPTY_PROMPT, MARKER, WRITTEN, encode_sample
 from koala.data.conditioning import SDXLConditioner, conditioning_dtype
 from koala.devices import DTYPES, multi_cpu
+from koala.errors import ConfigError
 from koala.models.pipeline_parts import PipelineSource
 
 if TYPE_CHECKING:
@@ -53,6 +58,7 @@ class CacheWriter:
         self.shard_name = shard_name or (lambda key: f"{self.rank:03d}-{self.shard:05d}.tar")
         self.shard, self.count, self.sink, self.total = 0, 0, None, 0
         self.names: set[str] = set()  # member stems of the current shard: two samples never share one
+        self.written: list[str] = []  # the finished shards' file names
         out.mkdir(parents=True, exist_ok=True)
 
     def add(
@@ -84,6 +90,7 @@ class CacheWriter:
             self.file.close()
             os.replace(str(self.path) + ".tmp", self.path)
             sync_dir(self.out)
+            self.written.append(self.path.name)
             self.sink, self.count, self.shard = None, 0, self.shard + 1
 
 
@@ -99,11 +106,58 @@ def sync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def koala_files(out: Path) -> list[Path]:
+    """The files in `out` that koala.cache writes (shards, infos, empty prompt, marker, their temporaries)."""
+    return sorted(p for p in out.iterdir() if p.is_file() and WRITTEN.fullmatch(p.name)) if out.is_dir() else []
+
+
+def prepare_out(out: Path, overwrite: bool, state: Any) -> None:
+    """Refuse (on every rank, before anything is written) a folder holding koala.cache files, unless `overwrite`:
+    then rank 0 deletes those files, and only those."""
+    found = koala_files(out)
+    if found and not overwrite:
+        raise ConfigError(
+            f"cache.out={str(out)!r} already holds a koala cache or part of one ({len(found)} files, e.g. "
+            f"{found[0].name}); pass cache.overwrite=true to replace it (only the files koala.cache writes are "
+            "deleted), or choose another cache.out"
+        )
+    state.wait_for_everyone()  # every rank has looked before rank 0 deletes
+    if found and state.process_index == 0:
+        for path in found:
+            path.unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+
+def write_marker(out: Path, world: int, settings: dict) -> None:
+    """Merge every rank's info into the completeness marker and write it last, atomically."""
+    infos = [json.loads((out / f"info-{r:03d}.json").read_text()) for r in range(world)]
+    skipped: dict[str, int] = {}
+    for info in infos:
+        for reason, n in info["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    shards = sorted(s for info in infos for s in info["shards"])
+    seal_cache(
+        out, {"shards": shards, "samples": sum(info["samples"] for info in infos), "skipped": skipped, **settings}
+    )
+
+
+def seal_cache(out: Path, record: dict) -> None:
+    """Write the completeness marker `cache.json` (its `shards` list names every shard of the cache), synced and
+    renamed into place: written last, by koala.cache and koala.synth, once the cache is complete."""
+    tmp = out / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MARKER)
+    sync_dir(out)
+
+
 def cache_data_config(data: DictConfig) -> DictConfig:
     """The data config to cache from: one pass over everything, unshuffled, captions kept."""
     data = OmegaConf.merge(data, {"resampled": False, "epochs": 1, "shuffle": False, "caption_dropout": 0.0})
     if data.kind == "cached":
-        raise ValueError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
+        raise ConfigError("data.kind=cached is already a cache; pick the source dataset (data=demo, webdataset, ...)")
     return data
 
 
@@ -128,32 +182,35 @@ def build_cache(cfg: CacheJobConfig) -> Path:
     rank, world = state.process_index, state.num_processes
     device = state.device if cfg.cache.device == "auto" else torch.device(cfg.cache.device)
     pipeline = resolve_pipeline(cfg.teacher)
-    state.wait_for_everyone()
+    data = cache_data_config(cfg.data)
+    out = Path(cfg.cache.out)
+    prepare_out(out, cfg.cache.overwrite, state)
     text_dtype = conditioning_dtype(cfg, device)  # the text encoders' precision, recorded in the info files
     conditioner = SDXLConditioner.from_pretrained(
         pipeline, vae=cfg.teacher.vae, device=device, dtype=DTYPES[text_dtype], config=cfg.teacher.config
     )
-    out = Path(cfg.cache.out)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         empty, pooled = conditioner.encode_prompts([""])
         save_file({"prompt_embeds": empty[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()},
                   str(out / EMPTY_PROMPT))  # fmt: skip
     loader = build_dataloader(
-        cache_data_config(cfg.data), batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world
-    )
+        data, batch_size=cfg.cache.batch_size, seed=cfg.seed, rank=rank, world_size=world, final_tally=True
+    )  # final_tally: skips after a worker's last batch (an unreadable last shard) are counted too
     writer = CacheWriter(out, rank, cfg.cache.samples_per_shard, DTYPES[cfg.cache.dtype])
     skipped = SkipTally()  # each worker's batches carry its own cumulative counts: summed over workers
     with tqdm(desc=f"caching to {out}", unit="img", disable=rank != 0) as bar:
-        for batch in loader:
+        for batch in skipped.batches(loader):
             write_batch(writer, batch, conditioner(batch))
-            skipped.update(batch)
             bar.update(len(batch["keys"]))
     writer.close()
-    info = {"samples": writer.total, "skipped": skipped.totals(), "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "teacher": cfg.teacher.name, "dtype": cfg.cache.dtype,
-            "conditioning_dtype": text_dtype}  # fmt: skip
+    settings = {"data": OmegaConf.to_container(cfg.data, resolve=True), "teacher": cfg.teacher.name,
+                "dtype": cfg.cache.dtype, "conditioning_dtype": text_dtype}  # fmt: skip
+    info = {"samples": writer.total, "skipped": skipped.totals(), "shards": writer.written, **settings}
     (out / f"info-{rank:03d}.json").write_text(json.dumps(info, indent=1))
+    state.wait_for_everyone()
+    if rank == 0:
+        write_marker(out, world, settings)  # last: the cache is complete
     state.wait_for_everyone()
     return out
 
@@ -161,15 +218,18 @@ def build_cache(cfg: CacheJobConfig) -> Path:
 def resolve_pipeline(teacher: DictConfig) -> str:
     """The teacher's diffusers folder, or its full single-file checkpoint (checked to fit its configs)."""
     if not teacher.pipeline:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.pipeline is not set for teacher={teacher.name}: point it at a diffusers SDXL folder or a full "
             "SDXL .safetensors checkpoint"
         )
     source = PipelineSource.of(teacher)
     if source.is_file and Path(teacher.pipeline).is_file():
-        source.check_file()  # what the file is, and that every part fits its configs, before any weight is read
+        try:  # what the file is, and that every part fits its configs, before any weight is read
+            source.check_file()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e  # the message names the file and the part
     elif not (Path(teacher.pipeline) / "model_index.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"teacher.pipeline={teacher.pipeline!r} is neither a diffusers pipeline folder (no model_index.json) nor a "
             "full SDXL .safetensors checkpoint"
         )

@@ -1,9 +1,13 @@
 """Cached samples: VAE latents, text embeddings and time ids as safetensors (never pickle), one blob per sample.
 
 A cache is a folder of tar shards whose members are `<key>.safetensors`, plus `empty_prompt.safetensors` (the
-embeddings of "" for caption dropout) and `info.json`. Each blob holds the tensors `latents` (4, h, w) (already times
-the VAE scaling factor), `prompt_embeds` (77, D), `pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata
-the source key, caption, original size, crop and flip used. `time_ids` are stored in fp32 whatever the cache's
+embeddings of "" for caption dropout), one `info-<rank>.json` per writing rank and, written last, the completeness
+marker `cache.json` (the shard list, sample and skip counts, the settings). `check_cache` refuses a cache without
+the marker (a `koala.cache` that was stopped) and shards the marker does not list (left by an earlier cache).
+
+Each blob holds the tensors `latents` (4, h, w) (already times the VAE scaling factor), `prompt_embeds` (77, D),
+`pooled_prompt_embeds` (P,), `time_ids` (6,), and in its metadata the source key, caption, original size, crop and
+flip used. `time_ids` are stored in fp32 whatever the cache's
 storage precision (fp16 rounds sizes above 2048).
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,39 @@ from koala.data.records import Raw
 
 TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 EMPTY_PROMPT = "empty_prompt.safetensors"
+MARKER = "cache.json"  # written last: the cache is complete
+# Every name koala.cache writes in a cache folder: what `cache.overwrite=true` may delete (nothing else).
+WRITTEN = re.compile(r"(\d{3}-\d{5}\.tar(\.tmp)?|info-\d{3}\.json|empty_prompt\.safetensors|cache\.json(\.tmp)?)")
+
+
+class IncompleteCache(ValueError):
+    """A cache folder without its completeness marker, or holding shards the marker does not list."""
+
+
+def check_cache(path: str) -> None:
+    """Raise IncompleteCache unless every shard `path` names lies in a complete cache that lists it; when `path` is
+    a cache folder, every shard the cache lists must be there too."""
+    from koala.data.shards import expand_shards
+
+    shards = [Path(s) for s in expand_shards(path)]
+    for folder in sorted({s.parent for s in shards}):
+        marker = folder / MARKER
+        if not marker.is_file():
+            raise IncompleteCache(
+                f"{folder} holds no {MARKER}: the cache is incomplete (`python -m koala.cache` or `koala.synth` was "
+                "stopped before it finished) or was not written by either; write it again (koala.cache: "
+                "cache.overwrite=true replaces it) or resume koala.synth with the same settings"
+            )
+        listed = set(json.loads(marker.read_text())["shards"])
+        stray = sorted(s.name for s in shards if s.parent == folder and s.name not in listed)
+        if stray:
+            raise IncompleteCache(
+                f"{folder} holds shards its cache did not write ({', '.join(stray[:3])}"
+                f"{' ...' if len(stray) > 3 else ''}): left by an earlier cache or another program; remove them"
+            )
+        missing = sorted(listed - {s.name for s in shards}) if Path(path).is_dir() else []
+        if missing:
+            raise IncompleteCache(f"{folder} lacks shards its {MARKER} lists: {', '.join(missing[:3])}")
 
 
 def encode_sample(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:

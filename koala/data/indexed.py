@@ -47,18 +47,33 @@ class FolderSource:
         return Raw(key=str(path.relative_to(self.root).with_suffix("")), image=path.read_bytes(), caption=caption)
 
 
+def hf_format_of(path: str, fmt: str = HfFormat.auto) -> str:
+    """The format `load_hf_dataset` reads `path` as: the one given, or (auto) what the path holds."""
+    fmt = HfFormat(fmt)
+    if fmt is not HfFormat.auto:
+        return fmt.value
+    if path.endswith(".parquet") or glob.glob(os.path.join(path, "*.parquet")):
+        return "parquet"
+    if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        return "disk"
+    return "imagefolder"
+
+
+def folder_problem(path: str, kind: str, fmt: str = HfFormat.auto) -> str | None:
+    """Why a data folder cannot be read (it holds nothing of its kind), or None; stops at the first file found."""
+    if kind == "folder":
+        images = (p for p in Path(path).rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        return None if next(images, None) else f"holds no {'/'.join(IMAGE_EXTENSIONS)} images"
+    if kind == "hf" and hf_format_of(path, fmt) == "imagefolder" and next(Path(path).rglob("*.*"), None) is None:
+        return "holds no dataset: no parquet files, no save_to_disk folder (state.json), no images"
+    return None
+
+
 def load_hf_dataset(path: str, fmt: str = HfFormat.auto, split: str = "train") -> Any:
     """A `datasets.Dataset` from a `save_to_disk` folder, parquet file(s) (glob allowed) or an imagefolder."""
     import datasets
 
-    fmt = HfFormat(fmt)
-    if fmt is HfFormat.auto:
-        if path.endswith(".parquet") or glob.glob(os.path.join(path, "*.parquet")):
-            fmt = "parquet"
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
-            fmt = "disk"
-        else:
-            fmt = "imagefolder"
+    fmt = hf_format_of(path, fmt)
     if fmt == "disk":
         ds = datasets.load_from_disk(path)
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-SKIP_REASONS = ("corrupt_image", "missing_caption", "too_small", "bad_shard")
+SKIP_REASONS = ("corrupt_image", "unsupported_image", "missing_caption", "too_small", "bad_shard")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -19,6 +19,10 @@ class Raw:
     caption: Any = None  # str, a list of str (one is drawn per use), or None
     payload: bytes | None = None  # cached samples
     meta: dict = field(default_factory=dict)
+
+
+class UnsupportedImage(ValueError):
+    """An image that decodes but whose pixel values koala cannot map to 8-bit RGB faithfully (the message says why)."""
 
 
 class UnreadableSource(Exception):

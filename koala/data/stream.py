@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from torch.utils.data import IterableDataset, get_worker_info
 
 from koala.data.position import DataPosition
-from koala.data.records import SKIP_REASONS, Raw
+from koala.data.records import SKIP_REASONS, Raw, UnsupportedImage
 
 log = logging.getLogger("koala.data")
 
@@ -32,7 +32,9 @@ Reader = Callable[[int, int, Callable[[str, Exception], None]], Iterator[Raw]]  
 SKIP_HINTS = {
     "missing_caption": "no caption found: check data.caption_key (webdataset: txt or json.<field>; folder: a sidecar "
     ".txt beside each image; hf: the caption column)",
-    "corrupt_image": "no readable image: check data.image_key and that the files are images",
+    "corrupt_image": "no readable image: check data.image_key and that the files are whole images (a truncated file "
+    "whose header reads but whose data does not decode counts here)",
+    "unsupported_image": "no image in a supported form (see the warnings for the reason)",
     "too_small": "every image is smaller than data.min_size",
     "bad_shard": "the shards cannot be read",
 }
@@ -50,6 +52,28 @@ def skip_limit_error(counts: dict[str, int], limit: int, rank: int, worker: int)
         f"rank {rank} data worker {worker}: {limit} samples in a row were skipped ({named}); likely cause: "
         f"{SKIP_HINTS.get(worst, worst)}. The limit is data.max_consecutive_skips."
     )
+
+
+class SkipCounter:
+    """The skips in a row of one stream as one worker reads it: records refused by the cheap checks and records whose
+    data then fails to decode count alike, so a source whose every image has a readable header but broken data stops
+    the run instead of yielding nothing forever. Each skip is tallied by reason into the dict the caller names."""
+
+    def __init__(self, limit: int, rank: int, stream: int) -> None:
+        self.in_a_row, self.limit, self.rank, self.stream = 0, limit, rank, stream
+        self.warned: set[str] = set()  # reasons of decode failures already logged
+
+    def skip(self, counts: dict[str, int], reason: str) -> None:
+        """Count one skipped record into `counts`; raise TooManySkips at the limit."""
+        counts[reason] += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise skip_limit_error(counts, self.limit, self.rank, self.stream)
+
+    def delivered(self) -> None:
+        """A sample reached a batch, or a batch of the stream was passed over (made before a resume, or by another
+        worker sharing the stream): neither is this worker's to decode."""
+        self.in_a_row = 0
 
 
 class Codec(Protocol):
@@ -95,8 +119,8 @@ def current_worker() -> tuple[int, int]:
 class _Cursor:
     """One stream's batches (checked, not decoded), taken by index in increasing order."""
 
-    def __init__(self, batches: Iterator[list]) -> None:
-        self.batches, self.next_index = batches, 0
+    def __init__(self, batches: Iterator[list], skips: SkipCounter) -> None:
+        self.batches, self.skips, self.next_index = batches, skips, 0
 
     def take(self, index: int) -> list | None:
         """Batch `index` of the stream (earlier ones are passed over undecoded); None once the stream has ended."""
@@ -104,6 +128,7 @@ class _Cursor:
             self.next_index += 1
             if self.next_index - 1 == index:
                 return items
+            self.skips.delivered()  # not this worker's to decode: its records do not count as skipped in a row
         return None
 
 
@@ -139,8 +164,9 @@ class BatchStream(IterableDataset):
         position = self.layout(workers)
         g = self.rank * workers + worker  # this worker's id in the skip tallies
         counts = dict.fromkeys(SKIP_REASONS, 0)
-        cursors = {s: _Cursor(group_batches(self._checked(s, position, counts, g), self.batch_size))
-                   for s in position.streams_of(self.rank, worker)}  # fmt: skip
+        skips = {s: SkipCounter(self.max_skips, self.rank, s) for s in position.streams_of(self.rank, worker)}
+        cursors = {s: _Cursor(group_batches(self._checked(s, position, counts, g, skips[s]), self.batch_size), skips[s])
+                   for s in skips}  # fmt: skip
         ended: set[int] = set()
         sent = None
         for stream, index in position.plan(self.rank, worker):
@@ -150,7 +176,7 @@ class BatchStream(IterableDataset):
             if items is None:
                 ended.add(stream)  # a finite stream ran out; the worker's other streams go on
                 continue
-            batch = self._decode(items, counts, g, stream)
+            batch = self._decode(items, counts, g, skips[stream])
             if batch is not None:
                 sent = dict(counts)
                 yield batch
@@ -159,7 +185,9 @@ class BatchStream(IterableDataset):
         ):  # skips after the last batch (e.g. an unreadable last shard) still reach the totals
             yield {"skipped": dict(counts), "worker_id": g, "tally_only": True}
 
-    def _checked(self, stream: int, position: DataPosition, counts: dict[str, int], g: int) -> Iterator[tuple]:
+    def _checked(
+        self, stream: int, position: DataPosition, counts: dict[str, int], g: int, skips: SkipCounter
+    ) -> Iterator[tuple]:
         """A stream's records that pass the cheap checks, as (position in the stream, record, group).
 
         A stream several workers share is read by each of them; only its first worker counts what it skips.
@@ -174,28 +202,33 @@ class BatchStream(IterableDataset):
                 warned.add(url)
                 log.warning("skipping unreadable shard %s (%s)", url, exc)
 
-        in_a_row = 0
         for index, raw in enumerate(self.reader(stream, position.streams, on_bad)):
             reason, group = self.codec.probe(raw)
-            if not reason:
-                in_a_row = 0
-                yield index, raw, group
-                continue
-            mine[reason] += 1
-            in_a_row += 1
-            if in_a_row >= self.max_skips:
-                raise skip_limit_error(mine, self.max_skips, self.rank, stream)
+            if reason:
+                skips.skip(mine, reason)
+            else:
+                yield index, raw, group  # the in-a-row count restarts only once its data decodes (in _decode)
 
-    def _decode(self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int, stream: int) -> dict | None:
-        """Decode and collate one batch; a record whose header was fine but whose data is not is dropped, counted.
-        A sample's randomness (crop, flip, dropout) is seeded by its stream and its place in it."""
+    def _decode(
+        self, items: list[tuple[int, Raw, Any]], counts: dict[str, int], g: int, skips: SkipCounter
+    ) -> dict | None:
+        """Decode and collate one batch of stream `skips.stream`; a record whose header was fine but whose data is not
+        is dropped and counted (toward the skip limit too). A sample's randomness (crop, flip, dropout) is seeded by
+        its stream and its place in it."""
         samples = []
         for position, raw, group in items:
+            rng = random.Random(f"sample:{self.seed}:{skips.stream}:{position}")
             try:
-                samples.append(self.codec.decode(raw, group, random.Random(f"sample:{self.seed}:{stream}:{position}")))
+                samples.append(self.codec.decode(raw, group, rng))
             except Exception as exc:
-                counts["corrupt_image"] += 1
-                log.debug("skipping %s: %s", raw.key, exc)
+                reason = "unsupported_image" if isinstance(exc, UnsupportedImage) else "corrupt_image"
+                if reason not in skips.warned:  # once per stream and reason: the tallies count the rest
+                    skips.warned.add(reason)
+                    why = str(exc) if reason == "unsupported_image" else f"its data does not decode ({exc!r})"
+                    log.warning("skipping %s: %s", raw.key, why)
+                skips.skip(counts, reason)  # a decoded batch is this worker's: counted here whoever owns the stream
+            else:
+                skips.delivered()
         if not samples:
             return None
         batch = self.codec.collate(samples)

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save
 from tqdm import tqdm
 
-from koala.data.cache_writer import CacheWriter, sync_dir
-from koala.data.cached import EMPTY_PROMPT
+from koala.data.cache_writer import CacheWriter, seal_cache, sync_dir
+from koala.data.cached import EMPTY_PROMPT, MARKER
 from koala.data.prompts import read_prompts
 from koala.devices import DTYPES, multi_cpu
 from koala.errors import ConfigError
@@ -249,6 +249,7 @@ def prepare(out: Path, info: dict, pipe) -> None:
     """Rank 0 before anyone writes: remove unfinished shards, record the setup and the empty prompt's embeddings."""
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
+    (out / MARKER).unlink(missing_ok=True)  # the folder is complete again only when this run finishes it
     if not (out / INFO).is_file():
         write_json(out / INFO, {**info, "samples": 0, "complete": False})
     if not (out / EMPTY_PROMPT).is_file():  # caption_dropout_mode=empty reads it, as for a koala.cache folder
@@ -322,6 +323,8 @@ def finish(out: Path, info: dict, planned: int, before: int, world: int, seconds
     """Record how many samples the folder holds and say what this run added."""
     samples = len(done_keys(out) & {f"{i:08d}" for i in range(planned)})
     write_json(out / INFO, {**info, "samples": samples, "complete": samples == planned})
+    if samples == planned:  # data=synth (a cached preset) trains only from a folder its marker says is complete
+        seal_cache(out, {"shards": sorted(p.name for p in out.glob("*.tar")), "samples": samples, "skipped": {}})
     added = samples - before
     print(f"synth: {samples} of {planned} samples in {out} ({added} drawn now on {world} rank(s) in {seconds:.0f} s, "
           f"{added / max(seconds, 1e-9):.2f} samples/s; {before} were already there)")  # fmt: skip

@@ -4,7 +4,9 @@
 and (when flipped) mirrored image, so `time_ids` describe exactly the pixels the model sees. A flip mirrors the crop
 coordinate as diffusers' SDXL training script does: left = resized_width - left - target_width.
 
-Every image becomes 8-bit RGB the same way (`to_rgb`): 16-bit greyscale is scaled to 8 bits (not clipped), and
+Every image becomes 8-bit RGB the same way (`to_rgb`): 16-bit greyscale is scaled to 8 bits (not clipped), 32-bit
+float greyscale (mode `F`, e.g. float TIFFs) is read as 0..1 (the convention of float images) and scaled to 0..255,
+one with values outside [0, 1] is refused as `UnsupportedImage` (skipped and counted: its scale is unknown), and
 transparency (RGBA, LA, a palette or colour key with tRNS) is composited onto a background colour (`data.background`,
 white by default) instead of dropped, which would show the arbitrary stored colours of transparent pixels.
 """
@@ -19,11 +21,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor
 
+from koala.data.records import UnsupportedImage
+
 Size = tuple[int, int]  # (h, w)
 RGB = tuple[int, int, int]
 WHITE: RGB = (255, 255, 255)
 WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale PNGs open as one of these
 ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+FLOAT_SLACK = 1e-3  # float images rounded or resampled slightly outside [0, 1] are still 0..1 images
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,25 @@ def background_rgb(value: str) -> RGB:
         ) from None
 
 
+def float_to_grey(image: Image.Image) -> Image.Image:
+    """A 32-bit float (`F`) image of values in [0, 1] as 8-bit greyscale (1.0 -> 255); any other range is refused."""
+    values = np.asarray(image, dtype=np.float32)  # (H, W)
+    finite = np.isfinite(values)
+    lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    if not finite.all() or lo < -FLOAT_SLACK or hi > 1 + FLOAT_SLACK:
+        what = "non-finite values" if not finite.all() else f"values in [{lo:.4g}, {hi:.4g}]"
+        raise UnsupportedImage(
+            f"a 32-bit float (mode F) image with {what}: float images are read as 0..1, so its scale is unknown; "
+            "convert it to 8 or 16 bits"
+        )
+    return Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image, background: RGB = WHITE) -> Image.Image:
-    """8-bit RGB: 16-bit greyscale scaled to 8 bits (65535 -> 255), transparency composited onto `background`."""
+    """8-bit RGB: 16-bit greyscale scaled to 8 bits (65535 -> 255), 0..1 float greyscale to 0..255, transparency
+    composited onto `background`."""
+    if image.mode == "F":  # PIL's own convert would clip 0..1 to 0..255: an all-black picture
+        image = float_to_grey(image)
     if image.mode in WIDE_GREY:
         wide = np.asarray(image, dtype=np.float32)  # (H, W) in 0..65535
         image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")

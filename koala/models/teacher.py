@@ -18,6 +18,7 @@ stays a plain `UNet2DConditionModel` (pipelines, taps, `save_pretrained` work as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import types
 from pathlib import Path
@@ -52,21 +53,102 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+def folder_weight_files(folder: Path, stem: str = WEIGHT_NAME) -> list[Path]:
+    """The safetensors files a diffusers (or transformers: stem `model`) folder's weights are read from: one file, an
+    fp16 variant, or the shards of an index. Raises FileNotFoundError (naming pickles found instead) when none."""
+    for name in (f"{stem}.safetensors.index.json", f"{stem}.fp16.safetensors.index.json"):
+        if (folder / name).is_file():
+            return [folder / s for s in sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))]
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES) if folder.is_dir() else []
+    hint = f" (found pickle weights {pickles}: convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"{folder}: no {stem}.safetensors (or .fp16 / sharded) weights{hint}")
+
+
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Read a diffusers U-Net folder's safetensors weights: one file, an fp16 variant, or an index of shards."""
-    for name in (f"{WEIGHT_NAME}.safetensors.index.json", f"{WEIGHT_NAME}.fp16.safetensors.index.json"):
-        if (folder / name).is_file():
-            shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(load_file(folder / shard))
-            return state
-    for name in (f"{WEIGHT_NAME}.safetensors", f"{WEIGHT_NAME}.fp16.safetensors"):
-        if (folder / name).is_file():
-            return load_file(folder / name)
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    hint = f" (found pickle weights {pickles}: convert them to safetensors)" if pickles else ""
-    raise FileNotFoundError(f"{folder}: no {WEIGHT_NAME}.safetensors (or .fp16 / sharded) weights{hint}")
+    state: dict[str, torch.Tensor] = {}
+    for path in folder_weight_files(folder):
+        state.update(load_file(path))
+    return state
+
+
+def unet_folder(path: Path) -> Path:
+    """The U-Net folder of a pipeline folder (its `unet/`) or of a U-Net folder (itself)."""
+    return path / "unet" if (path / "model_index.json").is_file() or (path / "unet").is_dir() else path
+
+
+def unet_weight_files(teacher_cfg: Any) -> list[Path]:
+    """The files the teacher U-Net's weights are read from (a single file, or its folder's safetensors)."""
+    path = Path(teacher_cfg.unet or teacher_cfg.pipeline)
+    return [path] if path.is_file() else folder_weight_files(unet_folder(path))
+
+
+def teacher_weight_files(teacher_cfg: Any) -> dict[str, list[Path]]:
+    """Every weight file a run reads from its teacher, by part (a part whose folder holds none: an empty list). A
+    single-file teacher is its own part `pipeline` (every part not given apart is read from it)."""
+    root = Path(teacher_cfg.pipeline)
+    files = {"unet": unet_weight_files(teacher_cfg)}
+    if root.is_file():
+        files["pipeline"] = [root]
+    folders = {"vae": (Path(teacher_cfg.vae) if teacher_cfg.vae else root / "vae", WEIGHT_NAME)}
+    folders |= {name: (root / name, "model") for name in ("text_encoder", "text_encoder_2")}
+    for part, (folder, stem) in folders.items():
+        try:
+            files[part] = folder_weight_files(folder, stem)
+        except FileNotFoundError:
+            files[part] = []
+    return files
+
+
+def check_teacher_files(teacher_cfg: Any) -> None:
+    """Raise FileNotFoundError naming the first model part (U-Net, VAE, text encoders) whose folder lacks its
+    config.json or safetensors weights: before any of them loads. A single-file teacher's own parts are checked by
+    koala.config.checks.check_teacher_file; only the parts given apart (`teacher.unet`, `teacher.vae`) are here."""
+    unet_weight_files(teacher_cfg)  # a U-Net folder of pickle weights is named here
+    root = Path(teacher_cfg.pipeline)
+    single = root.is_file()
+    unet = None if Path(teacher_cfg.unet or root).is_file() else unet_folder(Path(teacher_cfg.unet or root))
+    vae = Path(teacher_cfg.vae) if teacher_cfg.vae else None if single else root / "vae"
+    encoders = [] if single else [root / "text_encoder", root / "text_encoder_2"]
+    for folder in (unet, vae, *encoders):
+        if folder is not None and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json")
+    if vae is not None:
+        folder_weight_files(vae)
+    for folder in encoders:
+        folder_weight_files(folder, "model")
+
+
+def file_fingerprint(path: Path, samples: int = 16, block: int = 4096) -> str:
+    """sha256 of a safetensors file's size, header (names, dtypes, shapes, offsets) and `samples` blocks of its data
+    spread evenly: tells two fine-tunes of one architecture apart without reading gigabytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        digest.update(head + f.read(min(n, size)))
+        start = 8 + n
+        for i in range(samples):
+            f.seek(start + (size - start - block) * i // max(samples - 1, 1) if size - start > block else start)
+            digest.update(f.read(block))
+    return digest.hexdigest()
+
+
+def teacher_identity(teacher_cfg: Any) -> dict[str, str]:
+    """{part: fingerprint} of the teacher's U-Net, VAE and text encoders (file names and paths play no part, so a
+    moved copy is the same teacher). Reads headers and a few blocks per file: cheap at SDXL's size."""
+    identity = {}
+    for part, files in teacher_weight_files(teacher_cfg).items():
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(file_fingerprint(path).encode())
+        identity[part] = digest.hexdigest()[:16] if files else "none"
+    return identity
 
 
 def _single_file_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -127,7 +209,7 @@ def load_unet(
     if not path.exists():
         raise FileNotFoundError(f"teacher U-Net path {str(path)!r} does not exist")
     if path.is_dir():
-        folder = path / "unet" if (path / "model_index.json").is_file() or (path / "unet").is_dir() else path
+        folder = unet_folder(path)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path}: neither a diffusers pipeline folder (unet/) nor a U-Net folder (config.json)"

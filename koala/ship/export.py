@@ -9,13 +9,17 @@ when ComfyUI cannot detect the student, and `unet.safetensors`, the U-Net alone 
 
 Every export carries a `.koala-export` marker listing the files it wrote. An existing `out` is replaced only when it
 is empty or such an export holding nothing else; anything else is refused, never deleted. The export is written to a
-uniquely named staging folder beside `out` and renamed into place once complete.
+uniquely named staging folder beside `out` (`.<out>.koala-tmp-<tag>`) and renamed into place once complete. While
+it is written, a lock file beside it (`<staging>.lock`, koala.locks) is held; an export that was killed leaves both,
+and the next export to the same `out` removes every staging folder whose lock no live process holds.
 """
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -27,18 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from koala.devices import parse_dtype
+from koala.locks import FileLock, is_stale
 from koala.models.convert import diffusers_to_original
 from koala.models.pipeline_parts import PipelineSource
 from koala.models.unets import count_parameters
 from koala.ship.checkpoint_file import warn_unless_comfy_detects, write_checkpoint_file
 from koala.ship.model_card import write_model_card
 from koala.ship.presets import get_preset, preset_scheduler
-from koala.train.checkpoint import find_checkpoint, step_of
+from koala.train.checkpoint import CorruptCheckpoint, NonFiniteWeights, find_checkpoint, step_of
 
 if TYPE_CHECKING:
     from koala.config.schema import TeacherConfig, TrainConfig
 
 MARKER = ".koala-export"  # json: the files an export wrote, and what it was exported from
+log = logging.getLogger("koala.export")
+REFUSALS = (FileNotFoundError, FileExistsError, CorruptCheckpoint, NonFiniteWeights)  # a run or target it refuses
 
 
 def checkpoint_file_name(cfg: DictConfig) -> str:
@@ -129,6 +136,12 @@ def load_student(unet_dir: Path) -> UNet2DConditionModel:
     for shard in sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors")):  # one file, or the shards of one
         state.update(load_file(shard))
     unet.load_state_dict(state, strict=True, assign=True)
+    bad = [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged run's weights: exporting them would ship a pipeline that draws nothing
+        raise NonFiniteWeights(
+            f"{unet_dir} holds NaN or inf in {len(bad)} of {len(state)} tensors ({_listing(set(bad), 3)}): not "
+            "exported; name an earlier checkpoint (checkpoint=<step>)"
+        )
     return unet.eval()
 
 
@@ -209,17 +222,38 @@ def export_run(
     pipe = assemble_pipeline(cfg.teacher, student, run_dir)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.koala-tmp-{uuid.uuid4().hex[:8]}")  # a name no one else uses
-    try:
-        _write_export(
-            tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file,
-            full_checkpoint=full_checkpoint,
-        )  # fmt: skip
-        _publish(tmp, out)  # the folder appears only once complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
-        raise
+    remove_stale_staging(out)
+    tmp = out.with_name(f"{staging_prefix(out)}{uuid.uuid4().hex[:8]}")  # a name no one else uses
+    with FileLock(tmp.with_name(tmp.name + ".lock"), unlink=True):  # koala's, and alive, while it is held
+        try:
+            _write_export(
+                tmp, pipe, student, cfg, ckpt, run_dir, ema=ema, fp16=fp16, single_file=single_file,
+                full_checkpoint=full_checkpoint,
+            )  # fmt: skip
+            _publish(tmp, out)  # the folder appears only once complete
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # koala's own staging folder only
+            raise
     return out
+
+
+def staging_prefix(out: Path) -> str:
+    """The name every staging folder of an export to `out` starts with."""
+    return f".{out.name}.koala-tmp-"
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Remove the staging folders (and swapped-out old exports) of killed exports to `out`: those beside a lock
+    file that no live process holds. Folders without koala's lock file are never touched."""
+    for lock in out.parent.glob(f"{glob.escape(staging_prefix(out))}*.lock"):
+        if not is_stale(lock):
+            continue  # another export to the same folder is running
+        staging = lock.with_name(lock.name.removesuffix(".lock"))
+        for folder in (staging, staging.with_name(staging.name + "-old")):
+            if folder.is_dir():
+                log.warning("removing %s, left by an export that was stopped", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+        lock.unlink(missing_ok=True)
 
 
 def _write_export(

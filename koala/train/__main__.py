@@ -11,13 +11,17 @@ import os
 import sys
 
 import hydra
-from hydra.errors import HydraException
 
-from koala.config.compose import exit_config_error, register_schema
+from koala.config.compose import COMPOSE_ERRORS, exit_config_error, register_schema
 from koala.config.schema import TrainConfig
 from koala.data.stream import TooManySkips
 from koala.errors import ConfigError
+from koala.train.checkpoint import NonFiniteWeights
 from koala.train.loop import train
+from koala.train.step import NonFiniteSteps
+
+# Errors that end a run which started well: the data skips everything, the run diverged.
+RUN_STOPPERS = (TooManySkips, NonFiniteSteps, NonFiniteWeights)
 
 
 @hydra.main(version_base=None, config_path="../../configs", config_name="train")
@@ -31,11 +35,10 @@ def hydra_main(cfg: TrainConfig) -> None:
         train(cfg)
     except ConfigError as e:
         exit_config_error(e)
-    except TooManySkips as e:  # the data (or a key into it) is wrong; raised in a loader worker or here
-        print(
-            f"error: {str(e).strip().splitlines()[-1].removeprefix('koala.data.stream.TooManySkips: ')}",
-            file=sys.stderr,
-        )
+    except RUN_STOPPERS as e:  # the run cannot go on: one line saying why, exit status 1
+        # raised in a loader worker, the message ends with the worker's traceback: its last line is the error
+        last = str(e).strip().splitlines()[-1]
+        print(f"error: {last.removeprefix(f'{type(e).__module__}.{type(e).__name__}: ')}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -45,8 +48,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it refuses (instead of printing it) so it is caught here
     try:
         hydra_main()
-    except HydraException as e:  # composition: unknown key, group option or choice, a malformed override
-        exit_config_error(e)
+    except COMPOSE_ERRORS as e:  # composition: unknown key, group option or choice, a malformed override; or a
+        exit_config_error(e)  # ConfigError of a resolver Hydra ran before the job (koala_run_dir)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from koala.models.unets import Plan, build_student
 from koala.train.deepspeed import deepspeed_kwargs, deepspeed_requested, describe_engine
 from koala.train.diffusion import TimestepSampler, build_noise_scheduler
 from koala.train.sharding import accelerator_kwargs
-from koala.train.step import Noising, Trainable
+from koala.train.step import Noising, NonFiniteGuard, Trainable
 from koala.train.tracking import resolve_trackers
 
 if TYPE_CHECKING:
@@ -163,4 +163,7 @@ def build_trainable(
     if cfg.compile:
         student = torch.compile(student)
     task = task.running(student)  # the prepared (wrapped, compiled) student, tapped as the bare one was paired
-    return Trainable(accelerator, task, student, optimizer, lr_scheduler, ema, noising, cfg.optim.max_grad_norm, plan)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    return Trainable(
+        accelerator, task, student, optimizer, lr_scheduler, ema, noising, cfg.optim.max_grad_norm, plan, guard
+    )

@@ -7,14 +7,22 @@ Layout of one checkpoint (complete iff `COMPLETE` exists; the folder is renamed 
                        the student and optimizer as torch.distributed.checkpoint shards, one file per rank)
         unet/          the student, a diffusers UNet2DConditionModel folder (whole, also under FSDP)
         unet_ema/      the EMA student (diffusers EMAModel.save_pretrained), when EMA is on (whole)
-        state.json     {"step": 100, ...}
+        state.json     {"step": 100, "format": 2, ...}
         manifest.json  size and sha256 of every file above, written once they are all on disk (fsynced)
-        COMPLETE
+        COMPLETE       {"sequence": 7}: the checkpoint's place in the order of writing
 
 A checkpoint is verified before use (`checkpoint_problems`): every file in the manifest present with its recorded
 size and hash, json and safetensors files parseable, torch archives (optimizer, RNG states) with an intact zip
-directory. `find_checkpoint(run, "latest")` falls back to the newest intact checkpoint with a warning naming what
-was wrong; a named checkpoint that is damaged raises `CorruptCheckpoint`.
+directory. A checkpoint of `format` 2 (this version) without its manifest is damaged; one written before manifests
+existed (no `format`) gets the readability checks only, with a warning. `find_checkpoint(run, "latest")` falls back
+to the newest intact checkpoint with a warning naming what was wrong; a named checkpoint that is damaged raises
+`CorruptCheckpoint`.
+
+"Newest" means most recently written: each checkpoint records a write `sequence` (one more than any in the run), so
+after a resume from an older checkpoint the new branch's checkpoints rank above the abandoned later steps, for
+`latest` and for rotation alike (checkpoints without one rank below, by step). Rotation keeps the `keep` newest,
+so it never deletes the one just written (always the newest, and intact: it was just sealed). Weights that are not
+finite are never written: `save_checkpoint` checks the student and the EMA first and raises `NonFiniteWeights`.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from koala.rng import rng_preserved
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
+FORMAT = 2  # state.json "format": 2 = sealed with a manifest and numbered by write sequence
 TORCH_ARCHIVES = (".bin", ".pkl", ".pt", ".pth")  # torch.save zip archives (accelerate's optimizer, RNG states)
 
 log = logging.getLogger("koala.train.checkpoint")
@@ -43,6 +52,10 @@ log = logging.getLogger("koala.train.checkpoint")
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint whose files are missing, truncated, changed or unreadable."""
+
+
+class NonFiniteWeights(RuntimeError):
+    """Weights holding NaN or inf: never written to a checkpoint, never exported."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -57,7 +70,19 @@ def list_checkpoints(run_dir: str | Path, complete_only: bool = True) -> list[Pa
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")]
     if complete_only:
         found = [p for p in found if (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: step_of(p.name))
+    return sorted(found, key=write_order)
+
+
+def write_order(ckpt: Path) -> tuple[int, int]:
+    """(write sequence, step): sorts checkpoints oldest-written first; those without a sequence first, by step.
+
+    The sequence is read from the COMPLETE marker (not state.json, whose damage must not move a checkpoint's rank).
+    """
+    try:
+        sequence = int(json.loads((ckpt / COMPLETE).read_text() or "{}").get("sequence", 0))
+    except (OSError, ValueError, TypeError, AttributeError):  # incomplete, or written before sequences: the oldest
+        sequence = 0
+    return sequence, step_of(ckpt.name)
 
 
 def step_of(name: str) -> int:
@@ -129,14 +154,22 @@ def verify_checkpoint(ckpt: str | Path) -> None:
 def checkpoint_problems(ckpt: Path) -> list[str]:
     """What is wrong with a checkpoint, one `file: problem` each (empty when intact).
 
-    Files listed in its manifest must be present with the recorded size and sha256; every file must parse.
-    Checkpoints written before manifests existed get the readability checks only.
+    Files listed in its manifest must be present with the recorded size and sha256; every file must parse. A
+    checkpoint of this format without its manifest is damaged; one written before manifests existed gets the
+    readability checks only.
     """
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         names = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
         problems = [] if "state.json" in names else ["state.json: missing"]
-        return problems + [p for p in (_unreadable(ckpt, n) for n in names) if p]
+        problems += [p for p in (_unreadable(ckpt, n) for n in names) if p]
+        if not problems and _format(ckpt) >= FORMAT:
+            problems = [f"{MANIFEST}: missing (this checkpoint was written with one; its files cannot be verified)"]
+        elif not problems:
+            log.warning(
+                "%s has no %s (written before koala kept one): only checked that its files parse", ckpt, MANIFEST
+            )
+        return problems
     try:
         recorded = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -196,8 +229,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def seal_checkpoint(folder: Path) -> None:
-    """Record every file's size and sha256 in the manifest, flush all to disk, then write COMPLETE (flushed too)."""
+def seal_checkpoint(folder: Path, sequence: int = 0) -> None:
+    """Record every file's size and sha256 in the manifest, flush all to disk, then write COMPLETE (flushed too) with
+    the checkpoint's write `sequence`."""
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     names = [n for n in names if n not in (MANIFEST, COMPLETE)]
 
@@ -212,7 +246,7 @@ def seal_checkpoint(folder: Path) -> None:
     for sub in sorted({p for p in folder.rglob("*") if p.is_dir()}, reverse=True):
         _fsync(sub)
     _fsync(folder)
-    (folder / COMPLETE).write_text("")
+    (folder / COMPLETE).write_text(json.dumps({"sequence": sequence}))
     _fsync(folder / COMPLETE)
     _fsync(folder)
 
@@ -230,15 +264,51 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def _format(ckpt: Path) -> int:
+    """The checkpoint format its state.json records (0: written before formats were recorded, or unreadable)."""
+    try:
+        return int(read_state(ckpt).get("format", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def next_sequence(run_dir: str | Path) -> int:
+    """The write sequence of the next checkpoint: one more than any checkpoint folder of the run holds."""
+    return 1 + max((write_order(p)[0] for p in list_checkpoints(run_dir, complete_only=False)), default=0)
+
+
+def check_finite(accelerator, step: int, student, ema) -> None:
+    """Raise NonFiniteWeights (on every rank) when the student or its EMA holds NaN or inf: one flag per model,
+    reduced over the ranks (each checks its own shards)."""
+    import torch
+
+    from koala.train.sharding import all_finite
+
+    models = {"student": list(student.parameters())}
+    if ema is not None:
+        models["EMA"] = list(ema.shadow_params)
+    flags = torch.tensor([0.0 if all_finite(ts) else 1.0 for ts in models.values()], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    bad = [name for name, flag in zip(models, flags.tolist()) if flag]
+    if bad:
+        raise NonFiniteWeights(
+            f"step {step}: the {' and '.join(bad)} weights hold NaN or inf (the run diverged); no checkpoint was "
+            "written. Resume from the last finite checkpoint with a lower optim.lr, or start again"
+        )
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, student, ema, state: dict, keep: int) -> Path:
     """Write a checkpoint from every rank (accelerate and FSDP's gathers need all of them); only the main process
-    publishes it."""
+    publishes it. Weights that are not finite raise NonFiniteWeights before anything is written."""
     from koala.train.sharding import gathered_ema, plain_student
 
+    check_finite(accelerator, step, student, ema)
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        sequence, state = next_sequence(run_dir), {**state, "format": FORMAT}
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))  # under FSDP: every rank writes its own shards
     accelerator.wait_for_everyone()  # every rank's RNG state is on disk before the main process seals the folder
@@ -248,15 +318,23 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, student, ema, s
         if full_ema is not None:
             full_ema.save_pretrained(tmp / "unet_ema")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        seal_checkpoint(tmp)
+        seal_checkpoint(tmp, sequence)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)  # atomic on one filesystem: the folder appears complete or not at all
         _fsync(final.parent)  # the rename itself survives a power cut
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        rotate(run_dir, final, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate(run_dir: str | Path, written: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently written complete checkpoints (0: keep all); never `written`."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old != written:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class Checkpointer:

@@ -25,12 +25,13 @@ from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
+from koala.models.teacher import teacher_identity
 from koala.rng import rng_preserved
 from koala.train.balance import apply_balance
 from koala.train.build import build_trainable, load_frozen, make_accelerator
 from koala.train.checkpoint import Checkpointer, StopSignal, read_state
 from koala.train.resume import check_launch, load_training_state
-from koala.train.runs import keep_old_metrics, record_config, resolve_resume, trim_metrics
+from koala.train.runs import keep_old_metrics, record_config, resolve_resume, run_folder_lock, trim_metrics
 from koala.train.sampling import SampleRenderer
 from koala.train.sharding import shard_like
 from koala.train.step import Trainable, train_step
@@ -38,6 +39,7 @@ from koala.train.tracking import MetricsLog, flat_hparams, write_rank_record
 
 if TYPE_CHECKING:
     from koala.config.schema import TrainConfig
+    from koala.models.unets import Plan
 
 log = logging.getLogger("koala.train")
 
@@ -123,16 +125,18 @@ def checkpoint_state(
     accelerator: Accelerator,
     last: dict,
     config: dict,
+    teacher_id: dict,
     position: DataPosition,
     steps: int,
     balance: dict | None = None,
 ) -> dict:
-    """What state.json records beside the step: the last logged terms, the config, the number of ranks that wrote
-    it, where the data streams stand `steps` optimizer steps after `position` (this launch's start), and the
-    balance weights (a resume reuses them, never re-measures)."""
+    """What state.json records beside the step: the last logged terms, the config, the teacher's identity (a resume
+    checks it), the number of ranks that wrote it, where the data streams stand `steps` optimizer steps after
+    `position` (this launch's start), and the balance weights (a resume reuses them, never re-measures)."""
     data = position.advanced(steps * cfg.grad_accum).to_json()
     kept = {"balance": balance} if balance is not None else {}
-    return {"last": last, "config": config, "world_size": accelerator.num_processes, "data": data, **kept}
+    return {"last": last, "config": config, "teacher_identity": teacher_id, "world_size": accelerator.num_processes,
+            "data": data, **kept}  # fmt: skip
 
 
 def open_metrics(
@@ -147,8 +151,11 @@ def open_metrics(
         )  # wandb/ in the run, not the cwd
 
     def extras() -> dict:
-        """What every row adds to the loss terms: the learning rate and the skipped-sample counts."""
-        return {"lr": run.lr_scheduler.get_last_lr()[0], **{f"skipped/{k}": v for k, v in skipped.totals().items()}}
+        """What every row adds to the loss terms: the learning rate, the skipped-sample counts and the optimizer
+        steps skipped for a non-finite loss or gradient norm."""
+        nonfinite = {"nonfinite_steps": run.guard.skipped} if run.guard is not None else {}
+        return {"lr": run.lr_scheduler.get_last_lr()[0], **{f"skipped/{k}": v for k, v in skipped.totals().items()},
+                **nonfinite}  # fmt: skip
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc="distill")
     return MetricsLog(accelerator, run_dir / "metrics.jsonl", cfg.log_every, extras, bar)
@@ -157,6 +164,12 @@ def open_metrics(
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one distillation; returns the run directory."""
     plan = check_config(cfg)  # before any model is loaded; the student plan, resolved once
+    with run_folder_lock(cfg.output_dir):  # one process per run folder: a second is refused here, naming the holder
+        return distill_run(cfg, plan)
+
+
+def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
+    """The run itself, in its locked folder (`train` checked the config and resolved the student plan)."""
     ckpt = resolve_resume(cfg)  # the run folder's rules, also before any model is loaded
     check_launch(ckpt)  # what this launch cannot resume (DeepSpeed state on other ranks) fails here too
     accelerator, run_dir = setup_run(cfg, resuming=ckpt is not None)
@@ -173,18 +186,19 @@ def train(cfg: TrainConfig) -> Path:
     if run.ema is not None:
         run.ema.to(device)
     loader, skipped = make_loader(cfg, accelerator, position), SkipTally()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config, teacher_id = OmegaConf.to_container(cfg, resolve=True), teacher_identity(cfg.teacher)
     # Each decides when it runs: metrics every log_every steps, samples every sample_every, checkpoints every
     # checkpoint_every; metrics and checkpoints also at the last step.
     metrics = open_metrics(cfg, run, run_dir, step, config, skipped)
     renderer = SampleRenderer(cfg, conditioner, accelerator, run_dir / "samples")
     checkpointer = Checkpointer(accelerator, run_dir, run.student, run.ema, cfg.checkpoint_every, cfg.keep_checkpoints,
-                                lambda at: checkpoint_state(cfg, accelerator, metrics.last, config, position, at - start,
-                                                            balance), step)  # fmt: skip
+                                lambda at: checkpoint_state(cfg, accelerator, metrics.last, config, teacher_id,
+                                                            position, at - start, balance),
+                                step)  # fmt: skip
     renderer.render_teacher(teacher, step)
     seen_keys, finite = [], not cfg.data.resampled and cfg.data.epochs is not None
 
-    with run.task, StopSignal() as stop:
+    with run.task, StopSignal() as stop, metrics:  # metrics: an error closes the progress bar first
         run.task.train()
         for batch in every_rank_batches(skipped.batches(loader), accelerator, finite):
             if step >= cfg.max_steps:

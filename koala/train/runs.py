@@ -6,19 +6,29 @@
   is refused with the list of differences, before any model is loaded. `resume=auto` resumes when a complete
   checkpoint exists and starts fresh otherwise (for jobs that are requeued after preemption).
 - `config.yaml` is the config of the current (last started) session; each earlier one is kept as `config.<n>.yaml`.
+- One process per run folder: the launch's rank 0 holds `<output_dir>/.lock` (koala.locks: pid, host, start time)
+  for the whole run, so a second launch on the same folder (a requeued `resume=auto` job started twice) is refused
+  at once, naming the holder. The kernel drops the lock when its holder dies: a killed run never blocks the next.
+- A resume checks the teacher: each checkpoint records `teacher_identity` (koala.models.teacher), and a different
+  teacher behind the same or a moved path is refused before any model loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from koala.errors import ConfigError
-from koala.train.checkpoint import find_checkpoint, list_checkpoints, read_state
+from koala.locks import FileLock, LockHeld, describe_holder
+from koala.train.checkpoint import CorruptCheckpoint, find_checkpoint, list_checkpoints, read_state
 
 if TYPE_CHECKING:
     from koala.config.schema import TrainConfig
@@ -30,9 +40,38 @@ MAY_CHANGE = (
     "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
     "sample_seed", "report_to", "resume", "compile", "record_ranks", "gradient_checkpointing", "optim.lr",
     "dist_timeout_s", "data.num_workers", "teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path",
-    "output_dir",
+    "output_dir", "max_nonfinite_steps", "data.max_consecutive_skips",
 )  # fmt: skip
 MOVED_PATHS = ("teacher.pipeline", "teacher.unet", "teacher.vae", "teacher.config", "data.path")
+LOCK = ".lock"  # in the run folder; never deleted (deleting a lock file others may have opened would split it)
+
+
+@contextlib.contextmanager
+def run_folder_lock(output_dir: str) -> Iterator[None]:
+    """Hold `<output_dir>/.lock` while the body runs (the launch's rank 0 does, for every rank); raise ConfigError
+    naming the holder when another live process has it. A folder made only for the lock goes again on refusal."""
+    if os.environ.get("RANK", "0") != "0":  # another rank of the same launch: its rank 0 holds the lock for it
+        yield
+        return
+    run_dir = Path(output_dir)
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise ConfigError(
+            f"output_dir={output_dir!r} is in use by another koala process: {describe_holder(e.holder)} holds "
+            f"{e.path}; wait for it to finish or stop it (a stopped process's lock does not block)"
+        ) from None
+    try:
+        yield
+    except BaseException:
+        if made and [p.name for p in run_dir.iterdir()] == [LOCK]:  # refused before it wrote anything
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,22 +100,40 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
                 "start a new run in a fresh output_dir"
             )
         return None
-    if cfg.resume == "auto":
-        if not list_checkpoints(run_dir):
-            return None
-        ckpt = find_checkpoint(run_dir, "latest")
-    else:
-        try:
-            ckpt = find_checkpoint(run_dir, cfg.resume)
-        except FileNotFoundError as e:
-            raise ConfigError(f"resume={cfg.resume}: {e}") from e
+    if cfg.resume == "auto" and not list_checkpoints(run_dir):
+        return None
+    try:
+        ckpt = find_checkpoint(run_dir, "latest" if cfg.resume == "auto" else cfg.resume)
+    except (FileNotFoundError, CorruptCheckpoint) as e:
+        raise ConfigError(f"resume={cfg.resume}: {e}") from e
     check_resumable(ckpt, cfg)
     return ckpt
 
 
+def check_teacher(ckpt: Path, state: dict, cfg: TrainConfig) -> None:
+    """Refuse a resume whose teacher files are not those the checkpoint was trained from (moved or not)."""
+    from koala.models.teacher import teacher_identity
+
+    saved = state.get("teacher_identity")
+    if saved is None:
+        log.warning("%s does not record its teacher (written by an older koala): the teacher is not checked", ckpt)
+        return
+    current = teacher_identity(cfg.teacher)
+    differ = [part for part in sorted(set(saved) | set(current)) if saved.get(part) != current.get(part)]
+    if differ:
+        raise ConfigError(
+            f"resume={cfg.resume}: the teacher is not the one {ckpt} was trained from: its {', '.join(differ)} weights "
+            f"differ (teacher.pipeline={cfg.teacher.pipeline!r}, teacher.unet={cfg.teacher.unet!r}, teacher.vae="
+            f"{cfg.teacher.vae!r}); point them at that teacher, or start a new run in a fresh output_dir"
+        )
+
+
 def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
-    """Refuse a resume whose config changes what defines the run; warn about moved paths."""
-    saved = read_state(ckpt).get("config")
+    """Refuse a resume whose config changes what defines the run, or whose teacher is another; warn about moved
+    paths."""
+    state = read_state(ckpt)
+    check_teacher(ckpt, state, cfg)
+    saved = state.get("config")
     if saved is None:
         log.warning("%s holds no config (written by an older koala): the resumed settings are not checked", ckpt)
         return

@@ -73,6 +73,17 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a possibly sharded tensor (no communication)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of this rank's part of `tensors` is finite (one host sync for the whole list)."""
+    flags = [torch.isfinite(local_part(t)).all() for t in tensors if local_part(t).numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def plain_student(accelerator: Accelerator, student: nn.Module) -> UNet2DConditionModel | None:
     """The student as an ordinary diffusers U-Net: the unwrapped model, or under FSDP a full copy gathered onto the
     main process (on the CPU; None on the other ranks)."""

@@ -83,6 +83,15 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, kind, *exc) -> None:
+        """Close the progress bar when an error ends the loop: the error line printed next starts a line of its own
+        (tqdm leaves the cursor at the end of the bar)."""
+        if kind is not None:
+            self.close()
+
     def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
         for k, v in losses.items():
             v = v.detach().float()
