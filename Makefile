@@ -46,7 +46,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# the tests not marked slow, one process per core (each single-threaded): 49 s on an idle 2-core machine
+# the tests not marked slow, one process per core (each single-threaded): 177 s on a busy 2-core machine
 test-fast: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto
 

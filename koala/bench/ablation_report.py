@@ -172,7 +172,8 @@ def ablation_plot(path: Path, tables: list, bench, records: dict, teacher: dict)
             ax.set_title(f"{table.title}: {header((metric, split))}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"KOALA ablation, shapes world ({bench.steps} steps): mean and 95 % interval over {bench.seeds} "
+    # two lines: one table's width is narrower than the title on one line
+    fig.suptitle(f"KOALA ablation, shapes world ({bench.steps} steps)\nmean and 95 % interval over {bench.seeds} "
                  "training seeds x pictures", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=90)
