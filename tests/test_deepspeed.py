@@ -7,79 +7,32 @@ finite and uneven), no trackers. The optimizer is made to show its clipping: Ada
 steps by lr * g / (|g| + 1) per element, so the first update's norm is at most lr x the clipped gradient norm (and
 within 1% of it while every |g| is small), where an unclipped step would be lr x the logged (pre-clip) norm.
 
-Three launches serve every test: the DeepSpeed run, a DDP run of its first step, and the DeepSpeed run resumed from
-its step-2 checkpoint.
+Three launches (tests/sharded_runs.py) serve every test: the DeepSpeed run, a DDP run of its first step, and the
+DeepSpeed run resumed from its step-2 checkpoint.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import two_process_launch
-from safetensors.torch import load_file
+from sharded_runs import LOSSES, STEPS, assert_equal, assert_resume_is_exact, metrics, three_runs, weights
 
-from koala.fixtures.shards import write_demo_shards
 from koala.train.checkpoint import verify_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 600  # the first DeepSpeed launch on a machine also compiles its CPU shared-memory op (cached after)
-STEPS = 4  # rank 1's one shard: 32 samples = 16 batches of 2 = 4 steps of 4 accumulated batches
 LR, CLIP = 1e-2, 0.5
-LOSSES = ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/feat/sa", "loss/feat/encoder", "loss/feat/decoder")
-
-
-def recipe(run: Path, assets: dict, **extra) -> list[str]:
-    """koala-700m as shipped, on the tiny teacher and the uneven finite shards, with the clipping-revealing AdamW."""
-    overrides = {
-        "teacher.pipeline": assets["pipeline"], "teacher.arch": "tiny",
-        "data.path": f"'{assets['shards']}'", "data.resolution": 32, "data.min_size": 0,
-        "data.num_workers": 0, "data.resampled": "false", "data.epochs": 1,
-        "batch_size": 2, "max_steps": 100, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 0,
-        "sample_every": 2, "sample_steps": 2, "report_to": "[]", "record_ranks": "true", "output_dir": run,
-        "optim.lr": LR, "optim.eps": 1.0, "optim.weight_decay": 0.0, "optim.max_grad_norm": CLIP,
-    }  # fmt: skip
-    overrides.update(extra)
-    return ["experiment=koala-700m", "unet=tiny-700m", *(f"{k}={v}" for k, v in overrides.items())]
-
-
-def launch(config: str, run: Path, assets: dict, **extra) -> subprocess.CompletedProcess:
-    cmd = two_process_launch("koala.train", *recipe(run, assets, **extra), config=config)
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=LAUNCH_TIMEOUT)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
+CLIP_REVEALING = {"optim.lr": LR, "optim.eps": 1.0, "optim.weight_decay": 0.0, "optim.max_grad_norm": CLIP}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_pipeline_dir):
     root = tmp_path_factory.mktemp("deepspeed")
-    write_demo_shards(root / "shards", n=96, resolution=32, samples_per_shard=32)
-    assets = {"pipeline": tiny_pipeline_dir, "shards": f"{root}/shards/demo-{{00000..00002}}.tar"}
-    ds = launch("deepspeed-zero2.yaml", root / "ds", assets)
-    launch("cpu-2proc.yaml", root / "ddp", assets, max_steps=1, sample_every=0)  # its first step only
-    # The DeepSpeed run as it stood after its step-2 checkpoint, continued to the end of the data.
-    later = {"step-00000003", "step-00000004", "ranks", "samples"}
-    shutil.copytree(root / "ds", root / "resumed", ignore=lambda folder, names: [n for n in names if n in later])
-    launch("deepspeed-zero2.yaml", root / "resumed", assets, resume="latest")
-    return {"ds": root / "ds", "ddp": root / "ddp", "resumed": root / "resumed", "log": ds.stdout + ds.stderr}
-
-
-def metrics(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def weights(run: Path, step: int, sub: str = "unet") -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / sub / "diffusion_pytorch_model.safetensors"))
-
-
-def assert_equal(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), (what, k)
+    return three_runs(root, tiny_pipeline_dir, "deepspeed-zero2.yaml", LAUNCH_TIMEOUT, **CLIP_REVEALING)
 
 
 def inherited_student(pipeline: Path) -> dict[str, torch.Tensor]:
@@ -109,34 +62,34 @@ def test_the_engine_runs_zero2_with_koalas_accumulation_clipping_and_precision(r
         "DeepSpeed ZeRO stage 2: micro-batch 2, gradient_accumulation_steps 4, gradient_clipping 0.5, student weights "
         "torch.float32 with torch autocast torch.bfloat16 (DeepSpeed bf16 mode off)" in runs["log"]
     )
-    ckpt = runs["ds"] / "checkpoints" / f"step-{STEPS:08d}"
+    ckpt = runs["engine"] / "checkpoints" / f"step-{STEPS:08d}"
     verify_checkpoint(ckpt)  # the manifest covers every rank's ZeRO partition
     state = ckpt / "accelerate" / "pytorch_model"
     assert {p.name for p in state.iterdir()} == {
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     }  # fmt: skip
-    ranks = [json.loads((runs["ds"] / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((runs["engine"] / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == STEPS * 4 * 2  # 4 batches of 2 per step and rank
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    assert (runs["ds"] / "samples" / f"student-{STEPS:08d}.png").is_file()
+    assert (runs["engine"] / "samples" / f"student-{STEPS:08d}.png").is_file()
 
 
 @pytest.mark.slow
 def test_zero2_student_trains_as_the_ddp_one_does(runs):
-    ds, ddp = metrics(runs["ds"])[1], metrics(runs["ddp"])[1]
+    ds, ddp = metrics(runs["engine"])[1], metrics(runs["ddp"])[1]
     for key in LOSSES:  # the first step: the same weights, inputs and noise on every rank, the same autocast
         assert ds[key] == pytest.approx(ddp[key], rel=1e-6, abs=1e-9), key
     assert ds["grad_norm"] == pytest.approx(ddp["grad_norm"], rel=1e-5)
-    a, b = weights(runs["ds"], 1), weights(runs["ddp"], 1)  # one optimizer step apart from the same start
+    a, b = weights(runs["engine"], 1), weights(runs["ddp"], 1)  # one optimizer step apart from the same start
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-7  # gradient reduction order: an ulp or so
 
 
 @pytest.mark.slow
 def test_deepspeed_clips_the_update_to_max_grad_norm(runs, tiny_pipeline_dir):
-    first = metrics(runs["ds"])[1]
+    first = metrics(runs["engine"])[1]
     assert first["grad_norm"] > 5 * CLIP  # the pre-clip norm: clipping has to bite
-    step = norm(weights(runs["ds"], 1), inherited_student(tiny_pipeline_dir))
+    step = norm(weights(runs["engine"], 1), inherited_student(tiny_pipeline_dir))
     # lr * |g| / (|g| + 1) per element: at most lr x the clipped norm; an unclipped step would be > 5x that
     assert 0.99 * LR * CLIP < step <= LR * CLIP * (1 + 1e-4), step
 
@@ -145,8 +98,8 @@ def test_deepspeed_clips_the_update_to_max_grad_norm(runs, tiny_pipeline_dir):
 def test_unet_is_saved_in_fp32_from_the_zero_masters(runs):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = runs["ds"] / "checkpoints" / f"step-{STEPS:08d}"
-    saved = weights(runs["ds"], STEPS)
+    ckpt = runs["engine"] / "checkpoints" / f"step-{STEPS:08d}"
+    saved = weights(runs["engine"], STEPS)
     assert {v.dtype for v in saved.values()} == {torch.float32}
     masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "accelerate"), tag="pytorch_model")
     assert_equal(saved, {k: v.contiguous() for k, v in masters.items()}, "unet vs the optimizer's fp32 partitions")
@@ -155,11 +108,11 @@ def test_unet_is_saved_in_fp32_from_the_zero_masters(runs):
 @pytest.mark.slow
 def test_ema_is_fp32_from_the_fp32_weights_and_moves_below_bf16_resolution(runs):
     """EMAModel's update (warm-up decay (1 + n) / (10 + n), 0 at the first step) redone on the saved weights."""
-    ema = weights(runs["ds"], 1)  # decay 0: the first update copies the weights
+    ema = weights(runs["engine"], 1)  # decay 0: the first update copies the weights
     for step in range(2, STEPS + 1):
-        decay, trained = min(step / (9 + step), 0.9999), weights(runs["ds"], step)
+        decay, trained = min(step / (9 + step), 0.9999), weights(runs["engine"], step)
         ema = {k: v - (1 - decay) * (v - trained[k]) for k, v in ema.items()}
-    saved, start = weights(runs["ds"], STEPS, "unet_ema"), weights(runs["ds"], 1, "unet_ema")
+    saved, start = weights(runs["engine"], STEPS, "unet_ema"), weights(runs["engine"], 1, "unet_ema")
     assert {v.dtype for v in saved.values()} == {torch.float32}
     for k in ema:
         torch.testing.assert_close(saved[k], ema[k], rtol=1e-6, atol=1e-8, msg=k)
@@ -171,13 +124,7 @@ def test_ema_is_fp32_from_the_fp32_weights_and_moves_below_bf16_resolution(runs)
 
 @pytest.mark.slow
 def test_resume_latest_from_a_zero2_checkpoint_is_exact(runs):
-    for step in (3, STEPS):
-        for sub in ("unet", "unet_ema"):
-            assert_equal(weights(runs["resumed"], step, sub), weights(runs["ds"], step, sub), f"{sub}@{step}")
-    straight, resumed = metrics(runs["ds"]), metrics(runs["resumed"])
-    assert sorted(resumed) == sorted(straight) == list(range(1, STEPS + 1))
-    for step in (3, STEPS):
-        assert {k: resumed[step][k] for k in LOSSES} == {k: straight[step][k] for k in LOSSES}, step
+    assert_resume_is_exact(runs)
 
 
 @pytest.mark.slow
@@ -186,10 +133,10 @@ def test_export_of_a_zero2_run_is_the_fp32_ema_stock_diffusers_loads(runs, tmp_p
 
     from koala.export import main as export_main
 
-    out = export_main([f"run_dir={runs['ds']}", f"out={tmp_path / 'export'}"])  # python -m koala.export
+    out = export_main([f"run_dir={runs['engine']}", f"out={tmp_path / 'export'}"])  # python -m koala.export
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     assert {v.dtype for v in unet.state_dict().values()} == {torch.float32}
-    assert_equal(unet.state_dict(), weights(runs["ds"], STEPS, "unet_ema"), "export")
+    assert_equal(unet.state_dict(), weights(runs["engine"], STEPS, "unet_ema"), "export")
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and image.std() > 0

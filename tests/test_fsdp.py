@@ -5,86 +5,29 @@ The recipe's own settings run: bf16 teacher, bf16 autocast, accumulation 4, grad
 dropout, sampling. Shrunk or swapped: sizes and cadences, the tiny teacher, generated shards, no trackers, data
 read in the main process (num_workers=0) from finite, unevenly split shards (3 shards on 2 ranks).
 
-Three launches serve every test: the FSDP run, an unsharded (DDP) run of its first step, and the FSDP run resumed
-from its step-2 checkpoint. The unsharded reference is the same 2-rank launch under DDP, not one process: each rank
-draws its own noise (seed + rank) and each sample's augmentation is seeded by its global data worker, so only a
-2-rank run sees the same inputs on every rank.
+Three launches (tests/sharded_runs.py, which says why the unsharded reference is a 2-rank DDP launch) serve every
+test: the FSDP run, an unsharded (DDP) run of its first step, and the FSDP run resumed from its step-2 checkpoint.
 """
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
-from safetensors.torch import load_file
+from sharded_runs import LOSSES, STEPS, assert_equal, assert_resume_is_exact, metrics, three_runs, weights
 
-from koala.fixtures.shards import write_demo_shards
 from koala.train.checkpoint import verify_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 420  # hard: a rank left waiting in a collective fails the test instead of hanging it
-STEPS = 4  # rank 1's one shard: 32 samples = 16 batches of 2 = 4 steps of 4 accumulated batches
-LOSSES = ("loss/total", "loss/task", "loss/out", "loss/feat", "loss/feat/sa", "loss/feat/encoder", "loss/feat/decoder")
-
-
-def recipe(run: Path, assets: dict, **extra) -> list[str]:
-    """koala-700m as shipped, on the tiny teacher and the uneven finite shards."""
-    overrides = {
-        "teacher.pipeline": assets["pipeline"], "teacher.arch": "tiny",
-        "data.path": f"'{assets['shards']}'", "data.resolution": 32, "data.min_size": 0,
-        "data.num_workers": 0, "data.resampled": "false", "data.epochs": 1,
-        "batch_size": 2, "max_steps": 100, "log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 0,
-        "sample_every": 2, "sample_steps": 2, "report_to": "[]", "record_ranks": "true", "output_dir": run,
-    }  # fmt: skip
-    overrides.update(extra)
-    return ["experiment=koala-700m", "unet=tiny-700m", *(f"{k}={v}" for k, v in overrides.items())]
-
-
-def launch(config: str, run: Path, assets: dict, **extra) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / config),
-        "--main_process_port", str(free_port()), "-m", "koala.train", *recipe(run, assets, **extra),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=LAUNCH_TIMEOUT)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_pipeline_dir):
-    root = tmp_path_factory.mktemp("fsdp")
-    write_demo_shards(root / "shards", n=96, resolution=32, samples_per_shard=32)
-    assets = {"pipeline": tiny_pipeline_dir, "shards": f"{root}/shards/demo-{{00000..00002}}.tar"}
-    fsdp = launch("fsdp-cpu-2proc.yaml", root / "fsdp", assets)
-    launch("cpu-2proc.yaml", root / "ddp", assets, max_steps=1, sample_every=0)  # its first step only
-    # The FSDP run as it stood after its step-2 checkpoint, continued to the end of the data.
-    later = {"step-00000003", "step-00000004", "ranks", "samples"}
-    shutil.copytree(root / "fsdp", root / "resumed", ignore=lambda folder, names: [n for n in names if n in later])
-    launch("fsdp-cpu-2proc.yaml", root / "resumed", assets, resume="latest")
-    return {"fsdp": root / "fsdp", "ddp": root / "ddp", "resumed": root / "resumed", "log": fsdp.stdout + fsdp.stderr}
-
-
-def metrics(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-
-
-def weights(run: Path, step: int, sub: str = "unet") -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / sub / "diffusion_pytorch_model.safetensors"))
-
-
-def assert_equal(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for k in a:
-        assert torch.equal(a[k], b[k]), (what, k)
+    return three_runs(tmp_path_factory.mktemp("fsdp"), tiny_pipeline_dir, "fsdp-cpu-2proc.yaml", LAUNCH_TIMEOUT)
 
 
 @pytest.mark.slow
 def test_sharded_student_taps_the_same_features_as_the_unsharded_one(runs):
-    sharded, unsharded = metrics(runs["fsdp"])[1], metrics(runs["ddp"])[1]
+    sharded, unsharded = metrics(runs["engine"])[1], metrics(runs["ddp"])[1]
     assert {k for k in sharded if k.startswith("loss/")} == {k for k in unsharded if k.startswith("loss/")}
     for key in LOSSES:  # the first step: the same weights, inputs and noise on every rank
         assert sharded[key] == pytest.approx(unsharded[key], rel=1e-6, abs=1e-9), key
@@ -94,7 +37,7 @@ def test_sharded_student_taps_the_same_features_as_the_unsharded_one(runs):
 def test_checkpoint_is_sharded_and_holds_the_trained_weights(runs):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    ckpt = runs["fsdp"] / "checkpoints" / f"step-{STEPS:08d}"
+    ckpt = runs["engine"] / "checkpoints" / f"step-{STEPS:08d}"
     verify_checkpoint(ckpt)  # the manifest covers every rank's shard files
     state = ckpt / "accelerate"
     assert not (state / "model.safetensors").exists()  # the unsharded (DDP) layout
@@ -107,32 +50,26 @@ def test_checkpoint_is_sharded_and_holds_the_trained_weights(runs):
     # The sharded state, merged offline, is the whole student the checkpoint carries for export.
     dcp_to_torch_save(state / "pytorch_model_fsdp_0", ckpt.parent / "merged.pt")
     merged = torch.load(ckpt.parent / "merged.pt", weights_only=True)["model"]  # accelerate saves {"model": ...}
-    assert_equal(merged, weights(runs["fsdp"], STEPS), "merged")
+    assert_equal(merged, weights(runs["engine"], STEPS), "merged")
 
 
 @pytest.mark.slow
 def test_resume_latest_from_a_sharded_checkpoint_is_exact(runs):
-    for step in (3, STEPS):
-        for sub in ("unet", "unet_ema"):
-            assert_equal(weights(runs["resumed"], step, sub), weights(runs["fsdp"], step, sub), f"{sub}@{step}")
-    straight, resumed = metrics(runs["fsdp"]), metrics(runs["resumed"])
-    assert sorted(resumed) == sorted(straight) == list(range(1, STEPS + 1))
-    for step in (3, STEPS):
-        assert {k: resumed[step][k] for k in LOSSES} == {k: straight[step][k] for k in LOSSES}, step
+    assert_resume_is_exact(runs)
 
 
 @pytest.mark.slow
 def test_sharded_ema_is_the_average_of_the_trained_weights(runs):
     """EMAModel's update (warm-up decay (1 + n) / (10 + n), 0 at the first step) redone on the whole weights."""
-    ema = weights(runs["fsdp"], 1)  # decay 0: the first update copies the weights (to within an ulp of the start)
+    ema = weights(runs["engine"], 1)  # decay 0: the first update copies the weights (to within an ulp of the start)
     for step in range(2, STEPS + 1):
-        decay, trained = min(step / (9 + step), 0.9999), weights(runs["fsdp"], step)
+        decay, trained = min(step / (9 + step), 0.9999), weights(runs["engine"], step)
         ema = {k: v - (1 - decay) * (v - trained[k]) for k, v in ema.items()}
-    saved = weights(runs["fsdp"], STEPS, "unet_ema")
+    saved = weights(runs["engine"], STEPS, "unet_ema")
     assert saved.keys() == ema.keys()
     for k in ema:
         torch.testing.assert_close(saved[k], ema[k], rtol=1e-5, atol=1e-6, msg=k)
-    last = weights(runs["fsdp"], STEPS)
+    last = weights(runs["engine"], STEPS)
     assert max((saved[k] - last[k]).abs().max().item() for k in last) > 1e-5  # the EMA is not the last weights
 
 
@@ -142,11 +79,11 @@ def test_export_of_a_sharded_run_is_a_whole_student_stock_diffusers_loads(runs, 
 
     from koala.export import main as export_main
 
-    out = export_main([f"run_dir={runs['fsdp']}", f"out={tmp_path / 'export'}"])  # python -m koala.export
+    out = export_main([f"run_dir={runs['engine']}", f"out={tmp_path / 'export'}"])  # python -m koala.export
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     unsharded = weights(runs["ddp"], 1)  # an unsharded student's names and shapes
     assert {k: v.shape for k, v in unet.state_dict().items()} == {k: v.shape for k, v in unsharded.items()}
-    assert_equal(unet.state_dict(), weights(runs["fsdp"], STEPS, "unet_ema"), "export")
+    assert_equal(unet.state_dict(), weights(runs["engine"], STEPS, "unet_ema"), "export")
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and image.std() > 0
@@ -154,7 +91,7 @@ def test_export_of_a_sharded_run_is_a_whole_student_stock_diffusers_loads(runs, 
 
 @pytest.mark.slow
 def test_uneven_finite_data_stops_every_sharded_rank_together(runs):
-    run = runs["fsdp"]
+    run = runs["engine"]
     ranks = [json.loads((run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["keys"]) == len(ranks[1]["keys"]) == STEPS * 4 * 2  # rank 0 had twice as many samples
     assert not set(ranks[0]["keys"]) & set(ranks[1]["keys"])
