@@ -1,30 +1,34 @@
 """A teacher's identity: a hash of the weight files it is loaded from, recorded with everything made from it.
 
-`sha256` (the default) hashes every byte of every weight file (the hash model sites publish per file): it tells a
-fine-tune from its base. `header` hashes each safetensors header and file size only: instant at any size, and it
-changes with any change of keys, shapes, dtypes or stored metadata, but not with new values in the same layout
-(a fine-tune of the same architecture keeps its base's headers).
+The files are those a run reads (koala.models.teacher.teacher_weight_files: the U-Net, VAE and both text encoders,
+`teacher.unet` and `teacher.vae` in place of the pipeline's own when given; a single-file teacher is also its own part
+`pipeline`), and three ways of hashing each file:
 
-The weight files are the safetensors files of the pipeline's text encoders, VAE and U-Net, with `teacher.unet` and
-`teacher.vae` in place of the pipeline's own when given; in a component folder the files `from_pretrained` reads by
-default (no `.fp16`-style variant) are used, or the variants when there is nothing else.
+- `sha256` (synth's default) hashes every byte (the hash model sites publish per file): it tells a fine-tune from
+  its base.
+- `header` hashes each safetensors header and file size only: instant at any size; it changes with any change of
+  keys, shapes, dtypes or stored metadata, not with new values in the same layout.
+- `sampled` (what a checkpoint records to refuse a resume from another teacher) hashes the size, the header and 16
+  blocks of 4 KiB spread through the data: cheap at SDXL's size, and two fine-tunes of one architecture differ in it.
+
+File names and paths play no part in a part's hash, so a moved copy is the same teacher.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 from enum import auto
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from koala.choice import Choice
+from koala.models.teacher import teacher_weight_files
 
 if TYPE_CHECKING:
     from koala.config.schema import TeacherConfig
 
-COMPONENTS = ("text_encoder", "text_encoder_2", "vae", "unet")  # the SDXL pipeline parts holding weights
 CHUNK = 8 << 20
+SAMPLES, BLOCK = 16, 4096  # `sampled`: blocks read, and their size
 
 
 class IdentityMode(Choice):
@@ -32,51 +36,55 @@ class IdentityMode(Choice):
 
     sha256 = auto()  # every byte of every file
     header = auto()  # safetensors header + file size of every file
-
-
-def component_files(path: Path) -> list[Path]:
-    """The safetensors weight files of a component: the file itself, or a folder's default (non-variant) files."""
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("*.safetensors"))
-    plain = [f for f in files if f.name.count(".") == 1]  # `model.safetensors`, `x-00001-of-00002.safetensors`
-    return plain or files
-
-
-def weight_files(teacher: TeacherConfig) -> dict[str, list[Path]]:
-    """Component -> the weight files a `teacher` config section loads (`pipeline`, `unet`, `vae`)."""
-    root = Path(teacher.pipeline)
-    if root.is_file():  # one checkpoint file holding every part
-        parts = {"pipeline": root}
-    else:
-        parts = {name: root / name for name in COMPONENTS}
-    if teacher.unet:
-        parts["unet"] = Path(teacher.unet)
-    if teacher.vae:
-        parts["vae"] = Path(teacher.vae)
-    files = {name: component_files(path) for name, path in parts.items() if path.exists()}
-    if not any(files.values()):
-        raise FileNotFoundError(f"no safetensors weight files under {root} (teacher {teacher.name})")
-    return files
+    sampled = auto()  # file size + safetensors header + 16 blocks spread through the data
 
 
 def file_hash(path: Path, mode: str = IdentityMode.sha256) -> str:
-    """sha256 of a file's bytes, or (`header`) of its size and safetensors header."""
-    digest = hashlib.sha256()
+    """sha256 of a file's bytes, of its size and safetensors header (`header`), or of those and a few data blocks
+    spread evenly through it (`sampled`)."""
+    digest, mode = hashlib.sha256(), IdentityMode(mode)
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        if IdentityMode(mode) is IdentityMode.header:
-            (n,) = struct.unpack("<Q", f.read(8))
-            digest.update(f"{path.stat().st_size}:".encode() + f.read(n))
-        else:
+        if mode is IdentityMode.sha256:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
+        elif mode is IdentityMode.header:
+            n = int.from_bytes(f.read(8), "little")
+            digest.update(f"{size}:".encode() + f.read(n))
+        else:
+            digest.update(str(size).encode())
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(head + f.read(min(n, size)))
+            start = 8 + n
+            for i in range(SAMPLES):
+                f.seek(start + (size - start - BLOCK) * i // (SAMPLES - 1) if size - start > BLOCK else start)
+                digest.update(f.read(BLOCK))
     return digest.hexdigest()
 
 
-def teacher_identity(teacher: TeacherConfig, mode: str = IdentityMode.sha256) -> dict[str, Any]:
-    """{name, kind, mode, sha256 (of the per-file hashes), files: {component/file: hash}} of a teacher config."""
-    files = {
-        f"{name}/{path.name}": file_hash(path, mode) for name, paths in weight_files(teacher).items() for path in paths
-    }
+def teacher_identity(teacher: TeacherConfig | Any, mode: str = IdentityMode.sha256) -> dict[str, Any]:
+    """{name, kind, mode, sha256 (of the per-file hashes), files: {part/file: hash}, parts: {part: hash}} of a
+    teacher config section. A part's hash is the first 16 hex digits of the sha256 of its files' hashes in order
+    ("none" for a part with no files); each file is read once however many parts list it."""
+    hashes: dict[Path, str] = {}
+    files, parts = {}, {}
+    for part, paths in teacher_weight_files(teacher).items():
+        digest = hashlib.sha256()
+        for path in paths:
+            if path not in hashes:
+                hashes[path] = file_hash(path, mode)
+            files[f"{part}/{path.name}"] = hashes[path]
+            digest.update(hashes[path].encode())
+        parts[part] = digest.hexdigest()[:16] if paths else "none"
+    if not files:
+        raise FileNotFoundError(f"no safetensors weight files under {teacher.pipeline} (teacher {teacher.name})")
     combined = hashlib.sha256("\n".join(f"{k} {v}" for k, v in sorted(files.items())).encode()).hexdigest()
-    return {"name": teacher.name, "kind": str(teacher.kind), "mode": str(mode), "sha256": combined, "files": files}
+    return {"name": teacher.name, "kind": str(teacher.kind), "mode": str(IdentityMode(mode)), "sha256": combined,
+            "files": files, "parts": parts}  # fmt: skip
+
+
+def checkpoint_identity(teacher: TeacherConfig | Any) -> dict[str, str]:
+    """{part: hash} of the `sampled` identity: what every checkpoint records of its teacher, so that a resume from
+    another teacher (moved or not) is refused."""
+    return teacher_identity(teacher, IdentityMode.sampled)["parts"]

@@ -18,7 +18,6 @@ stays a plain `UNet2DConditionModel` (pipelines, taps, `save_pretrained` work as
 
 from __future__ import annotations
 
-import hashlib
 import json
 import types
 from pathlib import Path
@@ -120,35 +119,6 @@ def check_teacher_files(teacher_cfg: Any) -> None:
         folder_weight_files(vae)
     for folder in encoders:
         folder_weight_files(folder, "model")
-
-
-def file_fingerprint(path: Path, samples: int = 16, block: int = 4096) -> str:
-    """sha256 of a safetensors file's size, header (names, dtypes, shapes, offsets) and `samples` blocks of its data
-    spread evenly: tells two fine-tunes of one architecture apart without reading gigabytes."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(str(size).encode())
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else 0
-        digest.update(head + f.read(min(n, size)))
-        start = 8 + n
-        for i in range(samples):
-            f.seek(start + (size - start - block) * i // max(samples - 1, 1) if size - start > block else start)
-            digest.update(f.read(block))
-    return digest.hexdigest()
-
-
-def teacher_identity(teacher_cfg: Any) -> dict[str, str]:
-    """{part: fingerprint} of the teacher's U-Net, VAE and text encoders (file names and paths play no part, so a
-    moved copy is the same teacher). Reads headers and a few blocks per file: cheap at SDXL's size."""
-    identity = {}
-    for part, files in teacher_weight_files(teacher_cfg).items():
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(file_fingerprint(path).encode())
-        identity[part] = digest.hexdigest()[:16] if files else "none"
-    return identity
 
 
 def _single_file_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:

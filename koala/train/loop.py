@@ -25,7 +25,7 @@ from koala.config.checks import check_config
 from koala.data import SkipTally, build_dataloader
 from koala.data.position import DataPosition, data_workers
 from koala.devices import DTYPES
-from koala.models.teacher import teacher_identity
+from koala.models.identity import checkpoint_identity
 from koala.rng import rng_preserved
 from koala.train.balance import apply_balance
 from koala.train.build import build_trainable, load_frozen, make_accelerator
@@ -186,7 +186,7 @@ def distill_run(cfg: TrainConfig, plan: Plan) -> Path:
     if run.ema is not None:
         run.ema.to(device)
     loader, skipped = make_loader(cfg, accelerator, position), SkipTally()
-    config, teacher_id = OmegaConf.to_container(cfg, resolve=True), teacher_identity(cfg.teacher)
+    config, teacher_id = OmegaConf.to_container(cfg, resolve=True), checkpoint_identity(cfg.teacher)
     # Each decides when it runs: metrics every log_every steps, samples every sample_every, checkpoints every
     # checkpoint_every; metrics and checkpoints also at the last step.
     metrics = open_metrics(cfg, run, run_dir, step, config, skipped)

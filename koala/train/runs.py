@@ -9,7 +9,7 @@
 - One process per run folder: the launch's rank 0 holds `<output_dir>/.lock` (koala.locks: pid, host, start time)
   for the whole run, so a second launch on the same folder (a requeued `resume=auto` job started twice) is refused
   at once, naming the holder. The kernel drops the lock when its holder dies: a killed run never blocks the next.
-- A resume checks the teacher: each checkpoint records `teacher_identity` (koala.models.teacher), and a different
+- A resume checks the teacher: each checkpoint records `teacher_identity` (koala.models.identity), and a different
   teacher behind the same or a moved path is refused before any model loads.
 """
 
@@ -112,13 +112,13 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 def check_teacher(ckpt: Path, state: dict, cfg: TrainConfig) -> None:
     """Refuse a resume whose teacher files are not those the checkpoint was trained from (moved or not)."""
-    from koala.models.teacher import teacher_identity
+    from koala.models.identity import checkpoint_identity
 
     saved = state.get("teacher_identity")
     if saved is None:
         log.warning("%s does not record its teacher (written by an older koala): the teacher is not checked", ckpt)
         return
-    current = teacher_identity(cfg.teacher)
+    current = checkpoint_identity(cfg.teacher)
     differ = [part for part in sorted(set(saved) | set(current)) if saved.get(part) != current.get(part)]
     if differ:
         raise ConfigError(
