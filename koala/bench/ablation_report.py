@@ -171,11 +171,12 @@ def ablation_plot(path: Path, tables: list, bench, records: dict, teacher: dict)
             ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
             ax.set_title(f"{table.title}: {header((metric, split))}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # one legend, below the panels: none hides a point
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     # two lines: one table's width is narrower than the title on one line
     fig.suptitle(f"KOALA ablation, shapes world ({bench.steps} steps)\nmean and 95 % interval over {bench.seeds} "
                  "training seeds x pictures", fontsize=10)  # fmt: skip
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -206,7 +207,7 @@ def loss_curve(path: Path, runs: dict) -> Path | None:
             ax.plot(steps, smooth, color=colour, label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="loss (log)", yscale="log", title=f"loss terms of {chosen[0]['label']}")
     ax.legend()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.035, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
