@@ -207,7 +207,7 @@ def loss_curve(path: Path, runs: dict) -> Path | None:
             ax.plot(steps, smooth, color=colour, label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="loss (log)", yscale="log", title=f"loss terms of {chosen[0]['label']}")
     ax.legend()
-    fig.tight_layout(rect=(0, 0.035, 1, 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
